@@ -1,0 +1,59 @@
+# QMTL DAG Manager: developer entry points. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STACK  := $(PYTHON) hack/stack/stack.py
+STAMP  := $(VENV)/.installed
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## create .venv and install the project with its dev tools (pinned by constraints.txt)
+
+stack-up: ## build/fetch (cached) and start etcd, kube-apiserver, kube-controller-manager, Kafka, Neo4j
+	$(STACK) up
+
+stack-down: ## stop exactly the processes stack-up started
+	$(STACK) down
+
+stack-status: ## health of each server of the local stack
+	$(STACK) status
+
+lint: $(STAMP) ## ruff, mypy --strict on src/, import-linter contracts
+	$(VENV)/bin/ruff check src tests hack
+	$(VENV)/bin/ruff format --check src tests hack
+	$(VENV)/bin/mypy src
+	$(VENV)/bin/lint-imports
+
+fmt: $(STAMP) ## format and autofix
+	$(VENV)/bin/ruff format src tests hack
+	$(VENV)/bin/ruff check --fix src tests hack
+
+unit: $(STAMP) ## unit tests only (no servers)
+	$(PY) -m pytest -m "not integration" -q
+
+test: $(STAMP) ## lint, then unit and integration tests against the real local stack (started if needed)
+	$(MAKE) --no-print-directory lint
+	$(STACK) status >/dev/null 2>&1 || $(STACK) up
+	$(PY) -m pytest -q
+
+run: $(STAMP) ## the main job: bring the stack up and print how to reach each server
+	$(STACK) status >/dev/null 2>&1 || $(STACK) up
+	@$(STACK) status
+	@echo; echo "Use it:  source .stack/env && kubectl get namespaces"
+
+clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cache stays)
+	-$(STACK) down
+	rm -rf .stack $(VENV)
+
+.PHONY: help venv stack-up stack-down stack-status lint fmt unit test run clean

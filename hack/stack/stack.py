@@ -1,0 +1,784 @@
+#!/usr/bin/env python3
+"""The local stack of real servers, as plain processes: etcd, kube-apiserver,
+kube-controller-manager, Kafka (KRaft) and Neo4j.
+
+    stack.py up [--timeout SECONDS]   build or fetch what is missing, then start everything
+    stack.py down                     stop exactly the processes `up` started (by PID)
+    stack.py status                   one line per server; exit 1 unless all are healthy
+
+Standard library only, so it runs before the project's virtualenv exists.
+State lives in $QMTL_STACK_DIR (default: <project>/.stack): pki/, logs/, data/, pids/,
+kubeconfig and env. Artefacts are cached under $QMTL_STACK_CACHE (default ~/.cache/qmtl-stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent.parent
+STATE = Path(os.environ.get("QMTL_STACK_DIR", PROJECT / ".stack"))
+CACHE = Path(os.environ.get("QMTL_STACK_CACHE", Path.home() / ".cache" / "qmtl-stack"))
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kafka", "neo4j")
+NEO4J_USER = "neo4j"
+MIN_FREE_DISK = 3 * 1024**3
+
+
+class StackError(RuntimeError):
+    """A failure the user can act on; the message says what and where to look."""
+
+
+def say(msg: str) -> None:
+    print(f"[stack] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for raw in (HERE / "versions.env").read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- artefacts
+
+
+def ensure_artefacts() -> None:
+    """Run the three build/fetch scripts concurrently (the Go build is CPU-bound, the
+    Maven fetches network-bound), streaming their progress lines."""
+    jobs = [
+        [str(HERE / "build-kube.sh")],
+        [str(HERE / "fetch-jars.sh"), "kafka"],
+        [str(HERE / "fetch-jars.sh"), "neo4j"],
+    ]
+    procs = [
+        subprocess.Popen(["bash", *j], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for j in jobs
+    ]
+
+    def pump(p: subprocess.Popen[str]) -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            print(line.rstrip(), flush=True)
+
+    threads = [threading.Thread(target=pump, args=(p,), daemon=True) for p in procs]
+    for t in threads:
+        t.start()
+    failed = [" ".join(j) for j, p in zip(jobs, procs, strict=True) if p.wait() != 0]
+    for t in threads:
+        t.join()
+    if failed:
+        raise StackError(f"building or fetching failed: {', '.join(failed)} (see output above)")
+
+
+def kube_bin(name: str) -> Path:
+    return CACHE / f"kube-{versions()['KUBERNETES_VERSION']}" / "bin" / name
+
+
+def kafka_home() -> Path:
+    v = versions()
+    return CACHE / f"kafka-{v['KAFKA_SCALA']}-{v['KAFKA_VERSION']}"
+
+
+def neo4j_home() -> Path:
+    return CACHE / f"neo4j-{versions()['NEO4J_VERSION']}"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def proc_starttime(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 22 (starttime) counted after the ")" that closes the command name
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def pid_file(name: str) -> Path:
+    return STATE / "pids" / f"{name}.json"
+
+
+def running_pid(name: str) -> int | None:
+    """The PID recorded for `name` if that very process (same start time) is alive."""
+    try:
+        rec = json.loads(pid_file(name).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(rec["pid"])
+    if proc_starttime(pid) != rec["starttime"]:
+        return None
+    return pid
+
+
+def start(
+    name: str, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> int:
+    log = STATE / "logs" / f"{name}.log"
+    with log.open("ab") as fh:
+        p = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own process group: `down` signals exactly it
+        )
+    starttime = proc_starttime(p.pid)
+    pid_file(name).write_text(json.dumps({"pid": p.pid, "starttime": starttime, "argv": argv}))
+    shown = log.relative_to(PROJECT) if log.is_relative_to(PROJECT) else log
+    say(f"{name} started (pid {p.pid}, log {shown})")
+    return p.pid
+
+
+def stop(name: str, grace: float = 30.0) -> None:
+    pid = running_pid(name)
+    pid_file(name).unlink(missing_ok=True)
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            say(f"{name} ignored SIGTERM for {grace:.0f} s: SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.2)
+    say(f"{name} stopped (pid {pid})")
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (a zombie child of ours is reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    if state == "Z":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return True
+
+
+def log_tail(name: str, lines: int = 25) -> str:
+    try:
+        text = (STATE / "logs" / f"{name}.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def wait_until(name: str, probe: Callable[[], str | None], timeout: float) -> None:
+    """Poll `probe` (None = ready, otherwise the reason it is not) until the deadline,
+    failing at once if the process died."""
+    deadline = time.monotonic() + timeout
+    reason = "no answer yet"
+    started = time.monotonic()
+    last_note = started
+    while time.monotonic() < deadline:
+        if running_pid(name) is None:
+            raise StackError(f"{name} exited during start-up. Last log lines:\n{log_tail(name)}")
+        try:
+            reason = probe() or ""
+        except (OSError, ValueError, ssl.SSLError) as e:
+            reason = f"{type(e).__name__}: {e}"
+        if not reason:
+            say(f"{name} ready after {time.monotonic() - started:.1f} s")
+            return
+        if time.monotonic() - last_note > 15:
+            say(f"{name} not ready yet ({reason})")
+            last_note = time.monotonic()
+        time.sleep(0.25)
+    raise StackError(
+        f"{name} not ready within {timeout:.0f} s: {reason}. Last log lines:\n{log_tail(name)}"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def https_client_context() -> ssl.SSLContext:
+    pki = STATE / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    return ctx
+
+
+def http_get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 3.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout, context=ctx) as r:
+        return str(r.read().decode())
+
+
+def probe_etcd(port: int) -> str | None:
+    body = http_get(f"http://127.0.0.1:{port}/health")
+    return None if json.loads(body).get("health") == "true" else f"health: {body}"
+
+
+def probe_apiserver(port: int) -> str | None:
+    body = http_get(f"https://127.0.0.1:{port}/readyz", https_client_context())
+    return None if body.strip() == "ok" else f"readyz: {body[:200]}"
+
+
+def probe_kcm(port: int) -> str | None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # its serving certificate is self-signed at start-up
+    body = http_get(f"https://127.0.0.1:{port}/healthz", ctx)
+    return None if body.strip() == "ok" else f"healthz: {body[:200]}"
+
+
+def kafka_metadata(port: int, timeout: float = 3.0) -> dict[str, object]:
+    """A real Kafka Metadata request (v4, the oldest version Kafka 4 still serves):
+    returns the cluster id, controller id and brokers the broker reports."""
+    client = b"qmtl-stack"
+    body = struct.pack(">hhih", 3, 4, 7, len(client)) + client + struct.pack(">i?", -1, False)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(struct.pack(">i", len(body)) + body)
+        size = struct.unpack(">i", _recv(s, 4))[0]
+        data = _recv(s, size)
+    corr, _throttle, nbrokers = struct.unpack_from(">iii", data, 0)
+    if corr != 7:
+        raise ValueError(f"unexpected correlation id {corr}")
+    off = 12
+    brokers = []
+    for _ in range(nbrokers):
+        node_id, hlen = struct.unpack_from(">ih", data, off)
+        off += 6
+        host = data[off : off + hlen].decode()
+        off += hlen
+        (bport, rlen) = struct.unpack_from(">ih", data, off)
+        off += 6 + max(rlen, 0)
+        brokers.append(f"{node_id}@{host}:{bport}")
+    (clen,) = struct.unpack_from(">h", data, off)
+    off += 2
+    cluster_id = data[off : off + clen].decode() if clen >= 0 else None
+    off += max(clen, 0)
+    (controller,) = struct.unpack_from(">i", data, off)
+    return {"cluster_id": cluster_id, "controller_id": controller, "brokers": brokers}
+
+
+def _recv(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ValueError("connection closed by the broker")
+        buf += chunk
+    return bytes(buf)
+
+
+def probe_kafka(port: int) -> str | None:
+    md = kafka_metadata(port)
+    return None if md["brokers"] else "no brokers in metadata yet"
+
+
+def bolt_handshake(port: int, timeout: float = 3.0) -> str:
+    """The Bolt handshake: magic preamble and four proposed versions; returns the agreed one."""
+    proposal = bytes.fromhex("6060B017") + bytes.fromhex("00000805000004040000000400000003")
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(proposal)
+        agreed = _recv(s, 4)
+    if agreed == b"\x00\x00\x00\x00":
+        raise ValueError("server accepted none of the proposed Bolt versions")
+    return f"{agreed[3]}.{agreed[2]}"
+
+
+def probe_neo4j(port: int) -> str | None:
+    log = (STATE / "logs" / "neo4j.log").read_text(errors="replace")
+    if "READY neo4j" not in log:
+        return "launcher has not reported READY"
+    bolt_handshake(port)
+    return None
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def run(argv: list[str], cwd: Path | None = None) -> None:
+    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise StackError(f"command failed: {' '.join(argv)}\n{r.stdout}{r.stderr}")
+
+
+def make_pki() -> None:
+    pki = STATE / "pki"
+    pki.mkdir(parents=True)
+    ossl = "openssl"
+
+    def key(name: str) -> None:
+        run([ossl, "genrsa", "-out", str(pki / f"{name}.key"), "2048"])
+
+    key("ca")
+    run(
+        [
+            ossl,
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            str(pki / "ca.key"),
+            "-out",
+            str(pki / "ca.crt"),
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=qmtl-local-stack-ca",
+        ]
+    )
+
+    def cert(name: str, subj: str, ext: str) -> None:
+        key(name)
+        run(
+            [
+                ossl,
+                "req",
+                "-new",
+                "-key",
+                str(pki / f"{name}.key"),
+                "-out",
+                str(pki / f"{name}.csr"),
+                "-subj",
+                subj,
+            ]
+        )
+        (pki / f"{name}.ext").write_text(ext)
+        run(
+            [
+                ossl,
+                "x509",
+                "-req",
+                "-in",
+                str(pki / f"{name}.csr"),
+                "-CA",
+                str(pki / "ca.crt"),
+                "-CAkey",
+                str(pki / "ca.key"),
+                "-CAcreateserial",
+                "-out",
+                str(pki / f"{name}.crt"),
+                "-days",
+                "3650",
+                "-extfile",
+                str(pki / f"{name}.ext"),
+            ]
+        )
+
+    cert(
+        "apiserver",
+        "/CN=kube-apiserver",
+        "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+        "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+    )
+    cert(
+        "admin",
+        "/O=system:masters/CN=qmtl-admin",
+        "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+    )
+    key("sa")
+    run([ossl, "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")])
+
+
+def write_kubeconfig(port: int) -> Path:
+    pki = STATE / "pki"
+
+    def b64(p: str) -> str:
+        return base64.b64encode((pki / p).read_bytes()).decode()
+
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "qmtl-local",
+                "cluster": {
+                    "server": f"https://127.0.0.1:{port}",
+                    "certificate-authority-data": b64("ca.crt"),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": "qmtl-admin",
+                "user": {
+                    "client-certificate-data": b64("admin.crt"),
+                    "client-key-data": b64("admin.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": "qmtl-local",
+                "context": {"cluster": "qmtl-local", "user": "qmtl-admin", "namespace": "default"},
+            }
+        ],
+        "current-context": "qmtl-local",
+    }
+    path = STATE / "kubeconfig"
+    path.write_text(json.dumps(cfg, indent=2))  # JSON is valid YAML
+    path.chmod(0o600)
+    return path
+
+
+def kafka_config(port: int, cport: int) -> Path:
+    data = STATE / "data" / "kafka"
+    conf = STATE / "conf"
+    (conf / "kafka.properties").write_text(
+        "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.bootstrap.servers=127.0.0.1:{cport}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={data}",
+                "num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=1",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=false",
+                "delete.topic.enable=true",
+                "",
+            ]
+        )
+    )
+    (conf / "kafka-log4j2.properties").write_text(
+        "\n".join(
+            [
+                "status = error",
+                "appender.console.type = Console",
+                "appender.console.name = STDOUT",
+                "appender.console.layout.type = PatternLayout",
+                "appender.console.layout.pattern = [%d] %p %m (%c)%n",
+                "rootLogger.level = WARN",
+                "rootLogger.appenderRef.stdout.ref = STDOUT",
+                "logger.server.name = kafka.server.KafkaRaftServer",
+                "logger.server.level = INFO",
+                "",
+            ]
+        )
+    )
+    return conf / "kafka.properties"
+
+
+def java_opts_neo4j() -> list[str]:
+    opens = [
+        "java.base/java.nio",
+        "java.base/java.io",
+        "java.base/sun.nio.ch",
+        "java.base/java.lang",
+        "java.base/java.util",
+        "java.base/java.util.concurrent",
+        "java.base/java.net",
+    ]
+    return [
+        *(f"--add-opens={o}=ALL-UNNAMED" for o in opens),
+        "--add-exports=java.base/sun.nio.ch=ALL-UNNAMED",
+        "-Dio.netty.tryReflectionSetAccessible=true",
+        "-Xms512m",
+        "-Xmx1g",
+        "-XX:+UseG1GC",
+    ]
+
+
+def neo4j_config(port: int) -> Path:
+    path = STATE / "conf" / "neo4j.conf"
+    path.write_text(
+        "\n".join(
+            [
+                "server.config.strict_validation.enabled=false",
+                "server.bolt.enabled=true",
+                f"server.bolt.listen_address=127.0.0.1:{port}",
+                f"server.bolt.advertised_address=127.0.0.1:{port}",
+                "dbms.security.auth_enabled=true",
+                "server.memory.pagecache.size=256m",
+                "db.tx_log.rotation.retention_policy=100M size",
+                "dbms.usage_report.enabled=false",
+                "",
+            ]
+        )
+    )
+    return path
+
+
+@dataclass
+class Ports:
+    etcd: int
+    etcd_peer: int
+    apiserver: int
+    kcm: int
+    kafka: int
+    kafka_controller: int
+    neo4j: int
+
+
+def up(timeout: float) -> None:
+    t0 = time.monotonic()
+    if all(running_pid(n) for n in ORDER) and status(quiet=True):
+        say(f"already up; source {STATE / 'env'}")
+        return
+    if any(running_pid(n) for n in ORDER):
+        say("a partial stack is running: stopping it first")
+        down()
+    free = shutil.disk_usage(CACHE.parent if CACHE.parent.exists() else Path.home()).free
+    if free < MIN_FREE_DISK:
+        raise StackError(f"only {free / 1024**3:.1f} GiB free on disk; the stack needs 3 GiB")
+    for tool in ("openssl", "java", "go", "mvn"):
+        if shutil.which(tool) is None:
+            raise StackError(f"`{tool}` is not on PATH (see README: Local stack)")
+
+    ensure_artefacts()
+    t_built = time.monotonic()
+
+    if STATE.exists():
+        shutil.rmtree(STATE)
+    for d in ("logs", "pids", "conf", "data/etcd", "data/kafka", "data/neo4j"):
+        (STATE / d).mkdir(parents=True, exist_ok=True)
+    make_pki()
+    ports = Ports(*(free_port() for _ in range(7)))
+    (STATE / "ports.json").write_text(json.dumps(ports.__dict__))
+    pki = STATE / "pki"
+    password = secrets.token_urlsafe(18)
+
+    try:
+        # Kafka and Neo4j are independent of Kubernetes: start the JVMs first, they are slowest.
+        kconf = kafka_config(ports.kafka, ports.kafka_controller)
+        kjava = [
+            "java",
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            f"-Dlog4j2.configurationFile={STATE / 'conf' / 'kafka-log4j2.properties'}",
+            "-cp",
+            str(kafka_home() / "lib" / "*"),
+        ]
+        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        run(
+            [
+                *kjava,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(kconf),
+                "--standalone",
+            ]
+        )
+        start("kafka", [*kjava, "kafka.Kafka", str(kconf)])
+
+        classes = next(neo4j_home().glob("classes-*"))
+        start(
+            "neo4j",
+            [
+                "java",
+                *java_opts_neo4j(),
+                "-cp",
+                f"{neo4j_home() / 'lib' / '*'}:{classes}",
+                "Neo4jLauncher",
+                str(STATE / "data" / "neo4j"),
+                str(neo4j_config(ports.neo4j)),
+                password,
+            ],
+        )
+
+        start(
+            "etcd",
+            [
+                str(kube_bin("etcd")),
+                "--name=qmtl-local",
+                f"--data-dir={STATE / 'data' / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{ports.etcd}",
+                f"--advertise-client-urls=http://127.0.0.1:{ports.etcd}",
+                f"--listen-peer-urls=http://127.0.0.1:{ports.etcd_peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{ports.etcd_peer}",
+                f"--initial-cluster=qmtl-local=http://127.0.0.1:{ports.etcd_peer}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes=2147483648",
+                "--log-level=warn",
+            ],
+        )
+        wait_until("etcd", lambda: probe_etcd(ports.etcd), timeout)
+
+        start(
+            "kube-apiserver",
+            [
+                str(kube_bin("kube-apiserver")),
+                f"--etcd-servers=http://127.0.0.1:{ports.etcd}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={ports.apiserver}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--cert-dir={pki}",
+                "--service-cluster-ip-range=10.96.0.0/24",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                "--disable-admission-plugins=ServiceAccount",
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+            ],
+        )
+        wait_until("kube-apiserver", lambda: probe_apiserver(ports.apiserver), timeout)
+        kubeconfig = write_kubeconfig(ports.apiserver)
+
+        start(
+            "kube-controller-manager",
+            [
+                str(kube_bin("kube-controller-manager")),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--controllers=namespace,garbagecollector,serviceaccount,serviceaccount-token",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--use-service-account-credentials=false",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports.kcm}",
+            ],
+        )
+        wait_until("kube-controller-manager", lambda: probe_kcm(ports.kcm), timeout)
+        wait_until("kafka", lambda: probe_kafka(ports.kafka), timeout)
+        wait_until("neo4j", lambda: probe_neo4j(ports.neo4j), timeout)
+    except (StackError, OSError, StopIteration) as e:
+        say("start-up failed: stopping what was started")
+        down()
+        raise StackError(str(e) or type(e).__name__) from e
+
+    env = {
+        "KUBECONFIG": str(STATE / "kubeconfig"),
+        "NEO4J_URI": f"bolt://127.0.0.1:{ports.neo4j}",
+        "NEO4J_USER": NEO4J_USER,
+        "NEO4J_PASSWORD": password,
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
+    }
+    (STATE / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+    (STATE / "env").chmod(0o600)
+    say(
+        f"stack up in {time.monotonic() - t0:.1f} s "
+        f"(build/fetch {t_built - t0:.1f} s, start {time.monotonic() - t_built:.1f} s)"
+    )
+    for k, v in env.items():
+        print(f"  {k}={v}")
+    print(f"  source {STATE / 'env'}   # then: kubectl get namespaces")
+
+
+def down() -> None:
+    if not (STATE / "pids").exists():
+        say("nothing to stop")
+        return
+    for name in reversed(ORDER):
+        stop(name)
+
+
+def status(quiet: bool = False) -> bool:
+    try:
+        ports = Ports(**json.loads((STATE / "ports.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        if not quiet:
+            print("stack: not started (no state in .stack/)")
+        return False
+    probes: dict[str, Callable[[], str | None]] = {
+        "etcd": lambda: probe_etcd(ports.etcd),
+        "kube-apiserver": lambda: probe_apiserver(ports.apiserver),
+        "kube-controller-manager": lambda: probe_kcm(ports.kcm),
+        "kafka": lambda: probe_kafka(ports.kafka),
+        "neo4j": lambda: probe_neo4j(ports.neo4j),
+    }
+    where = {
+        "etcd": f"http://127.0.0.1:{ports.etcd}",
+        "kube-apiserver": f"https://127.0.0.1:{ports.apiserver}",
+        "kube-controller-manager": f"https://127.0.0.1:{ports.kcm}",
+        "kafka": f"127.0.0.1:{ports.kafka}",
+        "neo4j": f"bolt://127.0.0.1:{ports.neo4j}",
+    }
+    healthy = True
+    for name in ORDER:
+        pid = running_pid(name)
+        if pid is None:
+            state = "stopped"
+            healthy = False
+        else:
+            try:
+                reason = probes[name]()
+            except (OSError, ValueError, ssl.SSLError) as e:
+                reason = f"{type(e).__name__}: {e}"
+            state = "healthy" if not reason else f"unhealthy ({reason})"
+            healthy = healthy and not reason
+        if not quiet:
+            print(f"{name:<24} {state:<10} pid={pid or '-':<8} {where[name]}")
+    return healthy
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("up").add_argument("--timeout", type=float, default=180.0)
+    sub.add_parser("down")
+    sub.add_parser("status")
+    sub.add_parser("kafka-metadata")
+    args = ap.parse_args()
+    try:
+        if args.cmd == "up":
+            up(args.timeout)
+        elif args.cmd == "down":
+            down()
+        elif args.cmd == "status":
+            return 0 if status() else 1
+        elif args.cmd == "kafka-metadata":
+            ports = json.loads((STATE / "ports.json").read_text())
+            print(json.dumps(kafka_metadata(int(ports["kafka"]))))
+    except StackError as e:
+        print(f"[stack] error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

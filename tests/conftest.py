@@ -1,0 +1,82 @@
+"""Test harness: markers, and the session fixture that finds or starts the real local stack.
+
+Integration tests read the endpoints from the environment (KUBECONFIG, NEO4J_URI, NEO4J_USER,
+NEO4J_PASSWORD, KAFKA_BOOTSTRAP_SERVERS), falling back to `.stack/env` written by
+`make stack-up`. If no healthy stack is found the fixture starts one (and stops it at the end).
+Under CI=true a stack that cannot start fails the run; elsewhere the integration tests skip
+with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK = [sys.executable, str(ROOT / "hack" / "stack" / "stack.py")]
+ENV_KEYS = ("KUBECONFIG", "NEO4J_URI", "NEO4J_USER", "NEO4J_PASSWORD", "KAFKA_BOOTSTRAP_SERVERS")
+
+
+@dataclass(frozen=True)
+class Stack:
+    kubeconfig: str
+    neo4j_uri: str
+    neo4j_user: str
+    neo4j_password: str
+    kafka_bootstrap: str
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+        elif "unit" in item.path.parts:
+            item.add_marker(pytest.mark.unit)
+
+
+def _read_env_file() -> dict[str, str]:
+    path = Path(os.environ.get("QMTL_STACK_DIR", ROOT / ".stack")) / "env"
+    out: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _healthy() -> bool:
+    return subprocess.run([*STACK, "status"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    explicit = all(os.environ.get(k) for k in ENV_KEYS)
+    started = False
+    if not explicit and not _healthy():
+        proc = subprocess.run([*STACK, "up"], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            msg = f"the local stack did not start:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            if in_ci:
+                pytest.fail(msg, pytrace=False)
+            pytest.skip(msg)
+        started = True
+    env = {**_read_env_file(), **{k: os.environ[k] for k in ENV_KEYS if os.environ.get(k)}}
+    missing = [k for k in ENV_KEYS if not env.get(k)]
+    if missing:
+        pytest.fail(f"stack endpoints missing: {', '.join(missing)}", pytrace=False)
+    yield Stack(
+        kubeconfig=env["KUBECONFIG"],
+        neo4j_uri=env["NEO4J_URI"],
+        neo4j_user=env["NEO4J_USER"],
+        neo4j_password=env["NEO4J_PASSWORD"],
+        kafka_bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"],
+    )
+    if started:
+        subprocess.run([*STACK, "down"], check=False)
