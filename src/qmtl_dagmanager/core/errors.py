@@ -1,0 +1,74 @@
+"""Typed errors of the core. Each says whether retrying can help and carries a CamelCase
+reason that drivers use as a status condition reason or map to a gRPC status code."""
+
+from __future__ import annotations
+
+
+class DagManagerError(Exception):
+    """Base of every error the product raises on purpose."""
+
+    reason = "Error"
+    retryable = False
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidSpec(DagManagerError):
+    """The input is wrong; the same input will always fail. Nothing was written."""
+
+    reason = "InvalidSpec"
+
+
+class InvalidDag(InvalidSpec):
+    """A DAG that cannot be accepted; names the node (id or position) and the field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        node: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        where = []
+        if node is not None:
+            where.append(f"node {node}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        full = f"{', '.join(where)}: {message}" if where else message
+        super().__init__(full, reason=reason)
+        self.node = node
+        self.field = field
+
+
+class Conflict(DagManagerError):
+    """Permanent until something else changes (for example another strategy's state)."""
+
+    reason = "Conflict"
+
+
+class CrossContextReuse(Conflict):
+    """A node's queue would be shared between different compute contexts (ComputeKeys)."""
+
+    reason = "CrossContextReuse"
+
+    def __init__(self, message: str, *, node_ids: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.node_ids = node_ids
+
+
+class Unavailable(DagManagerError):
+    """A dependency (Neo4j, Kafka, the API server) did not answer; retry after a delay."""
+
+    reason = "DependencyUnavailable"
+    retryable = True
+
+    def __init__(
+        self, message: str, *, retry_after: float = 5.0, reason: str | None = None
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after

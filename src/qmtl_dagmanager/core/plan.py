@@ -1,0 +1,267 @@
+"""The diff planner: which nodes are reused, reused with buffering, or new; their topics; the
+queue_map the Gateway reads; and the tag groups whose QueueUpdated events must be refreshed.
+
+Pure: the caller passes what the graph already holds for the DAG's node ids (`records`) and the
+owners of topic names that may collide (`taken`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NamedTuple
+
+from blake3 import blake3
+
+from qmtl_dagmanager.core import context, topics
+from qmtl_dagmanager.core.dag import Dag, Node
+from qmtl_dagmanager.core.errors import CrossContextReuse
+from qmtl_dagmanager.core.identity import ComputeKey, NodeId
+from qmtl_dagmanager.core.topics import TopicCatalog, TopicName, TopicSpec
+
+MAX_HASH = 64
+
+
+class Action(StrEnum):
+    REUSE = "reuse"
+    BUFFER = "buffer"  # reused, schema changed under the same compat id: replay `period` bars
+    CREATE = "create"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRecord:
+    topic: str
+    compute_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """What the graph holds for one node id."""
+
+    node_id: NodeId
+    schema_hash: str
+    schema_compat_id: str
+    queues: tuple[QueueRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    strategy_id: str
+    world_id: str = ""
+    execution_domain: str = ""
+    as_of: str = ""
+    partition: str = ""
+    dataset_fingerprint: str = ""
+
+    def context_layer(self) -> dict[str, str]:
+        return {
+            "world_id": self.world_id,
+            "execution_domain": self.execution_domain,
+            "as_of": self.as_of,
+            "partition": self.partition,
+            "dataset_fingerprint": self.dataset_fingerprint,
+        }
+
+
+class NodePlan(NamedTuple):
+    """The decision for one node (a NamedTuple: built once per node on the hot path)."""
+
+    node: Node
+    action: Action
+    topic: TopicName
+    compute_key: ComputeKey
+    spec: TopicSpec | None = None  # set when a topic must be created
+    previous_schema_hash: str = ""  # set when buffering
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """A buffer instruction (DiffChunk.buffer_nodes): lag = period."""
+
+    node: Node
+    lag: int
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    node_id: NodeId
+    topic: str
+    compute_key: ComputeKey
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueryGroup:
+    """A (tags, interval, match_mode) whose QueueUpdated event must be (re)published."""
+
+    tags: tuple[str, ...]
+    interval: int
+    match_mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    strategy_id: str
+    sentinel_id: str
+    version: str
+    crc32: int
+    namespace: str | None
+    context: context.ComputeContext
+    nodes: tuple[NodePlan, ...]  # submitted order
+    queue_map: Mapping[str, str]
+    buffers: tuple[Buffer, ...]
+    violations: tuple[Violation, ...]
+    query_groups: tuple[QueryGroup, ...]
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def creates(self) -> tuple[NodePlan, ...]:
+        return tuple(p for p in self.nodes if p.action is Action.CREATE)
+
+    def raise_for_violations(self) -> None:
+        if self.violations:
+            first = self.violations[0]
+            more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
+            raise CrossContextReuse(
+                f"node {first.node_id}: {first.message}{more}",
+                node_ids=tuple(v.node_id for v in self.violations),
+            )
+
+
+def sentinel_id(strategy_id: str) -> str:
+    return f"{strategy_id}-sentinel"
+
+
+def queue_key(node: Node, ck: str) -> str:
+    """`<node_id>:<interval>:<bucket>#ck=<compute_key>`; the Gateway reads the node id with
+    `key.partition("#")[0].rsplit(":", 2)[0]`."""
+    return f"{node.node_id}:{node.interval}:{node.bucket}#ck={ck}"
+
+
+def resolve_namespace(dag: Dag, request: Request) -> str | None:
+    """meta.topic_namespace; else the request's world with meta.execution_domain; else with the
+    request's execution_domain (or `live`). No world → no namespace."""
+    if dag.topic_namespace:
+        return dag.topic_namespace
+    if not request.world_id.strip():
+        return None
+    domain = dag.meta_domain or request.execution_domain or "live"
+    return topics.namespace(request.world_id, domain)
+
+
+def candidate_topics(dag: Dag, ns: str | None) -> list[TopicName]:
+    """The first-choice names of every node: what a caller should look up in `taken`."""
+    return [topics.topic_name(n.tags, n.node_type, n.digest, dag.version, ns) for n in dag.nodes]
+
+
+def plan(
+    dag: Dag,
+    request: Request,
+    records: Mapping[NodeId, NodeRecord],
+    taken: Mapping[str, NodeId],
+    catalog: TopicCatalog,
+) -> Plan:
+    """Decide every node of `dag`. Never raises for cross-context reuse: the plan lists it."""
+    ctx = context.resolve(request.context_layer(), *dag.context_layers)
+    ns = resolve_namespace(dag, request)
+    key_suffix = ctx.key_suffix()
+    claimed: dict[str, NodeId] = {}
+    planned: list[NodePlan] = []
+    buffers: list[Buffer] = []
+    violations: list[Violation] = []
+    queue_map: dict[str, str] = {}
+    specs: dict[str, TopicSpec] = {}
+    reused = buffered = created = 0
+    for node in dag.nodes:
+        nid = node.node_id
+        ck = ComputeKey("blake3:" + blake3(f"{nid}{key_suffix}".encode()).hexdigest())
+        rec = records.get(nid)
+        own = None
+        if rec is not None:
+            for q in rec.queues:
+                if q.compute_key == ck:
+                    own = q.topic
+                    break
+        if rec is not None and own is not None:
+            if rec.schema_hash != node.schema_hash:
+                planned.append(NodePlan(node, Action.BUFFER, TopicName(own), ck, None,
+                                        rec.schema_hash))  # fmt: skip
+                buffers.append(Buffer(node, node.period))
+                buffered += 1
+            else:
+                planned.append(NodePlan(node, Action.REUSE, TopicName(own), ck))
+                reused += 1
+            claimed[own] = nid
+            queue_map[f"{nid}:{node.interval}:{node.bucket}#ck={ck}"] = own
+            continue
+        name, clash = _free_name(node, dag.version, ns, taken, claimed, rec)
+        if clash is not None:
+            violations.append(Violation(nid, name, ck, clash))
+            continue
+        claimed[name] = nid
+        spec = specs.get(node.node_type)
+        if spec is None:
+            spec = specs[node.node_type] = catalog.spec_for(node.node_type)
+        planned.append(NodePlan(node, Action.CREATE, name, ck, spec))
+        queue_map[f"{nid}:{node.interval}:{node.bucket}#ck={ck}"] = name
+        created += 1
+    groups: dict[tuple[tuple[str, ...], int, str], None] = {}
+    for node in dag.nodes:
+        if node.is_tag_query:
+            groups[(node.query_tags, node.interval, node.match_mode)] = None
+    for p in planned:
+        if p.action is Action.CREATE and p.node.tags and not p.node.is_tag_query:
+            groups[(tuple(sorted(set(p.node.tags))), p.node.interval, "any")] = None
+    return Plan(
+        strategy_id=request.strategy_id,
+        sentinel_id=sentinel_id(request.strategy_id),
+        version=dag.version,
+        crc32=dag.crc32,
+        namespace=ns,
+        context=ctx,
+        nodes=tuple(planned),
+        queue_map=queue_map,
+        buffers=tuple(buffers),
+        violations=tuple(violations),
+        query_groups=tuple(QueryGroup(*g) for g in groups),
+        counts={
+            "total": len(dag.nodes),
+            "reused": reused,
+            "buffered": buffered,
+            "new": created,
+            "sentinels": len(dag.sentinels),
+        },
+    )
+
+
+def _free_name(
+    node: Node,
+    version: str,
+    ns: str | None,
+    taken: Mapping[str, NodeId],
+    claimed: Mapping[str, NodeId],
+    rec: NodeRecord | None,
+) -> tuple[TopicName, str | None]:
+    """The first name no other node holds, lengthening the short hash by 2 on each clash.
+    A name this node already holds under another compute key is a cross-context reuse."""
+    own_other = {q.topic: q.compute_key for q in rec.queues} if rec is not None else {}
+    hash_len = topics.SHORT_HASH
+    while True:
+        name = topics.topic_name(node.tags, node.node_type, node.digest, version, ns, hash_len)
+        if name in own_other:
+            return name, (
+                f"its queue {name} belongs to compute key {own_other[name]}; reusing it in "
+                "another compute context would mix their data"
+            )
+        owner = taken.get(name) or claimed.get(name)
+        if owner is None:
+            return name, None
+        if owner == node.node_id:
+            return name, (
+                f"its queue {name} is bound to another compute context; reusing it would mix "
+                "their data"
+            )
+        if hash_len >= MAX_HASH:
+            return name, f"no free topic name: every hash length up to {MAX_HASH} is taken"
+        hash_len += 2
