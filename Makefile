@@ -30,14 +30,14 @@ stack-status: ## health of each server of the local stack
 	$(STACK) status
 
 lint: $(STAMP) ## ruff, mypy --strict on src/, import-linter contracts
-	$(VENV)/bin/ruff check src tests hack
-	$(VENV)/bin/ruff format --check src tests hack
+	$(VENV)/bin/ruff check src tests hack bench
+	$(VENV)/bin/ruff format --check src tests hack bench
 	$(VENV)/bin/mypy src
 	$(VENV)/bin/lint-imports
 
 fmt: $(STAMP) ## format and autofix
-	$(VENV)/bin/ruff format src tests hack
-	$(VENV)/bin/ruff check --fix src tests hack
+	$(VENV)/bin/ruff format src tests hack bench
+	$(VENV)/bin/ruff check --fix src tests hack bench
 
 unit: $(STAMP) ## unit tests only (no servers)
 	$(PY) -m pytest -m "not integration" -q
@@ -46,6 +46,9 @@ test: $(STAMP) ## lint, then unit and integration tests against the real local s
 	$(MAKE) --no-print-directory lint
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
 	$(PY) -m pytest -q
+
+bench: $(STAMP) ## benchmarks of the real code paths (figures go to README: Performance)
+	$(PY) bench/core_bench.py
 
 run: $(STAMP) ## the main job: bring the stack up and print how to reach each server
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
@@ -56,4 +59,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: help venv stack-up stack-down stack-status lint fmt unit test run clean
+.PHONY: help venv stack-up stack-down stack-status lint fmt unit test bench run clean

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmtl_dagmanager.core import context, identity
+from qmtl_dagmanager.core import context, dag, identity
+from qmtl_dagmanager.core.errors import InvalidDag
 
 VECTORS = json.loads((Path(__file__).parent.parent / "data" / "nodeid-vectors.json").read_text())
 
@@ -24,9 +26,6 @@ def test_node_id_vectors(case: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", VECTORS["invalid_cases"], ids=lambda c: c["description"])
 def test_invalid_vectors_are_rejected_by_validation(case: dict[str, Any]) -> None:
-    from qmtl_dagmanager.core import dag
-    from qmtl_dagmanager.core.errors import InvalidDag
-
     node = {**case["node"], "schema_hash": "h", "node_id": "blake3:" + "0" * 64}
     with pytest.raises(InvalidDag) as info:
         dag.from_document({"schema_version": "v1", "nodes": [node]})
@@ -42,8 +41,6 @@ def test_crc32_vectors(case: dict[str, Any]) -> None:
 
 
 def test_crc32_is_the_running_crc_over_submitted_order() -> None:
-    import zlib
-
     ids = ["blake3:" + "%064x" % i for i in range(50)] + [None, ""]  # noqa: UP031
     running = 0
     for i in ids:
@@ -95,8 +92,12 @@ def test_context_layers_earliest_wins() -> None:
 
 # --- properties ------------------------------------------------------------------------
 
-json_leaf = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8) | (
-    st.floats(allow_nan=False, allow_infinity=False)
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=8)
+    | (st.floats(allow_nan=False, allow_infinity=False))
 )
 json_value = st.recursive(
     json_leaf,
@@ -132,7 +133,7 @@ def test_key_order_and_dependency_order_never_change_an_id(
 
 @given(params=st.dictionaries(st.text(max_size=6), json_value, max_size=4),
        dropped=st.dictionaries(
-           st.sampled_from(sorted(identity.CONTEXT_KEYS) + ["ENV_X", "Env_y", "AS_OF", "Seed"]),
+           st.sampled_from([*sorted(identity.CONTEXT_KEYS), "ENV_X", "Env_y", "AS_OF", "Seed"]),
            json_value, min_size=1, max_size=4))  # fmt: skip
 def test_dropped_context_keys_never_change_an_id(
     params: dict[str, Any], dropped: dict[str, Any]

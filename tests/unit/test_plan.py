@@ -1,0 +1,146 @@
+"""The diff planner: reuse, buffering, creation, names, namespaces and cross-context rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmtl_dagmanager.core import dag, plan, topics
+from qmtl_dagmanager.core.identity import NodeId
+from qmtl_dagmanager.core.plan import Action, NodeRecord, QueueRecord, Request
+from qmtl_dagmanager.core.topics import TopicCatalog
+from tests.unit.dags import chain, encode, node
+
+DATA = Path(__file__).parent.parent / "data"
+CATALOG = TopicCatalog()
+REQ = Request("s1", world_id="w1", execution_domain="live")
+
+
+def applied(p: plan.Plan) -> dict[NodeId, NodeRecord]:
+    """The graph after a plan was written: what the planner sees next time."""
+    return {
+        n.node.node_id: NodeRecord(n.node.node_id, n.node.schema_hash, n.node.schema_compat_id,
+                                   (QueueRecord(n.topic, n.compute_key),))
+        for n in p.nodes
+    }  # fmt: skip
+
+
+def taken_by(p: plan.Plan) -> dict[str, NodeId]:
+    return {n.topic: n.node.node_id for n in p.nodes}
+
+
+def test_sample_dag_first_diff_creates_everything() -> None:
+    d = dag.parse((DATA / "sample-dag.json").read_bytes())
+    p = plan.plan(d, REQ, {}, {}, CATALOG)
+    assert p.sentinel_id == "s1-sentinel" and p.version == "v1" and p.namespace == "w1.dryrun"
+    assert p.counts == {"total": 3, "reused": 0, "buffered": 0, "new": 3, "sentinels": 0}
+    assert len(p.queue_map) == 3
+    for key, topic in p.queue_map.items():
+        nid = key.partition("#")[0].rsplit(":", 2)[0]  # exactly how the Gateway reads it
+        assert nid in {n.node_id for n in d.nodes}
+        assert topic.startswith("w1.dryrun.") and topics.VALID_TOPIC.match(topic)
+    first = p.nodes[0]
+    assert first.topic == f"w1.dryrun.btc_StreamInput_{first.node.digest[:8]}_v1"
+    assert first.spec is not None and first.spec.topic_type is topics.TopicType.INDICATOR
+    assert p.crc32 == d.crc32
+    groups = {(g.tags, g.interval, g.match_mode) for g in p.query_groups}
+    assert (("BTC", "ETH"), 60, "all") in groups and (("BTC", "price"), 60, "any") in groups
+
+
+def test_plan_of_an_applied_dag_creates_nothing_and_keeps_topics() -> None:
+    d = dag.parse(encode(chain(20)))
+    first = plan.plan(d, REQ, {}, {}, CATALOG)
+    again = plan.plan(d, REQ, applied(first), taken_by(first), CATALOG)
+    assert again.creates == () and again.counts["reused"] == 20
+    assert again.queue_map == first.queue_map
+
+
+def test_changed_schema_hash_buffers_with_lag_equal_period() -> None:
+    nodes = chain(3)
+    first = plan.plan(dag.parse(encode(nodes)), REQ, {}, {}, CATALOG)
+    records = applied(first)
+    changed = nid = nodes[1]["node_id"]
+    records[changed] = NodeRecord(nid, "old-hash", "compat0", records[changed].queues)
+    p = plan.plan(dag.parse(encode(nodes)), REQ, records, taken_by(first), CATALOG)
+    assert [(b.node.node_id, b.lag) for b in p.buffers] == [(changed, nodes[1]["period"])]
+    buffered = next(n for n in p.nodes if n.node.node_id == changed)
+    assert buffered.action is Action.BUFFER and buffered.previous_schema_hash == "old-hash"
+    assert p.counts["buffered"] == 1 and p.counts["new"] == 0
+
+
+def test_name_lengthened_only_for_a_different_owner() -> None:
+    n = node(tags=["ETH"])
+    d = dag.parse(encode([n]))
+    base = plan.candidate_topics(d, "w1.live")[0]
+    other = NodeId("blake3:" + "1" * 64)
+    p = plan.plan(d, REQ, {}, {base: other}, CATALOG)
+    digest = n["node_id"][7:]
+    assert p.nodes[0].topic == f"w1.live.eth_ProcessingNode_{digest[:10]}_v1"
+    # its own name is never treated as a collision
+    mine = plan.plan(d, REQ, {}, {base: NodeId(n["node_id"])}, CATALOG)
+    assert mine.violations and mine.nodes == ()
+
+
+def test_cross_context_reuse_is_a_violation() -> None:
+    d = dag.parse(encode(chain(2)))
+    backtest = Request("s1", execution_domain="backtest", as_of="2024-01-01")
+    first = plan.plan(d, backtest, {}, {}, CATALOG)
+    other_day = Request("s1", execution_domain="backtest", as_of="2025-01-01")
+    p = plan.plan(d, other_day, applied(first), taken_by(first), CATALOG)
+    assert len(p.violations) == 2 and p.nodes == ()
+    try:
+        p.raise_for_violations()
+    except plan.CrossContextReuse as e:
+        assert e.reason == "CrossContextReuse" and len(e.node_ids) == 2
+    else:
+        raise AssertionError("no error")
+    # another world has its own namespace, hence its own topics: no violation
+    w2 = plan.plan(d, Request("s2", world_id="w2"), applied(first), taken_by(first), CATALOG)
+    assert not w2.violations and w2.counts["new"] == 2
+
+
+def test_namespace_resolution_order() -> None:
+    d = dag.parse(encode(chain(1), meta={"execution_domain": "shadow"}))
+    assert plan.resolve_namespace(d, Request("s", world_id="W1", execution_domain="x")) == (
+        "w1.shadow"
+    )
+    d2 = dag.parse(encode(chain(1)))
+    assert plan.resolve_namespace(d2, Request("s", world_id="w1")) == "w1.live"
+    assert plan.resolve_namespace(d2, Request("s", world_id="w1", execution_domain="dryrun")) == (
+        "w1.dryrun"
+    )
+    assert plan.resolve_namespace(d2, Request("s")) is None
+
+
+def test_topic_type_catalog() -> None:
+    nodes = [node("TradeOrderNode", code="a"), node("RawPriceFeed", code="b"), node(code="c")]
+    p = plan.plan(dag.parse(encode(nodes)), REQ, {}, {}, CATALOG)
+    kinds = [(n.spec.topic_type.value, n.spec.partitions, n.spec.replication_factor,
+              n.spec.retention_ms // 86_400_000) for n in p.nodes if n.spec]  # fmt: skip
+    assert kinds == [("trade_exec", 1, 3, 90), ("raw", 3, 3, 7), ("indicator", 1, 2, 30)]
+    capped = CATALOG.capped(1)
+    assert all(s.replication_factor == 1 for s in capped.specs.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 30),
+    st.lists(st.sampled_from(["BTC", "ETH", "spx", "Ünï", "a b", ""]), max_size=3),
+    st.sampled_from(["", "w1", "World 9"]),
+    st.sampled_from(["", "live", "paper", "backtest"]),
+    st.sampled_from(["", "2025-01-01"]),
+)
+def test_plan_invariants(length: int, tags: list[str], world: str, domain: str, as_of: str) -> None:
+    d = dag.parse(encode(chain(length, tags=tags)))
+    req = Request("s", world_id=world, execution_domain=domain, as_of=as_of)
+    p = plan.plan(d, req, {}, {}, CATALOG)
+    # every non-sentinel node has exactly one queue_map entry, and names are valid and unique
+    ids = [k.partition("#")[0].rsplit(":", 2)[0] for k in p.queue_map]
+    assert sorted(ids) == sorted(n.node_id for n in d.nodes)
+    assert all(topics.VALID_TOPIC.match(t) for t in p.queue_map.values())
+    assert len(set(p.queue_map.values())) == len(p.queue_map)
+    # applying the plan reaches its target: the next plan creates nothing
+    again = plan.plan(d, req, applied(p), taken_by(p), CATALOG)
+    assert again.creates == () and again.queue_map == p.queue_map and not again.violations
