@@ -16,6 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
+import orjson
+
 from qmtl_dagmanager.core import dag as dagmod
 from qmtl_dagmanager.core import plan as planmod
 from qmtl_dagmanager.core.topics import TopicCatalog
@@ -64,6 +66,15 @@ def main() -> None:
         n = len(dagmod.parse(raw, ids=dagmod.IdMode.TRUST).nodes)
         repeat = args.repeat or (200 if size == "1k" else 20)
         known = known_records(raw, request)
+        decode = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            orjson.loads(raw)
+            decode.append(time.perf_counter() - t0)
+        med = statistics.median(decode) * 1e3
+        case = f"{size} nodes, JSON decode alone"
+        print(f"{case:<34} {med:>10.2f} {sorted(decode)[int(repeat * 0.9) - 1] * 1e3:>8.2f} "
+              f"{med * 1e3 / n:>12.2f}")  # fmt: skip
         for label, records in (("known", known), ("new", {})):
             for ids in (dagmod.IdMode.TRUST, dagmod.IdMode.VERIFY):
                 measure(raw, records, ids, 3)  # warm-up

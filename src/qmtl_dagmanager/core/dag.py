@@ -190,6 +190,9 @@ def from_document(
     known = seen.keys()
     for n in nodes:
         for dep in n.inputs:
+            if type(dep) is not str:
+                raise _fail(f"expected node id strings, got {type(dep).__name__}",
+                            "InvalidField", n.node_id, "inputs")  # fmt: skip
             if dep not in known:
                 raise _fail(f"names {dep}, which is not in the DAG", "UnknownInput", n.node_id,
                             "inputs")  # fmt: skip
@@ -295,8 +298,8 @@ def _inputs(raw: Mapping[str, Any], where: str) -> tuple[NodeId, ...]:
     deps = raw.get("inputs")
     if deps is None:
         deps = raw.get("dependencies")
-    if type(deps) is list and all(type(d) is str and d for d in deps):
-        return tuple(deps)  # the common case: a clean list of ids
+    if type(deps) is list and None not in deps and "" not in deps:
+        return tuple(deps)  # the common case; element types are checked with the inputs
     try:
         return tuple(NodeId(d) for d in identity.dependency_ids(raw))
     except identity.IdentityError as e:

@@ -152,7 +152,8 @@ def resolve_namespace(dag: Dag, request: Request) -> str | None:
 
 def candidate_topics(dag: Dag, ns: str | None) -> list[TopicName]:
     """The first-choice names of every node: what a caller should look up in `taken`."""
-    return [topics.topic_name(n.tags, n.node_type, n.digest, dag.version, ns) for n in dag.nodes]
+    namer = topics.Namer(dag.version, ns)
+    return [namer.name(n.tags, n.node_type, n.digest) for n in dag.nodes]
 
 
 def plan(
@@ -166,6 +167,7 @@ def plan(
     ctx = context.resolve(request.context_layer(), *dag.context_layers)
     ns = resolve_namespace(dag, request)
     key_suffix = ctx.key_suffix()
+    namer = topics.Namer(dag.version, ns)
     claimed: dict[str, NodeId] = {}
     planned: list[NodePlan] = []
     buffers: list[Buffer] = []
@@ -195,7 +197,7 @@ def plan(
             claimed[own] = nid
             queue_map[f"{nid}:{node.interval}:{node.bucket}#ck={ck}"] = own
             continue
-        name, clash = _free_name(node, dag.version, ns, taken, claimed, rec)
+        name, clash = _free_name(node, namer, taken, claimed, rec)
         if clash is not None:
             violations.append(Violation(nid, name, ck, clash))
             continue
@@ -237,8 +239,7 @@ def plan(
 
 def _free_name(
     node: Node,
-    version: str,
-    ns: str | None,
+    namer: topics.Namer,
     taken: Mapping[str, NodeId],
     claimed: Mapping[str, NodeId],
     rec: NodeRecord | None,
@@ -248,7 +249,7 @@ def _free_name(
     own_other = {q.topic: q.compute_key for q in rec.queues} if rec is not None else {}
     hash_len = topics.SHORT_HASH
     while True:
-        name = topics.topic_name(node.tags, node.node_type, node.digest, version, ns, hash_len)
+        name = namer.name(node.tags, node.node_type, node.digest, hash_len)
         if name in own_other:
             return name, (
                 f"its queue {name} belongs to compute key {own_other[name]}; reusing it in "

@@ -134,6 +134,37 @@ def _kind(node_type: str) -> str:
     return _NODE_TYPE_DROP.sub("", node_type) or "node"
 
 
+class Namer:
+    """Names topics for one diff (one version and namespace). The stem `<ns>.<asset>_<kind>`
+    is computed once per (first tag, node type): a DAG has few of each."""
+
+    __slots__ = ("_ns", "_stems", "_version")
+
+    def __init__(self, version: str, ns: str | None) -> None:
+        self._version = version
+        self._ns = ns
+        self._stems: dict[tuple[str, str], str] = {}
+
+    def name(self, tags: tuple[str, ...], node_type: str, digest: str,
+             hash_len: int = SHORT_HASH) -> TopicName:  # fmt: skip
+        first = tags[0] if tags and tags[0] else next((t for t in tags if t), "")
+        stem = self._stems.get((first, node_type))
+        if stem is None:
+            stem = self._stems[(first, node_type)] = self._stem(first, node_type)
+        return TopicName(f"{stem}_{digest[:hash_len]}_{self._version}")
+
+    def _stem(self, first_tag: str, node_type: str) -> str:
+        asset = asset_of(first_tag) if first_tag else "asset"
+        kind = _kind(node_type)
+        prefix = f"{self._ns}." if self._ns else ""
+        # room for the longest tail (a full 64-digit hash): names stay within Kafka's limit
+        room = MAX_TOPIC_LENGTH - len(prefix) - (64 + 2 + len(self._version)) - 1
+        if len(asset) + len(kind) > room:
+            asset = asset[: max(room // 2, 1)]
+            kind = kind[: max(room - len(asset), 1)]
+        return f"{prefix}{asset}_{kind}"
+
+
 def topic_name(
     tags: tuple[str, ...],
     node_type: str,
@@ -143,16 +174,7 @@ def topic_name(
     hash_len: int = SHORT_HASH,
 ) -> TopicName:
     """The (optionally namespaced) topic name; `digest` is the node id's hex digest."""
-    first = next((t for t in tags if t), "")
-    asset = asset_of(first) if first else "asset"
-    kind = _kind(node_type)
-    prefix = f"{ns}." if ns else ""
-    tail = f"_{digest[:hash_len]}_{version}"
-    room = MAX_TOPIC_LENGTH - len(prefix) - len(tail) - 1
-    if len(asset) + len(kind) > room:  # keep names within Kafka's limit; the hash stays whole
-        asset = asset[: max(room // 2, 1)]
-        kind = kind[: max(room - len(asset), 1)]
-    return TopicName(f"{prefix}{asset}_{kind}{tail}")
+    return Namer(version, ns).name(tags, node_type, digest, hash_len)
 
 
 def strip_namespace(topic: str, ns: str | None) -> str:
