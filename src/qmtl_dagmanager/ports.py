@@ -1,0 +1,241 @@
+"""Ports: what the services need from the outside world, as Protocols.
+
+Adapters implement them for real (Neo4j, Kafka, a directory) and in memory (the embedded
+twins); contract test suites hold both to the same behaviour. All I/O methods are async: both
+drivers (kopf and grpc.aio) run on asyncio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from qmtl_dagmanager.core.dag import Sentinel
+from qmtl_dagmanager.core.gc import GcQueue
+from qmtl_dagmanager.core.identity import NodeId
+from qmtl_dagmanager.core.plan import NodeRecord, Plan
+from qmtl_dagmanager.core.topics import TopicSpec
+
+# --------------------------------------------------------------------------- graph
+
+
+@dataclass(frozen=True, slots=True)
+class GraphRead:
+    """Everything a diff needs from the graph, fetched in one round trip."""
+
+    records: Mapping[NodeId, NodeRecord]
+    owners: Mapping[str, NodeId]  # topic name → the node that EMITS it
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRef:
+    topic: str
+    is_global: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDetail:
+    """A queue as the graph records it."""
+
+    topic: str
+    node_id: NodeId | None
+    tag: str
+    interval: int
+    created_at: float
+    ref_count: int
+    managed: bool
+    compute_key: str
+    partitions: int
+    replication: int
+    retention_ms: int
+
+    def as_gc_queue(self) -> GcQueue:
+        return GcQueue(self.topic, self.tag, self.created_at, self.ref_count,
+                       self.node_id is not None and self.managed)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelWrite:
+    """A VersionSentinel version boundary and the nodes it HAS."""
+
+    sentinel_id: str
+    version: str
+    node_ids: tuple[NodeId, ...]
+    traffic_weight: float | None = None
+    commit_hash: str = ""
+    release_tag: str = ""
+
+    @classmethod
+    def from_plan(cls, plan: Plan, sentinel: Sentinel | None) -> SentinelWrite:
+        return cls(
+            plan.sentinel_id,
+            plan.version,
+            tuple(p.node.node_id for p in plan.nodes),
+            sentinel.weight if sentinel else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GraphCounts:
+    compute_nodes: int
+    queues: int
+    sentinels: int
+    strategies: int
+    relationships: int
+
+
+class GraphStore(Protocol):
+    async def ping(self) -> bool:
+        """True when the store answers a trivial query."""
+        ...
+
+    async def init_schema(self) -> None:
+        """Create constraints and indexes (idempotent)."""
+        ...
+
+    async def rollback_schema(self) -> None:
+        """Drop what init_schema created (idempotent)."""
+        ...
+
+    def schema_statements(self) -> list[str]:
+        """The schema as statements (export)."""
+        ...
+
+    async def read(self, node_ids: Sequence[NodeId], topics: Sequence[str]) -> GraphRead:
+        """Records of the given nodes and the owners of the given topic names, in one query."""
+        ...
+
+    async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:
+        """Write a plan in one transaction, idempotently: nodes, queues, EMITS, the strategy's
+        references (exactly the plan's nodes and queues) and the sentinel's HAS edges."""
+        ...
+
+    async def release(self, strategy_id: str) -> int:
+        """Drop every reference of the strategy; return how many were dropped."""
+        ...
+
+    async def queues_by_tags(
+        self, tags: Sequence[str], interval: int, match_mode: str
+    ) -> list[QueueRef]: ...
+
+    async def queues(self, topics: Sequence[str] | None = None) -> list[QueueDetail]:
+        """Queues (all, or the named ones) with their reference counts."""
+        ...
+
+    async def forget_queue(self, topic: str) -> None:
+        """Remove a dropped queue (and its EMITS edge); its compute node stays."""
+        ...
+
+    async def set_unmanaged(self, topics: Sequence[str]) -> None: ...
+
+    async def set_sentinel_weight(
+        self, sentinel_id: str, version: str, weight: float, now: float
+    ) -> None: ...
+
+    async def sentinel_weights(self, sentinel_id: str) -> dict[str, float]: ...
+
+    async def strategy_nodes(self, strategy_id: str) -> set[NodeId]: ...
+
+    async def counts(self) -> GraphCounts: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- topics
+
+
+class TopicStatus(StrEnum):
+    CREATED = "created"
+    EXISTS = "exists"  # already there with the same configuration: success
+    CONFLICT = "conflict"  # already there with a different configuration
+    COLLISION = "collision"  # differs from an existing name only in case or `.` versus `_`
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicResult:
+    topic: str
+    status: TopicStatus
+    message: str = ""
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (TopicStatus.CREATED, TopicStatus.EXISTS)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicState:
+    """A topic as Kafka describes it."""
+
+    topic: str
+    partitions: int
+    replication_factor: int
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+class TopicAdmin(Protocol):
+    async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+        """Create many topics in one batch, one result per topic; verify existing ones."""
+        ...
+
+    async def describe(self, topics: Sequence[str]) -> dict[str, TopicState]:
+        """The topics that exist among `topics`, with partitions, replication and configs."""
+        ...
+
+    async def list_topics(self) -> set[str]: ...
+
+    async def delete(self, topics: Sequence[str]) -> dict[str, str | None]:
+        """Delete topics; per topic None or an error message. Missing topics are no error."""
+        ...
+
+    async def message_counts(self, topics: Sequence[str]) -> dict[str, int]:
+        """Sum over partitions of high minus low watermark."""
+        ...
+
+    async def broker_count(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    topic: str
+    key: str
+    value: Mapping[str, Any]
+
+
+class EventBus(Protocol):
+    async def publish(self, topic: str, key: str, event: Mapping[str, Any]) -> None:
+        """Deliver one CloudEvent (waits for the broker's acknowledgement)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- archive
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveResult:
+    topic: str
+    location: str
+    messages: int
+    bytes: int
+
+
+class Archive(Protocol):
+    async def archive(self, topic: str) -> ArchiveResult:
+        """Dump every message of the topic (offsets, keys, headers, values) to the store."""
+        ...
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch."""
+        ...

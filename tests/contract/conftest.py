@@ -1,0 +1,31 @@
+"""Fixtures that give each port twice: the embedded twin and the real adapter on the stack."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import neo4j
+import pytest
+
+from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
+from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
+from qmtl_dagmanager.ports import GraphStore
+from tests.conftest import Stack
+
+REAL = pytest.mark.integration
+
+
+@pytest.fixture(params=["memory", pytest.param("neo4j", marks=REAL)])
+async def graph(request: pytest.FixtureRequest) -> AsyncIterator[GraphStore]:
+    if request.param == "memory":
+        store: GraphStore = MemoryGraphStore()
+    else:
+        stack: Stack = request.getfixturevalue("stack")
+        with neo4j.GraphDatabase.driver(
+            stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
+        ) as d:
+            d.execute_query("MATCH (n) DETACH DELETE n")
+        store = Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password)
+    await store.init_schema()
+    yield store
+    await store.close()

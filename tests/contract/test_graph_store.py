@@ -1,0 +1,159 @@
+"""GraphStore contract: the embedded twin and Neo4j behave the same."""
+
+from __future__ import annotations
+
+import pytest
+
+from qmtl_dagmanager.core import dag, plan
+from qmtl_dagmanager.core.identity import NodeId
+from qmtl_dagmanager.core.plan import Action, Request
+from qmtl_dagmanager.core.topics import TopicCatalog
+from qmtl_dagmanager.ports import GraphStore, SentinelWrite
+from tests.unit.dags import chain, encode, node
+
+CATALOG = TopicCatalog()
+NOW = 1_800_000_000.0
+
+
+async def diff(graph: GraphStore, nodes: list[dict[str, object]], request: Request) -> plan.Plan:
+    d = dag.parse(encode(nodes))
+    ns = plan.resolve_namespace(d, request)
+    read = await graph.read([n.node_id for n in d.nodes], plan.candidate_topics(d, ns))
+    return plan.plan(d, request, read.records, read.owners, CATALOG)
+
+
+async def submit(graph: GraphStore, nodes: list[dict[str, object]], request: Request,
+                 now: float = NOW) -> plan.Plan:  # fmt: skip
+    p = await diff(graph, nodes, request)
+    p.raise_for_violations()
+    await graph.apply(p, now, SentinelWrite.from_plan(p, None))
+    return p
+
+
+async def test_schema_init_and_rollback_are_idempotent(graph: GraphStore) -> None:
+    await graph.init_schema()
+    await graph.rollback_schema()
+    await graph.rollback_schema()
+    await graph.init_schema()
+    assert await graph.ping()
+
+
+async def test_first_submission_writes_nodes_queues_and_references(graph: GraphStore) -> None:
+    req = Request("s1", world_id="w1")
+    p = await submit(graph, chain(5), req)
+    c = await graph.counts()
+    # 5 EMITS + 5 node USED_BY + 5 queue USED_BY + 5 HAS
+    assert (c.compute_nodes, c.queues, c.sentinels, c.strategies, c.relationships) == (
+        5, 5, 1, 1, 20)  # fmt: skip
+    read = await graph.read([n.node.node_id for n in p.nodes], list(p.queue_map.values()))
+    assert set(read.records) == {n.node.node_id for n in p.nodes}
+    for n in p.nodes:
+        rec = read.records[n.node.node_id]
+        assert [(q.topic, q.compute_key) for q in rec.queues] == [(n.topic, n.compute_key)]
+        assert read.owners[n.topic] == n.node.node_id
+    queues = await graph.queues()
+    assert {q.topic for q in queues} == set(p.queue_map.values())
+    assert all(q.ref_count == 1 and q.managed and q.created_at == NOW for q in queues)
+    assert await graph.strategy_nodes("s1") == {n.node.node_id for n in p.nodes}
+
+
+async def test_reapplying_changes_nothing(graph: GraphStore) -> None:
+    req = Request("s1", world_id="w1")
+    first = await submit(graph, chain(6), req)
+    before = await graph.counts()
+    await graph.apply(first, NOW + 10, SentinelWrite.from_plan(first, None))  # repeated write
+    again = await submit(graph, chain(6), req, NOW + 20)  # a fresh diff of the same DAG
+    assert {p.action for p in again.nodes} == {Action.REUSE}
+    assert again.queue_map == first.queue_map
+    assert await graph.counts() == before
+    assert all(q.created_at == NOW for q in await graph.queues())
+
+
+async def test_schema_change_is_buffered_then_recorded(graph: GraphStore) -> None:
+    req = Request("s1", world_id="w1")
+    nodes = chain(3)
+    await submit(graph, nodes, req)
+    changed = [dict(n) for n in nodes]
+    changed[2] = node(inputs=[nodes[1]["node_id"]], params={"i": 2}, code="c2",
+                      schema_hash="h-new")  # fmt: skip
+    assert changed[2]["node_id"] == nodes[2]["node_id"]  # schema_hash is not identity
+    p = await submit(graph, changed, req, NOW + 5)
+    assert [(b.node.node_id, b.lag) for b in p.buffers] == [(nodes[2]["node_id"], 5)]
+    again = await diff(graph, changed, req)
+    assert again.buffers == () and {n.action for n in again.nodes} == {Action.REUSE}
+
+
+async def test_reference_counts_are_exact(graph: GraphStore) -> None:
+    shared = chain(3)
+    extra = node(inputs=[shared[-1]["node_id"]], code="only-s2")
+    await submit(graph, shared, Request("s1", world_id="w1"))
+    p2 = await submit(graph, [*shared, extra], Request("s2", world_id="w1"))
+    refs = {q.topic: q.ref_count for q in await graph.queues()}
+    extra_topic = next(n.topic for n in p2.nodes if n.node.node_id == extra["node_id"])
+    assert refs.pop(extra_topic) == 1 and set(refs.values()) == {2}
+    # s2 resubmits without the extra node: its references become exactly the new DAG
+    await submit(graph, shared, Request("s2", world_id="w1"))
+    assert {q.topic: q.ref_count for q in await graph.queues()}[extra_topic] == 0
+    assert await graph.release("s1") == 6
+    assert {q.ref_count for q in await graph.queues() if q.topic != extra_topic} == {1}
+    await graph.release("s2")
+    assert {q.ref_count for q in await graph.queues()} == {0}
+    c = await graph.counts()
+    assert (c.compute_nodes, c.strategies) == (4, 0)  # nodes are never deleted
+
+
+async def test_forget_queue_only_when_unreferenced(graph: GraphStore) -> None:
+    p = await submit(graph, chain(2), Request("s1", world_id="w1"))
+    topic = p.nodes[0].topic
+    await graph.forget_queue(topic)
+    assert topic in {q.topic for q in await graph.queues()}
+    await graph.release("s1")
+    await graph.forget_queue(topic)
+    assert topic not in {q.topic for q in await graph.queues()}
+    assert (await graph.counts()).compute_nodes == 2
+    await graph.set_unmanaged([p.nodes[1].topic])
+    assert [q.managed for q in await graph.queues([p.nodes[1].topic])] == [False]
+
+
+async def test_tag_queries(graph: GraphStore) -> None:
+    a = node("StreamInput", tags=["BTC", "price"], code="a")
+    b = node("StreamInput", tags=["ETH", "price"], code="b")
+    c = node("StreamInput", tags=["BTC"], code="c", interval=300)
+    p = await submit(graph, [a, b, c], Request("s1", world_id="w1"))
+    base = {n.node.node_id: n.topic.removeprefix("w1.live.") for n in p.nodes}
+    anyq = await graph.queues_by_tags(["BTC", "ETH"], 60, "any")
+    assert [q.topic for q in anyq] == sorted([base[a["node_id"]], base[b["node_id"]]])
+    assert not any(q.is_global for q in anyq)
+    allq = await graph.queues_by_tags(["BTC", "price"], 60, "all")
+    assert [q.topic for q in allq] == [base[a["node_id"]]]
+    assert [q.topic for q in await graph.queues_by_tags(["BTC"], 300, "any")] == [
+        base[c["node_id"]]
+    ]
+    assert await graph.queues_by_tags([], 60, "any") == []
+    glob = await submit(graph, [node(tags=["SOL"], code="g")], Request("s2"))
+    got = await graph.queues_by_tags(["SOL"], 60, "any")
+    assert [(q.topic, q.is_global) for q in got] == [(glob.nodes[0].topic, True)]
+
+
+async def test_sentinel_weights_and_history(graph: GraphStore) -> None:
+    await submit(graph, chain(2), Request("s1", world_id="w1"))
+    await graph.set_sentinel_weight("s1-sentinel", "v1", 0.9, NOW + 1)
+    await graph.set_sentinel_weight("s1-sentinel", "v2", 0.1, NOW + 1)
+    await graph.set_sentinel_weight("s1-sentinel", "v2", 0.1, NOW + 2)  # no change
+    assert await graph.sentinel_weights("s1-sentinel") == {"v1": 0.9, "v2": 0.1}
+    c = await graph.counts()
+    assert c.sentinels == 2
+
+
+async def test_cross_context_reuse_is_detected_from_the_graph(graph: GraphStore) -> None:
+    nodes = chain(2)
+    await submit(graph, nodes, Request("s1", execution_domain="backtest", as_of="2024"))
+    p = await diff(graph, nodes, Request("s2", execution_domain="backtest", as_of="2025"))
+    assert len(p.violations) == 2
+    with pytest.raises(plan.CrossContextReuse):
+        p.raise_for_violations()
+
+
+async def test_read_of_unknown_ids_is_empty(graph: GraphStore) -> None:
+    read = await graph.read([NodeId("blake3:" + "0" * 64)], ["nope"])
+    assert read.records == {} and read.owners == {}
