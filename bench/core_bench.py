@@ -31,15 +31,18 @@ def known_records(raw: bytes, request: planmod.Request) -> dict[str, planmod.Nod
     first = planmod.plan(d, request, {}, {}, TopicCatalog())
     return {
         p.node.node_id: planmod.NodeRecord(
-            p.node.node_id, p.node.schema_hash, p.node.schema_compat_id,
+            p.node.node_id,
+            p.node.schema_hash,
+            p.node.schema_compat_id,
             (planmod.QueueRecord(p.topic, p.compute_key),),
         )
         for p in first.nodes
-    }  # fmt: skip
+    }
 
 
-def measure(raw: bytes, records: dict[str, planmod.NodeRecord], ids: dagmod.IdMode,
-            repeat: int) -> list[float]:  # fmt: skip
+def measure(
+    raw: bytes, records: dict[str, planmod.NodeRecord], ids: dagmod.IdMode, repeat: int
+) -> list[float]:
     request = planmod.Request("bench", world_id="w1", execution_domain="live")
     catalog = TopicCatalog()
     times = []
@@ -58,8 +61,9 @@ def main() -> None:
     args = ap.parse_args()
     request = planmod.Request("bench", world_id="w1", execution_domain="live")
     results = []
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"python {platform.python_version()}")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
+    )
     print(f"{'case':<34} {'median ms':>10} {'p90 ms':>8} {'per node µs':>12}")
     for size, file in (("1k", "bench-dag-1k.json"), ("10k", "bench-dag-10k.json")):
         raw = (DATA / file).read_bytes()
@@ -73,8 +77,10 @@ def main() -> None:
             decode.append(time.perf_counter() - t0)
         med = statistics.median(decode) * 1e3
         case = f"{size} nodes, JSON decode alone"
-        print(f"{case:<34} {med:>10.2f} {sorted(decode)[int(repeat * 0.9) - 1] * 1e3:>8.2f} "
-              f"{med * 1e3 / n:>12.2f}")  # fmt: skip
+        print(
+            f"{case:<34} {med:>10.2f} {sorted(decode)[int(repeat * 0.9) - 1] * 1e3:>8.2f} "
+            f"{med * 1e3 / n:>12.2f}"
+        )
         for label, records in (("known", known), ("new", {})):
             for ids in (dagmod.IdMode.TRUST, dagmod.IdMode.VERIFY):
                 measure(raw, records, ids, 3)  # warm-up
@@ -83,8 +89,15 @@ def main() -> None:
                 p90 = sorted(t)[int(len(t) * 0.9) - 1] * 1e3
                 case = f"{size} nodes, {label}, ids {ids.value}"
                 print(f"{case:<34} {med:>10.2f} {p90:>8.2f} {med * 1e3 / n:>12.2f}")
-                results.append({"case": case, "nodes": n, "median_ms": round(med, 3),
-                                "p90_ms": round(p90, 3), "runs": repeat})  # fmt: skip
+                results.append(
+                    {
+                        "case": case,
+                        "nodes": n,
+                        "median_ms": round(med, 3),
+                        "p90_ms": round(p90, 3),
+                        "runs": repeat,
+                    }
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

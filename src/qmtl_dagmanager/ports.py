@@ -52,8 +52,13 @@ class QueueDetail:
     retention_ms: int
 
     def as_gc_queue(self) -> GcQueue:
-        return GcQueue(self.topic, self.tag, self.created_at, self.ref_count,
-                       self.node_id is not None and self.managed)  # fmt: skip
+        return GcQueue(
+            self.topic,
+            self.tag,
+            self.created_at,
+            self.ref_count,
+            self.node_id is not None and self.managed,
+        )
 
 
 @dataclass(frozen=True, slots=True)

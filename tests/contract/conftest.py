@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 import neo4j
 import pytest
 
+from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
+from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
-from qmtl_dagmanager.ports import GraphStore
+from qmtl_dagmanager.ports import GraphStore, TopicAdmin
 from tests.conftest import Stack
 
 REAL = pytest.mark.integration
@@ -29,3 +31,17 @@ async def graph(request: pytest.FixtureRequest) -> AsyncIterator[GraphStore]:
     await store.init_schema()
     yield store
     await store.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("kafka", marks=REAL)])
+async def topic_admin(request: pytest.FixtureRequest) -> AsyncIterator[TopicAdmin]:
+    if request.param == "memory":
+        admin: TopicAdmin = MemoryTopicAdmin()
+        yield admin
+        return
+    stack: Stack = request.getfixturevalue("stack")
+    real = KafkaTopicAdmin(stack.kafka_bootstrap)
+    before = await real.list_topics()
+    yield real
+    leftovers = sorted((await real.list_topics()) - before)
+    await real.delete(leftovers)

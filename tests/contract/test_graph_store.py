@@ -22,8 +22,9 @@ async def diff(graph: GraphStore, nodes: list[dict[str, object]], request: Reque
     return plan.plan(d, request, read.records, read.owners, CATALOG)
 
 
-async def submit(graph: GraphStore, nodes: list[dict[str, object]], request: Request,
-                 now: float = NOW) -> plan.Plan:  # fmt: skip
+async def submit(
+    graph: GraphStore, nodes: list[dict[str, object]], request: Request, now: float = NOW
+) -> plan.Plan:
     p = await diff(graph, nodes, request)
     p.raise_for_violations()
     await graph.apply(p, now, SentinelWrite.from_plan(p, None))
@@ -44,7 +45,12 @@ async def test_first_submission_writes_nodes_queues_and_references(graph: GraphS
     c = await graph.counts()
     # 5 EMITS + 5 node USED_BY + 5 queue USED_BY + 5 HAS
     assert (c.compute_nodes, c.queues, c.sentinels, c.strategies, c.relationships) == (
-        5, 5, 1, 1, 20)  # fmt: skip
+        5,
+        5,
+        1,
+        1,
+        20,
+    )
     read = await graph.read([n.node.node_id for n in p.nodes], list(p.queue_map.values()))
     assert set(read.records) == {n.node.node_id for n in p.nodes}
     for n in p.nodes:
@@ -74,8 +80,7 @@ async def test_schema_change_is_buffered_then_recorded(graph: GraphStore) -> Non
     nodes = chain(3)
     await submit(graph, nodes, req)
     changed = [dict(n) for n in nodes]
-    changed[2] = node(inputs=[nodes[1]["node_id"]], params={"i": 2}, code="c2",
-                      schema_hash="h-new")  # fmt: skip
+    changed[2] = node(inputs=[nodes[1]["node_id"]], params={"i": 2}, code="c2", schema_hash="h-new")
     assert changed[2]["node_id"] == nodes[2]["node_id"]  # schema_hash is not identity
     p = await submit(graph, changed, req, NOW + 5)
     assert [(b.node.node_id, b.lag) for b in p.buffers] == [(nodes[2]["node_id"], 5)]

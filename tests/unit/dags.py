@@ -9,10 +9,18 @@ import orjson
 from qmtl_dagmanager.core import identity
 
 
-def node(node_type: str = "ProcessingNode", *, inputs: list[str] | None = None,
-         tags: list[str] | None = None, params: Any = None, interval: int = 60,
-         period: int = 5, code: str = "c0", schema_hash: str = "h0",
-         **extra: Any) -> dict[str, Any]:  # fmt: skip
+def node(
+    node_type: str = "ProcessingNode",
+    *,
+    inputs: list[str] | None = None,
+    tags: list[str] | None = None,
+    params: Any = None,
+    interval: int = 60,
+    period: int = 5,
+    code: str = "c0",
+    schema_hash: str = "h0",
+    **extra: Any,
+) -> dict[str, Any]:
     n: dict[str, Any] = {
         "node_type": node_type,
         "interval": interval,
@@ -35,8 +43,7 @@ def node(node_type: str = "ProcessingNode", *, inputs: list[str] | None = None,
 def chain(length: int, *, tags: list[str] | None = None) -> list[dict[str, Any]]:
     nodes = [node("StreamInput", tags=tags or ["BTC", "price"], code="src")]
     for i in range(1, length):
-        nodes.append(node(inputs=[nodes[-1]["node_id"]], params={"i": i}, code=f"c{i}",
-                          tags=tags))  # fmt: skip
+        nodes.append(node(inputs=[nodes[-1]["node_id"]], params={"i": i}, code=f"c{i}", tags=tags))
     return nodes
 
 

@@ -49,8 +49,16 @@ def test_bench_dags_parse_and_verify() -> None:
             assert rank[pos[dep]] < rank[pos[n.node_id]]
 
 
-MALFORMED = [b"", b"{", b"[]", b"null", b'{"nodes": 1}', b"\xff\xfe", b'{"nodes": [NaN]}',
-             b'{"nodes": [], "x": Infinity}']  # fmt: skip
+MALFORMED = [
+    b"",
+    b"{",
+    b"[]",
+    b"null",
+    b'{"nodes": 1}',
+    b"\xff\xfe",
+    b'{"nodes": [NaN]}',
+    b'{"nodes": [], "x": Infinity}',
+]
 
 
 @pytest.mark.parametrize("payload", MALFORMED)
@@ -163,8 +171,12 @@ def test_interval_forms() -> None:
 
 def test_version_label_precedence_and_normalisation() -> None:
     base = chain(1)
-    sentinel = {"node_type": "VersionSentinel", "node_id": "blake3:" + "e" * 64,
-                "version": " release/2.1 ", "traffic_weight": 0.25}  # fmt: skip
+    sentinel = {
+        "node_type": "VersionSentinel",
+        "node_id": "blake3:" + "e" * 64,
+        "version": " release/2.1 ",
+        "traffic_weight": 0.25,
+    }
     d = dag.parse(encode([*base, sentinel], version="top", meta={"version": "meta"}))
     assert d.version == "release-2.1"
     assert d.sentinels[0].weight == 0.25 and len(d.nodes) == 1
@@ -185,8 +197,13 @@ def test_namespace_forms() -> None:
 
 
 def test_compute_context_layers_are_kept() -> None:
-    d = dag.parse(encode(chain(1), compute_context={"world_id": "top"},
-                         meta={"compute_context": {"world_id": "meta", "as_of": "x"}}))  # fmt: skip
+    d = dag.parse(
+        encode(
+            chain(1),
+            compute_context={"world_id": "top"},
+            meta={"compute_context": {"world_id": "meta", "as_of": "x"}},
+        )
+    )
     assert [dict(layer) for layer in d.context_layers] == [
         {"world_id": "top"},
         {"world_id": "meta", "as_of": "x"},
@@ -196,15 +213,40 @@ def test_compute_context_layers_are_kept() -> None:
 # --- properties: hostile input never raises anything but InvalidDag ---------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
-        st.sampled_from(["nodes", "node_id", "node_type", "inputs", "interval", "params",
-                         "tags", "meta", "schema_version", "code_hash", "schema_hash",
-                         "schema_compat_id", "period", "bucket", "topic_namespace", "x"]),
-        inner, max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "nodes",
+                    "node_id",
+                    "node_type",
+                    "inputs",
+                    "interval",
+                    "params",
+                    "tags",
+                    "meta",
+                    "schema_version",
+                    "code_hash",
+                    "schema_hash",
+                    "schema_compat_id",
+                    "period",
+                    "bucket",
+                    "topic_namespace",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=6,
+        )
+    ),
     max_leaves=25,
-)  # fmt: skip
+)
 
 
 @settings(max_examples=300, deadline=None)

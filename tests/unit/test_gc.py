@@ -11,25 +11,35 @@ from qmtl_dagmanager.core.gc import DAY, GcAction, GcLimits, GcQueue
 NOW = 1_800_000_000.0
 
 
-def q(topic: str, tag: str = "raw", age_days: float = 100, refs: int = 0,
-      owned: bool = True) -> GcQueue:  # fmt: skip
+def q(
+    topic: str, tag: str = "raw", age_days: float = 100, refs: int = 0, owned: bool = True
+) -> GcQueue:
     return GcQueue(topic, tag, NOW - age_days * DAY, refs, owned)
 
 
 def test_policy_matrix_and_reasons() -> None:
     queues = [
-        q("raw-old", "raw", 8.5), q("raw-young", "raw", 7.5),
-        q("ind-old", "indicator", 34), q("ind-young", "indicator", 32),
-        q("sent-old", "sentinel", 211), q("sent-young", "sentinel", 200),
-        q("referenced", "raw", 100, refs=1), q("unmanaged", "raw", 100, owned=False),
-        q("__consumer_offsets", "raw", 1000), q("odd", "mystery", 1000),
-    ]  # fmt: skip
+        q("raw-old", "raw", 8.5),
+        q("raw-young", "raw", 7.5),
+        q("ind-old", "indicator", 34),
+        q("ind-young", "indicator", 32),
+        q("sent-old", "sentinel", 211),
+        q("sent-young", "sentinel", 200),
+        q("referenced", "raw", 100, refs=1),
+        q("unmanaged", "raw", 100, owned=False),
+        q("__consumer_offsets", "raw", 1000),
+        q("odd", "mystery", 1000),
+    ]
     report = gc.select(queues, NOW, limits=GcLimits(max_count=100, max_fraction=1.0))
     got = {d.topic: d.action for d in report.decisions}
-    assert got == {"raw-old": GcAction.DROP, "ind-old": GcAction.DROP,
-                   "sent-old": GcAction.ARCHIVE}  # fmt: skip
-    assert report.skipped == {"TooYoung": 3, "Referenced": 1, "Unmanaged": 1, "Internal": 1,
-                              "NoPolicy": 1}  # fmt: skip
+    assert got == {"raw-old": GcAction.DROP, "ind-old": GcAction.DROP, "sent-old": GcAction.ARCHIVE}
+    assert report.skipped == {
+        "TooYoung": 3,
+        "Referenced": 1,
+        "Unmanaged": 1,
+        "Internal": 1,
+        "NoPolicy": 1,
+    }
     assert all("TTL" in d.reason for d in report.decisions)
 
 
@@ -62,9 +72,7 @@ def test_gc_never_selects_protected_queues_or_exceeds_its_cap(
     assert len(report.decisions) <= min(max_count, gc.cap_for(managed, limits))
     chosen = {d.topic for d in report.decisions}
     for x in queues:
-        if x.topic in chosen and not any(
-            y.topic == x.topic and y is not x for y in queues
-        ):  # fmt: skip
+        if x.topic in chosen and not any(y.topic == x.topic and y is not x for y in queues):
             policy = gc.DEFAULT_POLICIES[x.tag]
             assert x.owned and x.ref_count == 0 and not x.topic.startswith("__")
             assert NOW - x.created_at >= policy.ttl + policy.grace

@@ -29,8 +29,10 @@ def test_invalid_vectors_are_rejected_by_validation(case: dict[str, Any]) -> Non
     node = {**case["node"], "schema_hash": "h", "node_id": "blake3:" + "0" * 64}
     with pytest.raises(InvalidDag) as info:
         dag.from_document({"schema_version": "v1", "nodes": [node]})
-    expected_reason = {"schema compat conflict": "SchemaIdConflict",
-                       "invalid interval": "InvalidField"}[case["error"]]  # fmt: skip
+    expected_reason = {
+        "schema compat conflict": "SchemaIdConflict",
+        "invalid interval": "InvalidField",
+    }[case["error"]]
     assert info.value.reason == expected_reason
     assert "blake3:" + "0" * 64 in str(info.value)
 
@@ -51,22 +53,40 @@ def test_crc32_is_the_running_crc_over_submitted_order() -> None:
 
 @pytest.mark.parametrize("case", VECTORS["compute_key_cases"], ids=str)
 def test_compute_key_vectors(case: dict[str, Any]) -> None:
-    ctx = context.resolve({
-        "world_id": case["world_id"], "execution_domain": case["execution_domain"],
-        "as_of": case["as_of"], "partition": case["partition"],
-    })  # fmt: skip
+    ctx = context.resolve(
+        {
+            "world_id": case["world_id"],
+            "execution_domain": case["execution_domain"],
+            "as_of": case["as_of"],
+            "partition": case["partition"],
+        }
+    )
     assert ctx.key_for(case["node_id"]) == case["compute_key"]
-    assert identity.compute_key(
-        case["node_id"], case["world_id"], ctx.execution_domain.value, case["as_of"],
-        case["partition"],
-    ) == case["compute_key"]  # fmt: skip
+    assert (
+        identity.compute_key(
+            case["node_id"],
+            case["world_id"],
+            ctx.execution_domain.value,
+            case["as_of"],
+            case["partition"],
+        )
+        == case["compute_key"]
+    )
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("", "backtest"), ("default", "backtest"), ("paper", "dryrun"), ("sim", "dryrun"),
-     ("PROD", "live"), ("production", "live"), (" live ", "live"), ("shadow", "shadow")],
-)  # fmt: skip
+    [
+        ("", "backtest"),
+        ("default", "backtest"),
+        ("paper", "dryrun"),
+        ("sim", "dryrun"),
+        ("PROD", "live"),
+        ("production", "live"),
+        (" live ", "live"),
+        ("shadow", "shadow"),
+    ],
+)
 def test_domain_aliases(raw: str, expected: str) -> None:
     assert context.normalize_domain(raw).value == expected
 
@@ -101,10 +121,11 @@ json_leaf = (
 )
 json_value = st.recursive(
     json_leaf,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
-)  # fmt: skip
+)
 dep_ids = st.lists(st.from_regex(r"blake3:[0-9a-f]{64}", fullmatch=True), max_size=5)
 
 
@@ -123,18 +144,30 @@ def test_key_order_and_dependency_order_never_change_an_id(
     params: Any, deps: list[str], seed: int
 ) -> None:
     rnd = random.Random(seed)
-    node = {"node_type": "N", "interval": 60, "period": 3, "code_hash": "c",
-            "schema_compat_id": "s", "params": params, "inputs": deps}  # fmt: skip
+    node = {
+        "node_type": "N",
+        "interval": 60,
+        "period": 3,
+        "code_hash": "c",
+        "schema_compat_id": "s",
+        "params": params,
+        "inputs": deps,
+    }
     shuffled_deps = list(deps)
     rnd.shuffle(shuffled_deps)
     other = _shuffled({**node, "params": params, "inputs": shuffled_deps}, rnd)
     assert identity.node_id(node) == identity.node_id(other)
 
 
-@given(params=st.dictionaries(st.text(max_size=6), json_value, max_size=4),
-       dropped=st.dictionaries(
-           st.sampled_from([*sorted(identity.CONTEXT_KEYS), "ENV_X", "Env_y", "AS_OF", "Seed"]),
-           json_value, min_size=1, max_size=4))  # fmt: skip
+@given(
+    params=st.dictionaries(st.text(max_size=6), json_value, max_size=4),
+    dropped=st.dictionaries(
+        st.sampled_from([*sorted(identity.CONTEXT_KEYS), "ENV_X", "Env_y", "AS_OF", "Seed"]),
+        json_value,
+        min_size=1,
+        max_size=4,
+    ),
+)
 def test_dropped_context_keys_never_change_an_id(
     params: dict[str, Any], dropped: dict[str, Any]
 ) -> None:

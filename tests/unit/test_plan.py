@@ -21,10 +21,14 @@ REQ = Request("s1", world_id="w1", execution_domain="live")
 def applied(p: plan.Plan) -> dict[NodeId, NodeRecord]:
     """The graph after a plan was written: what the planner sees next time."""
     return {
-        n.node.node_id: NodeRecord(n.node.node_id, n.node.schema_hash, n.node.schema_compat_id,
-                                   (QueueRecord(n.topic, n.compute_key),))
+        n.node.node_id: NodeRecord(
+            n.node.node_id,
+            n.node.schema_hash,
+            n.node.schema_compat_id,
+            (QueueRecord(n.topic, n.compute_key),),
+        )
         for n in p.nodes
-    }  # fmt: skip
+    }
 
 
 def taken_by(p: plan.Plan) -> dict[str, NodeId]:
@@ -117,8 +121,16 @@ def test_namespace_resolution_order() -> None:
 def test_topic_type_catalog() -> None:
     nodes = [node("TradeOrderNode", code="a"), node("RawPriceFeed", code="b"), node(code="c")]
     p = plan.plan(dag.parse(encode(nodes)), REQ, {}, {}, CATALOG)
-    kinds = [(n.spec.topic_type.value, n.spec.partitions, n.spec.replication_factor,
-              n.spec.retention_ms // 86_400_000) for n in p.nodes if n.spec]  # fmt: skip
+    kinds = [
+        (
+            n.spec.topic_type.value,
+            n.spec.partitions,
+            n.spec.replication_factor,
+            n.spec.retention_ms // 86_400_000,
+        )
+        for n in p.nodes
+        if n.spec
+    ]
     assert kinds == [("trade_exec", 1, 3, 90), ("raw", 3, 3, 7), ("indicator", 1, 2, 30)]
     capped = CATALOG.capped(1)
     assert all(s.replication_factor == 1 for s in capped.specs.values())

@@ -23,8 +23,12 @@ def test_asset_from_first_non_empty_tag() -> None:
     assert topics.topic_name(("€",), "N", d, "v1", None) == "asset_N_abababab_v1"
 
 
-@given(st.lists(st.text(max_size=300), max_size=3), st.text(max_size=300),
-       st.sampled_from([None, "w1.live", "a" * 100 + ".live"]), st.integers(8, 64))  # fmt: skip
+@given(
+    st.lists(st.text(max_size=300), max_size=3),
+    st.text(max_size=300),
+    st.sampled_from([None, "w1.live", "a" * 100 + ".live"]),
+    st.integers(8, 64),
+)
 def test_topic_names_are_always_valid_kafka_names(
     tags: list[str], node_type: str, ns: str | None, hash_len: int
 ) -> None:
@@ -51,7 +55,12 @@ def test_sentinel_weight_and_envelope() -> None:
     assert key == "s-sentinel" and data["weight"] == 0.25 and data["version"] == 1
     _, other = events.sentinel_weight("s-sentinel", 0.5, "v2", "w1")
     assert other["etag"] != data["etag"]
-    env = events.cloud_event("sentinel_weight_updated", data, event_id="e1",
-                             time_iso="2026-01-01T00:00:00Z", source="qmtl/dagmanager")  # fmt: skip
+    env = events.cloud_event(
+        "sentinel_weight_updated",
+        data,
+        event_id="e1",
+        time_iso="2026-01-01T00:00:00Z",
+        source="qmtl/dagmanager",
+    )
     assert env["specversion"] == "1.0" and env["data"]["ts"] == "2026-01-01T00:00:00Z"
     assert env["data"]["idempotency_key"]

@@ -24,37 +24,41 @@ def rows(plan: Plan, now: float) -> Rows:
     refs: list[dict[str, Any]] = []
     for p in plan.nodes:
         n = p.node
-        nodes.append({
-            "node_id": n.node_id,
-            "node_type": n.node_type,
-            "interval": n.interval,
-            "period": n.period,
-            "code_hash": n.code_hash,
-            "schema_compat_id": n.schema_compat_id,
-            "schema_hash": n.schema_hash,
-            "params_canon": n.params_canon() if p.action is Action.CREATE else None,
-            "tags": list(n.tags),
-            "query_tags": list(n.query_tags),
-            "compute_key": p.compute_key,
-            "buffer": p.action is Action.BUFFER,
-            "created_at": now,
-            "owner": plan.strategy_id,
-        })  # fmt: skip
+        nodes.append(
+            {
+                "node_id": n.node_id,
+                "node_type": n.node_type,
+                "interval": n.interval,
+                "period": n.period,
+                "code_hash": n.code_hash,
+                "schema_compat_id": n.schema_compat_id,
+                "schema_hash": n.schema_hash,
+                "params_canon": n.params_canon() if p.action is Action.CREATE else None,
+                "tags": list(n.tags),
+                "query_tags": list(n.query_tags),
+                "compute_key": p.compute_key,
+                "buffer": p.action is Action.BUFFER,
+                "created_at": now,
+                "owner": plan.strategy_id,
+            }
+        )
         refs.append({"node_id": n.node_id, "topic": p.topic})
         if p.action is Action.CREATE and p.spec is not None:
-            queues.append({
-                "node_id": n.node_id,
-                "topic": p.topic,
-                "base": strip_namespace(p.topic, plan.namespace),
-                "namespace": plan.namespace or "",
-                "is_global": plan.namespace is None,
-                "created_at": now,
-                "tag": p.spec.topic_type.value,
-                "interval": n.interval,
-                "partitions": p.spec.partitions,
-                "replication": p.spec.replication_factor,
-                "retention_ms": p.spec.retention_ms,
-                "ttl": p.spec.retention_ms // 1000,
-                "compute_key": p.compute_key,
-            })  # fmt: skip
+            queues.append(
+                {
+                    "node_id": n.node_id,
+                    "topic": p.topic,
+                    "base": strip_namespace(p.topic, plan.namespace),
+                    "namespace": plan.namespace or "",
+                    "is_global": plan.namespace is None,
+                    "created_at": now,
+                    "tag": p.spec.topic_type.value,
+                    "interval": n.interval,
+                    "partitions": p.spec.partitions,
+                    "replication": p.spec.replication_factor,
+                    "retention_ms": p.spec.retention_ms,
+                    "ttl": p.spec.retention_ms // 1000,
+                    "compute_key": p.compute_key,
+                }
+            )
     return Rows(plan.strategy_id, nodes, queues, refs)

@@ -84,12 +84,17 @@ class MemoryGraphStore:
             key = (sentinel.sentinel_id, sentinel.version)
             s = self.sentinels.get(key)
             if s is None:
-                s = self.sentinels[key] = _Sentinel({
-                    "sentinel_id": sentinel.sentinel_id, "version": sentinel.version,
-                    "commit_hash": sentinel.commit_hash, "release_tag": sentinel.release_tag,
-                    "traffic_weight": sentinel.traffic_weight, "created_at": now,
-                    "weight_history": [],
-                })  # fmt: skip
+                s = self.sentinels[key] = _Sentinel(
+                    {
+                        "sentinel_id": sentinel.sentinel_id,
+                        "version": sentinel.version,
+                        "commit_hash": sentinel.commit_hash,
+                        "release_tag": sentinel.release_tag,
+                        "traffic_weight": sentinel.traffic_weight,
+                        "created_at": now,
+                        "weight_history": [],
+                    }
+                )
             s.has |= set(sentinel.node_ids)
 
     async def release(self, strategy_id: str) -> int:
@@ -120,12 +125,21 @@ class MemoryGraphStore:
         out = []
         for t in sorted(names):
             q = self._queues[t]
-            out.append(QueueDetail(
-                topic=t, node_id=q["node_id"], tag=q["tag"], interval=q["interval"],
-                created_at=q["created_at"], ref_count=self._ref_count(t), managed=q["managed"],
-                compute_key=q["compute_key"], partitions=q["partitions"],
-                replication=q["replication"], retention_ms=q["retention_ms"],
-            ))  # fmt: skip
+            out.append(
+                QueueDetail(
+                    topic=t,
+                    node_id=q["node_id"],
+                    tag=q["tag"],
+                    interval=q["interval"],
+                    created_at=q["created_at"],
+                    ref_count=self._ref_count(t),
+                    managed=q["managed"],
+                    compute_key=q["compute_key"],
+                    partitions=q["partitions"],
+                    replication=q["replication"],
+                    retention_ms=q["retention_ms"],
+                )
+            )
         return out
 
     async def forget_queue(self, topic: str) -> None:
@@ -143,11 +157,17 @@ class MemoryGraphStore:
         key = (sentinel_id, version)
         s = self.sentinels.get(key)
         if s is None:
-            s = self.sentinels[key] = _Sentinel({
-                "sentinel_id": sentinel_id, "version": version, "commit_hash": "",
-                "release_tag": "", "traffic_weight": None, "created_at": now,
-                "weight_history": [],
-            })  # fmt: skip
+            s = self.sentinels[key] = _Sentinel(
+                {
+                    "sentinel_id": sentinel_id,
+                    "version": version,
+                    "commit_hash": "",
+                    "release_tag": "",
+                    "traffic_weight": None,
+                    "created_at": now,
+                    "weight_history": [],
+                }
+            )
         if s.props["traffic_weight"] != weight:
             s.props["traffic_weight"] = weight
             s.props["weight_history"] = [*s.props["weight_history"], f"{now}:{weight}"]
@@ -170,8 +190,9 @@ class MemoryGraphStore:
             + sum(len(s.has) for s in self.sentinels.values())
         )
         strategies = sum(1 for k in self.node_refs if self.node_refs[k])
-        return GraphCounts(len(self.nodes), len(self._queues), len(self.sentinels), strategies,
-                           relationships)  # fmt: skip
+        return GraphCounts(
+            len(self.nodes), len(self._queues), len(self.sentinels), strategies, relationships
+        )
 
     async def close(self) -> None:
         return None

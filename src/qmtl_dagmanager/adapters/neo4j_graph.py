@@ -185,14 +185,21 @@ class Neo4jGraphStore:
         try:
             return await fn()
         except neo4j_errors.AuthError as e:
-            raise Unavailable(f"Neo4j refused the credentials ({what}): {e.message}",
-                              reason="Neo4jAuthFailed", retry_after=30.0) from e  # fmt: skip
+            raise Unavailable(
+                f"Neo4j refused the credentials ({what}): {e.message}",
+                reason="Neo4jAuthFailed",
+                retry_after=30.0,
+            ) from e
         except (neo4j_errors.ServiceUnavailable, neo4j_errors.SessionExpired, OSError) as e:
-            raise Unavailable(f"Neo4j is unreachable ({what}): {e}",
-                              reason="Neo4jUnavailable") from e  # fmt: skip
+            raise Unavailable(
+                f"Neo4j is unreachable ({what}): {e}", reason="Neo4jUnavailable"
+            ) from e
         except neo4j_errors.TransientError as e:
-            raise Unavailable(f"Neo4j transient failure ({what}): {e.message}",
-                              reason="Neo4jTransient", retry_after=1.0) from e  # fmt: skip
+            raise Unavailable(
+                f"Neo4j transient failure ({what}): {e.message}",
+                reason="Neo4jTransient",
+                retry_after=1.0,
+            ) from e
         except neo4j_errors.ConstraintError as e:
             raise Conflict(f"graph constraint violated ({what}): {e.message}") from e
         except neo4j_errors.ClientError as e:
@@ -226,14 +233,18 @@ class Neo4jGraphStore:
         return bool(rows) and rows[0]["one"] == 1
 
     def schema_statements(self) -> list[str]:
-        return [f"CREATE CONSTRAINT {name} IF NOT EXISTS {body}" for name, body in
-                CONSTRAINTS.items()] + [f"CREATE INDEX {name} IF NOT EXISTS {body}" for name, body
-                                        in INDEXES.items()]  # fmt: skip
+        return [
+            f"CREATE CONSTRAINT {name} IF NOT EXISTS {body}" for name, body in CONSTRAINTS.items()
+        ] + [f"CREATE INDEX {name} IF NOT EXISTS {body}" for name, body in INDEXES.items()]
 
     async def init_schema(self) -> None:
         for stmt in self.schema_statements():
-            await self._call("schema init", lambda s=stmt: self._driver.execute_query(  # type: ignore[misc]
-                s, database_=self._db))  # fmt: skip
+            await self._call(
+                "schema init",
+                lambda s=stmt: self._driver.execute_query(  # type: ignore[misc]
+                    s, database_=self._db
+                ),
+            )
         log.info("neo4j schema ready: %d constraints, %d indexes", len(CONSTRAINTS), len(INDEXES))
 
     async def rollback_schema(self) -> None:
@@ -241,8 +252,12 @@ class Neo4jGraphStore:
             f"DROP INDEX {n} IF EXISTS" for n in INDEXES
         ]
         for stmt in stmts:
-            await self._call("schema rollback", lambda s=stmt: self._driver.execute_query(  # type: ignore[misc]
-                s, database_=self._db))  # fmt: skip
+            await self._call(
+                "schema rollback",
+                lambda s=stmt: self._driver.execute_query(  # type: ignore[misc]
+                    s, database_=self._db
+                ),
+            )
         log.info("neo4j schema rolled back")
 
     async def read(self, node_ids: Sequence[NodeId], topics: Sequence[str]) -> GraphRead:
@@ -250,9 +265,11 @@ class Neo4jGraphStore:
         records: dict[NodeId, NodeRecord] = {}
         for nid, schema_hash, compat, queues in rows[0]["nodes"]:
             records[nid] = NodeRecord(
-                nid, schema_hash, compat,
+                nid,
+                schema_hash,
+                compat,
                 tuple(QueueRecord(t, ck) for t, ck in queues if t is not None),
-            )  # fmt: skip
+            )
         owners = {t: NodeId(o) for t, o in rows[0]["owners"]}
         return GraphRead(records, owners)
 
@@ -269,16 +286,28 @@ class Neo4jGraphStore:
             shared = [rec["shared"] async for rec in res]
             if shared and shared[0]:
                 raise Conflict(f"queues already emitted by another node: {shared[0][:5]}")
-            await (await t.run(
-                SET_REFS, sid=r.strategy_id, refs=r.refs,
-                node_ids=[x["node_id"] for x in r.refs], topics=[x["topic"] for x in r.refs],
-            )).consume()  # fmt: skip
+            await (
+                await t.run(
+                    SET_REFS,
+                    sid=r.strategy_id,
+                    refs=r.refs,
+                    node_ids=[x["node_id"] for x in r.refs],
+                    topics=[x["topic"] for x in r.refs],
+                )
+            ).consume()
             if sentinel is not None:
-                await (await t.run(
-                    MERGE_SENTINEL, sid=sentinel.sentinel_id, version=sentinel.version,
-                    now=now, commit_hash=sentinel.commit_hash, release_tag=sentinel.release_tag,
-                    weight=sentinel.traffic_weight, ids=list(sentinel.node_ids),
-                )).consume()  # fmt: skip
+                await (
+                    await t.run(
+                        MERGE_SENTINEL,
+                        sid=sentinel.sentinel_id,
+                        version=sentinel.version,
+                        now=now,
+                        commit_hash=sentinel.commit_hash,
+                        release_tag=sentinel.release_tag,
+                        weight=sentinel.traffic_weight,
+                        ids=list(sentinel.node_ids),
+                    )
+                ).consume()
 
         await self._write("plan write", tx)
 
@@ -295,27 +324,34 @@ class Neo4jGraphStore:
         if not tags:
             return []
         mode = "all" if match_mode == "all" else "any"
-        rows = await self._read("tag query", BY_TAGS, tags=list(tags), interval=interval,
-                                mode=mode)  # fmt: skip
+        rows = await self._read("tag query", BY_TAGS, tags=list(tags), interval=interval, mode=mode)
         out: dict[str, bool] = {}
         for row in rows:
             out[row["topic"]] = out.get(row["topic"], False) or bool(row["is_global"])
         return [QueueRef(t, g) for t, g in sorted(out.items())]
 
     async def queues(self, topics: Sequence[str] | None = None) -> list[QueueDetail]:
-        rows = await self._read("queue listing", QUEUES,
-                                topics=None if topics is None else list(topics))  # fmt: skip
+        rows = await self._read(
+            "queue listing", QUEUES, topics=None if topics is None else list(topics)
+        )
         out = []
         for row in rows:
             q = row["q"]
-            out.append(QueueDetail(
-                topic=q["topic"], node_id=row["node_id"], tag=q.get("tag", ""),
-                interval=int(q.get("interval") or 0), created_at=float(q.get("created_at") or 0),
-                ref_count=int(row["refs"]), managed=bool(q.get("managed", True)),
-                compute_key=q.get("compute_key", ""), partitions=int(q.get("partitions") or 0),
-                replication=int(q.get("replication") or 0),
-                retention_ms=int(q.get("retention_ms") or 0),
-            ))  # fmt: skip
+            out.append(
+                QueueDetail(
+                    topic=q["topic"],
+                    node_id=row["node_id"],
+                    tag=q.get("tag", ""),
+                    interval=int(q.get("interval") or 0),
+                    created_at=float(q.get("created_at") or 0),
+                    ref_count=int(row["refs"]),
+                    managed=bool(q.get("managed", True)),
+                    compute_key=q.get("compute_key", ""),
+                    partitions=int(q.get("partitions") or 0),
+                    replication=int(q.get("replication") or 0),
+                    retention_ms=int(q.get("retention_ms") or 0),
+                )
+            )
         return out
 
     async def forget_queue(self, topic: str) -> None:
@@ -326,8 +362,12 @@ class Neo4jGraphStore:
 
     async def set_unmanaged(self, topics: Sequence[str]) -> None:
         async def tx(t: neo4j.AsyncManagedTransaction) -> None:
-            await (await t.run("UNWIND $topics AS t MATCH (q:Queue {topic: t}) "
-                               "SET q.managed = false", topics=list(topics))).consume()  # fmt: skip
+            await (
+                await t.run(
+                    "UNWIND $topics AS t MATCH (q:Queue {topic: t}) SET q.managed = false",
+                    topics=list(topics),
+                )
+            ).consume()
 
         await self._write("mark unmanaged", tx)
 
@@ -335,8 +375,9 @@ class Neo4jGraphStore:
         self, sentinel_id: str, version: str, weight: float, now: float
     ) -> None:
         async def tx(t: neo4j.AsyncManagedTransaction) -> None:
-            await (await t.run(SET_WEIGHT, sid=sentinel_id, version=version, weight=weight,
-                               now=now)).consume()  # fmt: skip
+            await (
+                await t.run(SET_WEIGHT, sid=sentinel_id, version=version, weight=weight, now=now)
+            ).consume()
 
         await self._write("sentinel weight", tx)
 
@@ -344,22 +385,25 @@ class Neo4jGraphStore:
         rows = await self._read(
             "sentinel weights",
             "MATCH (v:VersionSentinel {sentinel_id: $sid}) WHERE v.traffic_weight IS NOT NULL "
-            "RETURN v.version AS version, v.traffic_weight AS weight", sid=sentinel_id,
-        )  # fmt: skip
+            "RETURN v.version AS version, v.traffic_weight AS weight",
+            sid=sentinel_id,
+        )
         return {r["version"]: float(r["weight"]) for r in rows}
 
     async def strategy_nodes(self, strategy_id: str) -> set[NodeId]:
         rows = await self._read(
             "strategy nodes",
             "MATCH (n:ComputeNode)-[:USED_BY]->(:Strategy {strategy_id: $sid}) "
-            "RETURN n.node_id AS id", sid=strategy_id,
-        )  # fmt: skip
+            "RETURN n.node_id AS id",
+            sid=strategy_id,
+        )
         return {NodeId(r["id"]) for r in rows}
 
     async def counts(self) -> GraphCounts:
         row = (await self._read("counts", COUNTS))[0]
-        return GraphCounts(row["nodes"], row["queues"], row["sentinels"], row["strategies"],
-                           row["rels"])  # fmt: skip
+        return GraphCounts(
+            row["nodes"], row["queues"], row["sentinels"], row["strategies"], row["rels"]
+        )
 
     async def close(self) -> None:
         await self._driver.close()

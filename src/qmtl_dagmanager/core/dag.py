@@ -127,15 +127,17 @@ def _required(obj: Mapping[str, Any], key: str, where: str) -> str:
 
 def _tags(value: Any, where: str, limits: Limits) -> tuple[str, ...]:
     if value is not None and not isinstance(value, list | str):
-        raise _fail(f"expected a list of strings, got {type(value).__name__}", "InvalidField",
-                    where, "tags")  # fmt: skip
+        raise _fail(
+            f"expected a list of strings, got {type(value).__name__}", "InvalidField", where, "tags"
+        )
     tags = identity.split_tags(value)
     if len(tags) > limits.max_tags:
         raise _fail(f"{len(tags)} tags, at most {limits.max_tags}", "TooManyTags", where, "tags")
     for t in tags:
         if len(t) > MAX_TEXT:
-            raise _fail(f"a tag is longer than {MAX_TEXT} characters", "FieldTooLong", where,
-                        "tags")  # fmt: skip
+            raise _fail(
+                f"a tag is longer than {MAX_TEXT} characters", "FieldTooLong", where, "tags"
+            )
     return tuple(tags)
 
 
@@ -150,15 +152,19 @@ def _version_of(obj: Mapping[str, Any]) -> str:
 def decode(dag_json: str | bytes, limits: Limits = Limits()) -> dict[str, Any]:
     size = len(dag_json)
     if size > limits.max_bytes:
-        raise _fail(f"dag_json is {size} bytes, the limit is {limits.max_bytes}", "DagTooLarge",
-                    fld="dag_json")  # fmt: skip
+        raise _fail(
+            f"dag_json is {size} bytes, the limit is {limits.max_bytes}",
+            "DagTooLarge",
+            fld="dag_json",
+        )
     try:
         doc = orjson.loads(dag_json)
     except orjson.JSONDecodeError as e:
         raise _fail(f"malformed JSON: {e}", "InvalidJson", fld="dag_json") from None
     if not isinstance(doc, dict):
-        raise _fail(f"expected a JSON object, got {type(doc).__name__}", "InvalidJson",
-                    fld="dag_json")  # fmt: skip
+        raise _fail(
+            f"expected a JSON object, got {type(doc).__name__}", "InvalidJson", fld="dag_json"
+        )
     return doc
 
 
@@ -172,14 +178,18 @@ def from_document(
 ) -> Dag:
     schema_version = doc.get("schema_version", "v1")
     if str(schema_version).strip() not in SCHEMA_VERSIONS:
-        raise _fail(f"unsupported schema_version {schema_version!r} (supported: v1, 1, 1.0)",
-                    "UnsupportedSchemaVersion", fld="schema_version")  # fmt: skip
+        raise _fail(
+            f"unsupported schema_version {schema_version!r} (supported: v1, 1, 1.0)",
+            "UnsupportedSchemaVersion",
+            fld="schema_version",
+        )
     raw_nodes = doc.get("nodes")
     if not isinstance(raw_nodes, list):
         raise _fail("required: a list of node objects", "MissingField", fld="nodes")
     if len(raw_nodes) > limits.max_nodes:
-        raise _fail(f"{len(raw_nodes)} nodes, the limit is {limits.max_nodes}", "DagTooLarge",
-                    fld="nodes")  # fmt: skip
+        raise _fail(
+            f"{len(raw_nodes)} nodes, the limit is {limits.max_nodes}", "DagTooLarge", fld="nodes"
+        )
     meta = doc.get("meta")
     if meta is None:
         meta = {}
@@ -191,11 +201,16 @@ def from_document(
     for n in nodes:
         for dep in n.inputs:
             if type(dep) is not str:
-                raise _fail(f"expected node id strings, got {type(dep).__name__}",
-                            "InvalidField", n.node_id, "inputs")  # fmt: skip
+                raise _fail(
+                    f"expected node id strings, got {type(dep).__name__}",
+                    "InvalidField",
+                    n.node_id,
+                    "inputs",
+                )
             if dep not in known:
-                raise _fail(f"names {dep}, which is not in the DAG", "UnknownInput", n.node_id,
-                            "inputs")  # fmt: skip
+                raise _fail(
+                    f"names {dep}, which is not in the DAG", "UnknownInput", n.node_id, "inputs"
+                )
 
     version_label = (
         (sentinels[0].version if sentinels else "") or _version_of(doc) or _version_of(meta)
@@ -207,9 +222,10 @@ def from_document(
     except topics.NamespaceError as e:
         raise _fail(str(e), "InvalidField", fld="meta.topic_namespace") from None
     layers = tuple(
-        layer for layer in (doc.get("compute_context"), meta.get("compute_context"))
+        layer
+        for layer in (doc.get("compute_context"), meta.get("compute_context"))
         if isinstance(layer, dict)
-    )  # fmt: skip
+    )
     return Dag(
         schema_version=str(schema_version),
         nodes=tuple(nodes),
@@ -234,14 +250,19 @@ def _read_nodes(
     for index, raw in enumerate(raw_nodes):
         if not isinstance(raw, dict):
             submitted_ids.append(None)
-            raise _fail(f"expected an object, got {type(raw).__name__}", "InvalidField",
-                        f"#{index}")  # fmt: skip
+            raise _fail(
+                f"expected an object, got {type(raw).__name__}", "InvalidField", f"#{index}"
+            )
         nid_raw = raw.get("node_id")
         submitted_ids.append(nid_raw)
         where = nid_raw if isinstance(nid_raw, str) and len(nid_raw) < 100 else f"#{index}"
         if not isinstance(nid_raw, str) or not _NODE_ID.fullmatch(nid_raw):
-            raise _fail("must be 'blake3:' followed by 64 lowercase hex digits", "InvalidNodeId",
-                        where, "node_id")  # fmt: skip
+            raise _fail(
+                "must be 'blake3:' followed by 64 lowercase hex digits",
+                "InvalidNodeId",
+                where,
+                "node_id",
+            )
         nid = NodeId(nid_raw)
         previous = seen.get(nid)
         if previous is not None:
@@ -323,12 +344,20 @@ def _node(
         compat = _text(raw, "schema_compat_id", where).strip()
         alias_text = _text(raw, "schema_id", where).strip()
         if compat and alias_text and compat != alias_text:
-            raise _fail(f"schema_compat_id {compat!r} and its alias schema_id {alias_text!r} "
-                        "differ", "SchemaIdConflict", where, "schema_compat_id")  # fmt: skip
+            raise _fail(
+                f"schema_compat_id {compat!r} and its alias schema_id {alias_text!r} differ",
+                "SchemaIdConflict",
+                where,
+                "schema_compat_id",
+            )
         compat = compat or alias_text
         if not compat:
-            raise _fail("required and missing or empty (schema_id is accepted as an alias)",
-                        "MissingField", where, "schema_compat_id")  # fmt: skip
+            raise _fail(
+                "required and missing or empty (schema_id is accepted as an alias)",
+                "MissingField",
+                where,
+                "schema_compat_id",
+            )
     interval = _int_field(raw, "interval", where)
     period = _int_field(raw, "period", where)
     bucket = _int_field(raw, "bucket", where)
@@ -350,11 +379,16 @@ def _node(
         except identity.IdentityError as e:
             raise _fail(str(e), "InvalidField", where, e.field) from None
         if not query_tags:
-            raise _fail("a TagQueryNode needs query tags (params.query_tags, params.tags or tags)",
-                        "InvalidTagQuery", where, "tags")  # fmt: skip
+            raise _fail(
+                "a TagQueryNode needs query tags (params.query_tags, params.tags or tags)",
+                "InvalidTagQuery",
+                where,
+                "tags",
+            )
         if q_interval <= 0:
-            raise _fail("a TagQueryNode needs a positive interval", "InvalidTagQuery", where,
-                        "interval")  # fmt: skip
+            raise _fail(
+                "a TagQueryNode needs a positive interval", "InvalidTagQuery", where, "interval"
+            )
         interval = q_interval
     if verify:
         try:
@@ -364,8 +398,12 @@ def _node(
                 f"cannot compute the NodeID: {e}", "InvalidField", where, "params"
             ) from None
         if expected != nid:
-            raise _fail(f"does not match its contents (expected {expected})", "NodeIdMismatch",
-                        where, "node_id")  # fmt: skip
+            raise _fail(
+                f"does not match its contents (expected {expected})",
+                "NodeIdMismatch",
+                where,
+                "node_id",
+            )
     name = raw.get("name")
     config_hash = raw.get("config_hash")
     return Node(
@@ -427,9 +465,8 @@ def _find_cycle(
         on_path[i] = len(path)
         path.append(i)
         i = next(
-            position[d] for d in nodes[i].inputs
-            if d in position and indegree[position[d]] > 0
-        )  # fmt: skip
+            position[d] for d in nodes[i].inputs if d in position and indegree[position[d]] > 0
+        )
     cycle = path[on_path[i] :]
     cycle.reverse()  # upstream walk → report in data-flow order
     ids = [nodes[k].node_id for k in cycle]

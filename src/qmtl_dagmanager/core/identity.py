@@ -22,11 +22,24 @@ UNIT_SEPARATOR = "\x1f"
 
 # Keys dropped from params at every depth (compared lower-cased): they describe the context a
 # node runs in, or are nondeterministic, and must not change its identity.
-CONTEXT_KEYS = frozenset({
-    "world", "world_id", "world_ids", "execution_world", "execution_domain", "domain",
-    "domains", "as_of", "partition", "dataset_fingerprint", "timestamp", "seed",
-    "random_state", "env",
-})  # fmt: skip
+CONTEXT_KEYS = frozenset(
+    {
+        "world",
+        "world_id",
+        "world_ids",
+        "execution_world",
+        "execution_domain",
+        "domain",
+        "domains",
+        "as_of",
+        "partition",
+        "dataset_fingerprint",
+        "timestamp",
+        "seed",
+        "random_state",
+        "env",
+    }
+)
 
 
 class IdentityError(ValueError):
@@ -151,15 +164,17 @@ def schema_compat_id(node: Mapping[str, Any]) -> str:
 
 
 def preimage(node: Mapping[str, Any]) -> str:
-    return "|".join((
-        str(node.get("node_type")),
-        str(as_int(node.get("interval"), "interval")),
-        str(as_int(node.get("period"), "period")),
-        params_blob(node),
-        ",".join(sorted(dependency_ids(node))),
-        schema_compat_id(node),
-        str(node.get("code_hash")),
-    ))  # fmt: skip
+    return "|".join(
+        (
+            str(node.get("node_type")),
+            str(as_int(node.get("interval"), "interval")),
+            str(as_int(node.get("period"), "period")),
+            params_blob(node),
+            ",".join(sorted(dependency_ids(node))),
+            schema_compat_id(node),
+            str(node.get("code_hash")),
+        )
+    )
 
 
 def node_id(node: Mapping[str, Any]) -> NodeId:

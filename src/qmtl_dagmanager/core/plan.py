@@ -187,8 +187,9 @@ def plan(
                     break
         if rec is not None and own is not None:
             if rec.schema_hash != node.schema_hash:
-                planned.append(NodePlan(node, Action.BUFFER, TopicName(own), ck, None,
-                                        rec.schema_hash))  # fmt: skip
+                planned.append(
+                    NodePlan(node, Action.BUFFER, TopicName(own), ck, None, rec.schema_hash)
+                )
                 buffers.append(Buffer(node, node.period))
                 buffered += 1
             else:

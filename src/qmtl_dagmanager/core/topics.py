@@ -49,9 +49,11 @@ class TopicSpec:
 
 def _spec(kind: TopicType, partitions: int, replication: int, days: int) -> TopicSpec:
     return TopicSpec(
-        kind, partitions, replication,
+        kind,
+        partitions,
+        replication,
         (("cleanup.policy", "delete"), ("retention.ms", str(days * DAY_MS))),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +73,14 @@ class TopicCatalog:
 
     def capped(self, max_replication: int) -> TopicCatalog:
         """The same catalog with replication limited to what the cluster has (e.g. 1 broker)."""
-        return TopicCatalog({
-            k: TopicSpec(v.topic_type, v.partitions, min(v.replication_factor, max_replication),
-                         v.config)
-            for k, v in self.specs.items()
-        })  # fmt: skip
+        return TopicCatalog(
+            {
+                k: TopicSpec(
+                    v.topic_type, v.partitions, min(v.replication_factor, max_replication), v.config
+                )
+                for k, v in self.specs.items()
+            }
+        )
 
 
 def topic_type(node_type: str) -> TopicType:
@@ -145,8 +150,9 @@ class Namer:
         self._ns = ns
         self._stems: dict[tuple[str, str], str] = {}
 
-    def name(self, tags: tuple[str, ...], node_type: str, digest: str,
-             hash_len: int = SHORT_HASH) -> TopicName:  # fmt: skip
+    def name(
+        self, tags: tuple[str, ...], node_type: str, digest: str, hash_len: int = SHORT_HASH
+    ) -> TopicName:
         first = tags[0] if tags and tags[0] else next((t for t in tags if t), "")
         stem = self._stems.get((first, node_type))
         if stem is None:

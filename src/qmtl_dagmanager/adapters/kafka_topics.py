@@ -1,0 +1,246 @@
+"""The Kafka topic admin (confluent-kafka AdminClient).
+
+`ensure` creates many topics in one batched request with one result per topic. Each topic goes
+CREATE → VERIFY (describe partitions, replication, retention, cleanup policy) → WAIT (until the
+metadata shows it) → BACKOFF (0.5 s doubling to 4 s, 5 attempts) on retriable errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka.admin import (
+    AdminClient,
+    ClusterMetadata,
+    ConfigResource,
+    NewTopic,
+    OffsetSpec,
+    ResourceType,
+)
+
+from qmtl_dagmanager.adapters import topic_rules
+from qmtl_dagmanager.adapters.topic_rules import Profile
+from qmtl_dagmanager.core.errors import Unavailable
+from qmtl_dagmanager.core.topics import TopicSpec
+from qmtl_dagmanager.ports import TopicResult, TopicState, TopicStatus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 4.0
+ATTEMPTS = 5
+
+
+def _error(e: BaseException) -> KafkaError | None:
+    if isinstance(e, KafkaException) and e.args and isinstance(e.args[0], KafkaError):
+        return e.args[0]
+    return None
+
+
+class KafkaTopicAdmin:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        profile: Profile = Profile.DEVELOPMENT,
+        timeout: float = 10.0,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._timeout = timeout
+        self._profile = profile
+        self._admin = AdminClient(
+            {
+                "bootstrap.servers": bootstrap,
+                "socket.connection.setup.timeout.ms": int(timeout * 1000),
+                **(extra or {}),
+            }
+        )
+
+    async def _wait(self, fut: Future[T]) -> T:
+        return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout)
+
+    async def _metadata(self) -> ClusterMetadata:
+        try:
+            return await asyncio.to_thread(self._admin.list_topics, timeout=self._timeout)
+        except KafkaException as e:
+            raise Unavailable(f"Kafka is unreachable: {e}", reason="KafkaUnavailable") from e
+
+    async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+        if not topics:
+            return {}
+        md = await self._metadata()
+        brokers = len(md.brokers)
+        existing = set(md.topics)
+        results: dict[str, TopicResult] = {}
+        clashes = topic_rules.collisions(topics, existing)
+        specs: dict[str, TopicSpec] = {}
+        for name, wanted in topics.items():
+            if name in clashes:
+                results[name] = TopicResult(
+                    name, TopicStatus.COLLISION, f"collides with existing topic {clashes[name]}"
+                )
+                continue
+            spec, why = topic_rules.effective_spec(name, wanted, brokers, self._profile)
+            if spec is None:
+                results[name] = TopicResult(name, TopicStatus.FAILED, why)
+                continue
+            specs[name] = spec
+        verify = [n for n in specs if n in existing]
+        create = [n for n in specs if n not in existing]
+        attempts = dict.fromkeys(create, 0)
+        delay = BACKOFF_START
+        while create:
+            retry: list[str] = []
+            futures = self._admin.create_topics(
+                [
+                    NewTopic(
+                        n,
+                        num_partitions=specs[n].partitions,
+                        replication_factor=specs[n].replication_factor,
+                        config=dict(specs[n].config),
+                    )
+                    for n in create
+                ],
+                operation_timeout=self._timeout,
+                request_timeout=self._timeout,
+            )
+            for name, fut in futures.items():
+                attempts[name] += 1
+                try:
+                    await self._wait(fut)
+                except (KafkaException, TimeoutError) as e:
+                    err = _error(e)
+                    if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                        verify.append(name)  # created concurrently, or metadata was stale
+                    elif (err is None or err.retriable()) and attempts[name] < ATTEMPTS:
+                        retry.append(name)
+                    else:
+                        results[name] = TopicResult(
+                            name, TopicStatus.FAILED, str(err or e), attempts[name]
+                        )
+                    continue
+                results[name] = TopicResult(name, TopicStatus.CREATED, "", attempts[name])
+            if retry:
+                log.warning("retrying creation of %d topic(s) in %.1f s", len(retry), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+            create = retry
+        created = [n for n, r in results.items() if r.status is TopicStatus.CREATED]
+        await self._wait_visible(created)
+        if verify:
+            states = await self.describe(verify)
+            for name in verify:
+                state = states.get(name)
+                if state is None:
+                    results[name] = TopicResult(
+                        name, TopicStatus.FAILED, "reported as existing but cannot be described"
+                    )
+                    continue
+                diffs = topic_rules.differences(specs[name], state)
+                results[name] = (
+                    TopicResult(
+                        name,
+                        TopicStatus.CONFLICT,
+                        "exists with another configuration: " + "; ".join(diffs),
+                    )
+                    if diffs
+                    else TopicResult(name, TopicStatus.EXISTS)
+                )
+        return results
+
+    async def _wait_visible(self, names: list[str]) -> None:
+        """WAIT: until the broker's metadata lists every created topic (bounded)."""
+        pending = set(names)
+        delay = 0.05
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        while pending and asyncio.get_running_loop().time() < deadline:
+            md = await self._metadata()
+            pending -= {t for t in pending if t in md.topics and not md.topics[t].error}
+            if pending:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def describe(self, topics: Sequence[str]) -> dict[str, TopicState]:
+        if not topics:
+            return {}
+        out: dict[str, TopicState] = {}
+        descs = self._admin.describe_topics(
+            TopicCollection(list(topics)), request_timeout=self._timeout
+        )
+        found: dict[str, tuple[int, int]] = {}
+        for name, fut in descs.items():
+            try:
+                d = await self._wait(fut)
+            except KafkaException as e:
+                err = _error(e)
+                if err is not None and err.code() in (
+                    KafkaError.UNKNOWN_TOPIC_OR_PART,
+                    KafkaError._UNKNOWN_TOPIC,
+                ):
+                    continue
+                raise Unavailable(f"describing {name}: {e}", reason="KafkaUnavailable") from e
+            rf = len(d.partitions[0].replicas) if d.partitions else 0
+            found[name] = (len(d.partitions), rf)
+        if not found:
+            return out
+        resources = [ConfigResource(ResourceType.TOPIC, n) for n in found]
+        configs = self._admin.describe_configs(resources, request_timeout=self._timeout)
+        for res, fut in configs.items():
+            entries = await self._wait(fut)
+            partitions, rf = found[res.name]
+            out[res.name] = TopicState(
+                res.name, partitions, rf, {k: str(v.value) for k, v in entries.items()}
+            )
+        return out
+
+    async def list_topics(self) -> set[str]:
+        return set((await self._metadata()).topics)
+
+    async def delete(self, topics: Sequence[str]) -> dict[str, str | None]:
+        if not topics:
+            return {}
+        out: dict[str, str | None] = {}
+        futures = self._admin.delete_topics(
+            list(topics), operation_timeout=self._timeout, request_timeout=self._timeout
+        )
+        for name, fut in futures.items():
+            try:
+                await self._wait(fut)
+                out[name] = None
+            except KafkaException as e:
+                err = _error(e)
+                missing = err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+                out[name] = None if missing else str(err or e)
+        return out
+
+    async def message_counts(self, topics: Sequence[str]) -> dict[str, int]:
+        md = await self._metadata()
+        parts = [
+            TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions
+        ]
+        if not parts:
+            return {}
+        lows = self._admin.list_offsets(
+            {tp: OffsetSpec.earliest() for tp in parts}, request_timeout=self._timeout
+        )
+        highs = self._admin.list_offsets(
+            {tp: OffsetSpec.latest() for tp in parts}, request_timeout=self._timeout
+        )
+        counts = {t: 0 for t in topics if t in md.topics}
+        for tp in parts:
+            low = await self._wait(lows[tp])
+            high = await self._wait(highs[tp])
+            counts[tp.topic] += max(0, high.offset - low.offset)
+        return counts
+
+    async def broker_count(self) -> int:
+        return len((await self._metadata()).brokers)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,74 @@
+"""The embedded topic admin: the Kafka admin's semantics, in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from qmtl_dagmanager.adapters import topic_rules
+from qmtl_dagmanager.adapters.topic_rules import Profile
+from qmtl_dagmanager.core.topics import TopicSpec
+from qmtl_dagmanager.ports import TopicResult, TopicState, TopicStatus
+
+
+class MemoryTopicAdmin:
+    def __init__(self, brokers: int = 1, profile: Profile = Profile.DEVELOPMENT) -> None:
+        self.topics: dict[str, TopicState] = {}
+        self.messages: dict[str, int] = {}
+        self.brokers = brokers
+        self.profile = profile
+        self.create_requests = 0  # batched create calls, for tests
+
+    async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+        results: dict[str, TopicResult] = {}
+        clashes = topic_rules.collisions(topics, self.topics)
+        to_create: dict[str, TopicSpec] = {}
+        for name, wanted in topics.items():
+            if name in clashes:
+                results[name] = TopicResult(
+                    name, TopicStatus.COLLISION, f"collides with existing topic {clashes[name]}"
+                )
+                continue
+            spec, why = topic_rules.effective_spec(name, wanted, self.brokers, self.profile)
+            if spec is None:
+                results[name] = TopicResult(name, TopicStatus.FAILED, why)
+                continue
+            state = self.topics.get(name)
+            if state is None:
+                to_create[name] = spec
+                continue
+            diffs = topic_rules.differences(spec, state)
+            results[name] = (
+                TopicResult(name, TopicStatus.CONFLICT, "; ".join(diffs))
+                if diffs
+                else TopicResult(name, TopicStatus.EXISTS)
+            )
+        if to_create:
+            self.create_requests += 1
+        for name, spec in to_create.items():
+            self.topics[name] = TopicState(
+                name, spec.partitions, spec.replication_factor, dict(spec.config)
+            )
+            self.messages.setdefault(name, 0)
+            results[name] = TopicResult(name, TopicStatus.CREATED)
+        return results
+
+    async def describe(self, topics: Sequence[str]) -> dict[str, TopicState]:
+        return {t: self.topics[t] for t in topics if t in self.topics}
+
+    async def list_topics(self) -> set[str]:
+        return set(self.topics)
+
+    async def delete(self, topics: Sequence[str]) -> dict[str, str | None]:
+        for t in topics:
+            self.topics.pop(t, None)
+            self.messages.pop(t, None)
+        return dict.fromkeys(topics)
+
+    async def message_counts(self, topics: Sequence[str]) -> dict[str, int]:
+        return {t: self.messages.get(t, 0) for t in topics if t in self.topics}
+
+    async def broker_count(self) -> int:
+        return self.brokers
+
+    async def close(self) -> None:
+        return None

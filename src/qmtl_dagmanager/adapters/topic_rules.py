@@ -1,0 +1,74 @@
+"""Rules both topic admins (Kafka and its twin) apply identically: replication against the
+brokers available, name collisions, and whether an existing topic matches its spec."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+
+from qmtl_dagmanager.core.topics import TopicSpec
+from qmtl_dagmanager.ports import TopicState
+
+log = logging.getLogger(__name__)
+COMPARED_CONFIGS = ("retention.ms", "cleanup.policy")
+
+
+class Profile(StrEnum):
+    DEVELOPMENT = "development"  # cap replication at the broker count, with a warning
+    PRODUCTION = "production"  # refuse a replication factor the cluster cannot hold
+
+
+def collision_key(name: str) -> str:
+    """Kafka's metric names treat `.` and `_` alike; people treat case alike."""
+    return name.lower().replace(".", "_")
+
+
+def collisions(wanted: Iterable[str], existing: Iterable[str]) -> dict[str, str]:
+    """wanted name → the existing (or earlier wanted) name it collides with."""
+    seen: dict[str, str] = {}
+    for name in existing:
+        seen.setdefault(collision_key(name), name)
+    out: dict[str, str] = {}
+    for name in wanted:
+        key = collision_key(name)
+        other = seen.get(key)
+        if other is not None and other != name:
+            out[name] = other
+        else:
+            seen[key] = name
+    return out
+
+
+def effective_spec(
+    name: str, spec: TopicSpec, brokers: int, profile: Profile
+) -> tuple[TopicSpec | None, str]:
+    """The spec to create under the profile, or None and the reason it cannot be."""
+    if spec.replication_factor <= brokers:
+        return spec, ""
+    if profile is Profile.PRODUCTION:
+        return None, (
+            f"replication factor {spec.replication_factor} for {name} exceeds the {brokers} "
+            "available broker(s) (production profile refuses to cap it)"
+        )
+    log.warning(
+        "topic %s: replication factor %d capped to %d broker(s) (development profile)",
+        name,
+        spec.replication_factor,
+        brokers,
+    )
+    return TopicSpec(spec.topic_type, spec.partitions, max(brokers, 1), spec.config), ""
+
+
+def differences(spec: TopicSpec, state: TopicState) -> list[str]:
+    """What differs between the spec and the topic as it exists (empty: the same)."""
+    diffs = []
+    if state.partitions != spec.partitions:
+        diffs.append(f"partitions {state.partitions} != {spec.partitions}")
+    if state.replication_factor != spec.replication_factor:
+        diffs.append(f"replication {state.replication_factor} != {spec.replication_factor}")
+    want: Mapping[str, str] = dict(spec.config)
+    for key in COMPARED_CONFIGS:
+        if key in want and state.config.get(key) != want[key]:
+            diffs.append(f"{key} {state.config.get(key)} != {want[key]}")
+    return diffs
