@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import neo4j
 import pytest
 
+from qmtl_dagmanager.adapters.kafka_events import KafkaEventBus, read_events
 from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
+from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
-from qmtl_dagmanager.ports import GraphStore, TopicAdmin
+from qmtl_dagmanager.ports import EventBus, GraphStore, Published, TopicAdmin
+from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, EventTopics
 from tests.conftest import Stack
 
 REAL = pytest.mark.integration
@@ -45,3 +50,32 @@ async def topic_admin(request: pytest.FixtureRequest) -> AsyncIterator[TopicAdmi
     yield real
     leftovers = sorted((await real.list_topics()) - before)
     await real.delete(leftovers)
+
+
+@dataclass
+class Events:
+    """An event bus and a way to read back what reached it."""
+
+    bus: EventBus
+    read: Callable[[str], list[Published]]
+    topics: EventTopics
+
+
+@pytest.fixture(params=["memory", pytest.param("kafka", marks=REAL)])
+async def events(request: pytest.FixtureRequest) -> AsyncIterator[Events]:
+    if request.param == "memory":
+        mem = MemoryEventBus()
+        yield Events(mem, mem.read, EventTopics())
+        return
+    stack: Stack = request.getfixturevalue("stack")
+    run = uuid.uuid4().hex[:6]
+    topics = EventTopics(queue=f"queue-{run}", sentinel_weight=f"sentinel_weight-{run}")
+    admin = KafkaTopicAdmin(stack.kafka_bootstrap)
+    made = await admin.ensure(
+        {topics.queue: EVENT_TOPIC_SPEC, topics.sentinel_weight: EVENT_TOPIC_SPEC}
+    )
+    assert all(r.ok for r in made.values()), made
+    bus = KafkaEventBus(stack.kafka_bootstrap)
+    yield Events(bus, lambda t: read_events(stack.kafka_bootstrap, t), topics)
+    await bus.close()
+    await admin.delete([topics.queue, topics.sentinel_weight])
