@@ -49,6 +49,8 @@ test: $(STAMP) ## lint, then unit and integration tests against the real local s
 
 bench: $(STAMP) ## benchmarks of the real code paths (figures go to README: Performance)
 	$(PY) bench/core_bench.py
+	$(STACK) status >/dev/null 2>&1 || $(STACK) up
+	$(PY) bench/adapters_bench.py
 
 run: $(STAMP) ## the main job: bring the stack up and print how to reach each server
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up

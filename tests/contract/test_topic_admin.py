@@ -28,7 +28,9 @@ async def test_batch_create_then_exists_is_success(topic_admin: TopicAdmin) -> N
     assert {r.status for r in first.values()} == {TopicStatus.CREATED}
     assert set(first) == set(wanted)
     assert set(wanted) <= await topic_admin.list_topics()
+    before = await topic_admin.list_topics()
     again = await topic_admin.ensure(wanted)
+    assert await topic_admin.list_topics() == before
     assert {r.status for r in again.values()} == {TopicStatus.EXISTS}
     assert all(r.ok for r in again.values())
     states = await topic_admin.describe(list(wanted))

@@ -13,7 +13,7 @@ from qmtl_dagmanager.core.topics import strip_namespace
 @dataclass(frozen=True, slots=True)
 class Rows:
     strategy_id: str
-    nodes: list[dict[str, Any]]  # every node of the plan
+    nodes: list[dict[str, Any]]  # nodes to create or change (a plain reuse writes nothing)
     queues: list[dict[str, Any]]  # queues to create (action CREATE)
     refs: list[dict[str, Any]]  # {node_id, topic}: what the strategy references
 
@@ -24,6 +24,9 @@ def rows(plan: Plan, now: float) -> Rows:
     refs: list[dict[str, Any]] = []
     for p in plan.nodes:
         n = p.node
+        refs.append({"node_id": n.node_id, "topic": p.topic})
+        if p.action is Action.REUSE:
+            continue
         nodes.append(
             {
                 "node_id": n.node_id,
@@ -42,7 +45,6 @@ def rows(plan: Plan, now: float) -> Rows:
                 "owner": plan.strategy_id,
             }
         )
-        refs.append({"node_id": n.node_id, "topic": p.topic})
         if p.action is Action.CREATE and p.spec is not None:
             queues.append(
                 {

@@ -43,14 +43,14 @@ INDEXES = {
 }
 
 READ = """
-CALL {
+CALL () {
   UNWIND $ids AS id
   MATCH (n:ComputeNode {node_id: id})
   OPTIONAL MATCH (n)-[:EMITS]->(q:Queue)
   WITH n, collect([q.topic, q.compute_key]) AS qs
   RETURN collect([n.node_id, n.schema_hash, n.schema_compat_id, qs]) AS nodes
 }
-CALL {
+CALL () {
   UNWIND $topics AS t
   MATCH (o:ComputeNode)-[:EMITS]->(:Queue {topic: t})
   RETURN collect([t, o.node_id]) AS owners
@@ -150,11 +150,11 @@ SET v.traffic_weight = $weight,
 """
 
 COUNTS = """
-CALL { MATCH (n:ComputeNode) RETURN count(n) AS nodes }
-CALL { MATCH (q:Queue) RETURN count(q) AS queues }
-CALL { MATCH (v:VersionSentinel) RETURN count(v) AS sentinels }
-CALL { MATCH (s:Strategy) WHERE EXISTS { ()-[:USED_BY]->(s) } RETURN count(s) AS strategies }
-CALL { MATCH ()-[r:EMITS|USED_BY|HAS]->() RETURN count(r) AS rels }
+CALL () { MATCH (n:ComputeNode) RETURN count(n) AS nodes }
+CALL () { MATCH (q:Queue) RETURN count(q) AS queues }
+CALL () { MATCH (v:VersionSentinel) RETURN count(v) AS sentinels }
+CALL () { MATCH (s:Strategy) WHERE EXISTS { ()-[:USED_BY]->(s) } RETURN count(s) AS strategies }
+CALL () { MATCH ()-[r:EMITS|USED_BY|HAS]->() RETURN count(r) AS rels }
 RETURN nodes, queues, sentinels, strategies, rels
 """
 
@@ -177,6 +177,7 @@ class Neo4jGraphStore:
             connection_timeout=connect_timeout,
             connection_acquisition_timeout=connect_timeout,
             max_transaction_retry_time=max_retry_time,
+            notifications_min_severity=neo4j.NotificationMinimumSeverity.WARNING,
         )
 
     # -- error mapping: the one place driver errors become typed errors -----------------

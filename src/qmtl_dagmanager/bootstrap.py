@@ -1,0 +1,79 @@
+"""The composition root: the one place that builds adapters from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qmtl_dagmanager.adapters.archive import DirectoryStore, KafkaArchive, MemoryArchive
+from qmtl_dagmanager.adapters.clock import SystemClock
+from qmtl_dagmanager.adapters.kafka_events import KafkaEventBus
+from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
+from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
+from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
+from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
+from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
+from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdmin
+from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, EventTopics
+
+
+@dataclass
+class Container:
+    settings: Settings
+    graph: GraphStore
+    topics: TopicAdmin
+    bus: EventBus
+    archive: Archive
+    clock: Clock
+    controlbus: ControlBus
+
+    async def start(self) -> None:
+        """Prepare what the services need: the graph schema and the event topics."""
+        await self.graph.init_schema()
+        made = await self.topics.ensure(
+            {
+                self.controlbus.topics.queue: EVENT_TOPIC_SPEC,
+                self.controlbus.topics.sentinel_weight: EVENT_TOPIC_SPEC,
+            }
+        )
+        failed = {t: r.message for t, r in made.items() if not r.ok}
+        if failed:
+            raise RuntimeError(f"cannot prepare the ControlBus topics: {failed}")
+
+    async def close(self) -> None:
+        await self.bus.close()
+        await self.topics.close()
+        await self.graph.close()
+
+
+def graph_store(settings: Settings) -> GraphStore:
+    if settings.embedded_graph:
+        return MemoryGraphStore()
+    return Neo4jGraphStore(
+        settings.neo4j_uri,
+        settings.neo4j_user,
+        settings.neo4j_password,
+        database=settings.neo4j_database,
+    )
+
+
+def build(settings: Settings) -> Container:
+    clock = SystemClock()
+    graph = graph_store(settings)
+    topics: TopicAdmin
+    bus: EventBus
+    archive: Archive
+    if settings.embedded_kafka:
+        topics, bus, archive = (
+            MemoryTopicAdmin(profile=settings.topic_profile),
+            MemoryEventBus(),
+            MemoryArchive(),
+        )
+    else:
+        topics = KafkaTopicAdmin(settings.kafka_bootstrap, profile=settings.topic_profile)
+        bus = KafkaEventBus(settings.kafka_bootstrap)
+        archive = KafkaArchive(settings.kafka_bootstrap, DirectoryStore(settings.archive_dir))
+    event_topics = EventTopics(settings.queue_topic, settings.sentinel_weight_topic)
+    return Container(
+        settings, graph, topics, bus, archive, clock, ControlBus(bus, clock, event_topics)
+    )
