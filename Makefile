@@ -29,7 +29,16 @@ stack-down: ## stop exactly the processes stack-up started
 stack-status: ## health of each server of the local stack
 	$(STACK) status
 
-lint: $(STAMP) ## ruff, mypy --strict on src/, import-linter contracts
+proto: $(STAMP) ## regenerate the gRPC stubs and their type stubs from proto/
+	bash hack/gen-proto.sh
+
+proto-check: $(STAMP) ## fail if the committed gRPC stubs differ from what proto/ generates
+	@tmp=$$(mktemp -d); bash hack/gen-proto.sh "$$tmp"; \
+	  diff -r -x __pycache__ "$$tmp/qmtl_dagmanager/pb" src/qmtl_dagmanager/pb \
+	  || { echo "gRPC stubs are stale: run 'make proto' and commit"; rm -rf "$$tmp"; exit 1; }; \
+	  rm -rf "$$tmp"; echo "gRPC stubs are current"
+
+lint: $(STAMP) proto-check ## ruff, mypy --strict on src/, import-linter contracts, generated code current
 	$(VENV)/bin/ruff check src tests hack bench
 	$(VENV)/bin/ruff format --check src tests hack bench
 	$(VENV)/bin/mypy src
@@ -61,4 +70,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
