@@ -13,8 +13,12 @@ from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdmin
 from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, EventTopics
+from qmtl_dagmanager.services.diffs import DiffService
+from qmtl_dagmanager.services.garbage import GcService
+from qmtl_dagmanager.services.queues import QueueService
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Container:
     archive: Archive
     clock: Clock
     controlbus: ControlBus
+    metrics: Metrics
 
     async def start(self) -> None:
         """Prepare what the services need: the graph schema and the event topics."""
@@ -39,6 +44,28 @@ class Container:
         failed = {t: r.message for t, r in made.items() if not r.ok}
         if failed:
             raise RuntimeError(f"cannot prepare the ControlBus topics: {failed}")
+
+    def diffs(self) -> DiffService:
+        s = self.settings
+        return DiffService(
+            self.graph,
+            self.topics,
+            self.controlbus,
+            self.clock,
+            self.metrics,
+            limits=s.limits,
+            ids=s.node_ids,
+            dry_run_strategy=s.dry_run_strategy,
+            namespaces=s.enable_topic_namespace,
+        )
+
+    def queues(self) -> QueueService:
+        return QueueService(self.graph, self.topics, self.metrics)
+
+    def garbage(self) -> GcService:
+        return GcService(
+            self.graph, self.topics, self.archive, self.controlbus, self.clock, self.metrics
+        )
 
     async def close(self) -> None:
         await self.bus.close()
@@ -71,9 +98,16 @@ def build(settings: Settings) -> Container:
         )
     else:
         topics = KafkaTopicAdmin(settings.kafka_bootstrap, profile=settings.topic_profile)
-        bus = KafkaEventBus(settings.kafka_bootstrap)
+        bus = KafkaEventBus(settings.controlbus_bootstrap or settings.kafka_bootstrap)
         archive = KafkaArchive(settings.kafka_bootstrap, DirectoryStore(settings.archive_dir))
     event_topics = EventTopics(settings.queue_topic, settings.sentinel_weight_topic)
     return Container(
-        settings, graph, topics, bus, archive, clock, ControlBus(bus, clock, event_topics)
+        settings,
+        graph,
+        topics,
+        bus,
+        archive,
+        clock,
+        ControlBus(bus, clock, event_topics),
+        Metrics(),
     )

@@ -1,54 +1,48 @@
-"""Settings, read explicitly from an environment mapping (never at import time)."""
+"""Settings: one YAML file (optional) with environment overrides, read explicitly by the
+composition root (never at import time). An unknown key or a bad value is an error naming it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from qmtl_dagmanager.adapters.topic_rules import Profile
 from qmtl_dagmanager.core.dag import IdMode, Limits
 
 
 class SettingsError(ValueError):
-    """A setting has a value we cannot use; the message names the variable."""
-
-
-def _int(env: Mapping[str, str], key: str, default: int) -> int:
-    raw = env.get(key, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SettingsError(f"{key}={raw!r} is not an integer") from None
-
-
-def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...], default: str) -> str:
-    raw = env.get(key, "").strip().lower() or default
-    if raw not in choices:
-        raise SettingsError(f"{key}={raw!r}: expected one of {', '.join(choices)}")
-    return raw
+    """A setting has a value we cannot use; the message names the key or variable."""
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every setting, with its environment variable in the README's configuration table."""
-
+    profile: str = "dev"  # dev | prod (prod refuses embedded backends)
     neo4j_uri: str = ""  # empty: the embedded in-memory graph store
     neo4j_user: str = "neo4j"
     neo4j_password: str = ""
     neo4j_database: str = "neo4j"
     kafka_bootstrap: str = ""  # empty: the embedded in-memory topic admin and event bus
-    topic_profile: Profile = Profile.DEVELOPMENT
-    node_ids: IdMode = IdMode.VERIFY
-    limits: Limits = field(default_factory=Limits)
+    controlbus_bootstrap: str = ""  # empty: same as kafka_bootstrap
     queue_topic: str = "queue"
     sentinel_weight_topic: str = "sentinel_weight"
-    archive_dir: str = "./archive"
+    topic_profile: Profile = Profile.DEVELOPMENT
+    enable_topic_namespace: bool = True
+    node_ids: IdMode = IdMode.VERIFY
+    limits: Limits = field(default_factory=Limits)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_host: str = "127.0.0.1"
     http_port: int = 8001
+    gc_interval_seconds: int = 3600  # 0 disables the timer (GC still runs on a trigger)
+    archive_dir: str = "./archive"
+    dry_run_strategy: str = "dryrun"
+    log_level: str = "INFO"
 
     @property
     def embedded_graph(self) -> bool:
@@ -60,25 +54,152 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        return cls(
-            neo4j_uri=env.get("NEO4J_URI", "").strip(),
-            neo4j_user=env.get("NEO4J_USER", "neo4j"),
-            neo4j_password=env.get("NEO4J_PASSWORD", ""),
-            neo4j_database=env.get("NEO4J_DATABASE", "neo4j"),
-            kafka_bootstrap=env.get("KAFKA_BOOTSTRAP_SERVERS", "").strip(),
-            topic_profile=Profile(
-                _choice(env, "QMTL_TOPIC_PROFILE", ("development", "production"), "development")
-            ),
-            node_ids=IdMode(_choice(env, "QMTL_NODE_IDS", ("verify", "trust"), "verify")),
-            limits=Limits(
-                max_nodes=_int(env, "QMTL_MAX_NODES", Limits().max_nodes),
-                max_bytes=_int(env, "QMTL_MAX_DAG_BYTES", Limits().max_bytes),
-            ),
-            queue_topic=env.get("QMTL_QUEUE_TOPIC", "queue"),
-            sentinel_weight_topic=env.get("QMTL_SENTINEL_WEIGHT_TOPIC", "sentinel_weight"),
-            archive_dir=env.get("QMTL_ARCHIVE_DIR", "./archive"),
-            grpc_host=env.get("QMTL_GRPC_HOST", "127.0.0.1"),
-            grpc_port=_int(env, "QMTL_GRPC_PORT", 50051),
-            http_host=env.get("QMTL_HTTP_HOST", "127.0.0.1"),
-            http_port=_int(env, "QMTL_HTTP_PORT", 8001),
-        )
+        return load(None, env)
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, str | int | float) and not isinstance(v, bool):
+        return str(v).strip()
+    raise ValueError("expected a string")
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("expected an integer")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v.strip())
+    raise ValueError("expected an integer")
+
+
+def _port(v: Any) -> int:
+    n = _int(v)
+    if not 0 <= n <= 65535:
+        raise ValueError("expected a port number 0-65535")
+    return n
+
+
+def _nonneg(v: Any) -> int:
+    n = _int(v)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in (
+        "true",
+        "1",
+        "yes",
+        "on",
+        "false",
+        "0",
+        "no",
+        "off",
+    ):
+        return v.strip().lower() in ("true", "1", "yes", "on")
+    raise ValueError("expected true or false")
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        text = _text(v).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _archive(v: Any) -> str:
+    text = _text(v)
+    if text.startswith("s3://"):
+        raise ValueError("S3 archives are not supported yet; use a directory path")
+    return text.removeprefix("file://")
+
+
+# yaml key, environment variable, Settings field, parser
+KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
+    ("profile", "QMTL_PROFILE", "profile", _choice("dev", "prod")),
+    ("neo4j_dsn", "NEO4J_URI", "neo4j_uri", _text),
+    ("neo4j_user", "NEO4J_USER", "neo4j_user", _text),
+    ("neo4j_password", "NEO4J_PASSWORD", "neo4j_password", _text),
+    ("neo4j_database", "NEO4J_DATABASE", "neo4j_database", _text),
+    ("kafka_dsn", "KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap", _text),
+    ("controlbus_dsn", "QMTL_CONTROLBUS_DSN", "controlbus_bootstrap", _text),
+    ("controlbus_queue_topic", "QMTL_QUEUE_TOPIC", "queue_topic", _text),
+    ("controlbus_sentinel_topic", "QMTL_SENTINEL_WEIGHT_TOPIC", "sentinel_weight_topic", _text),
+    (
+        "topic_profile",
+        "QMTL_TOPIC_PROFILE",
+        "topic_profile",
+        lambda v: Profile(_choice("development", "production")(v)),
+    ),
+    ("enable_topic_namespace", "QMTL_ENABLE_TOPIC_NAMESPACE", "enable_topic_namespace", _bool),
+    ("node_ids", "QMTL_NODE_IDS", "node_ids", lambda v: IdMode(_choice("verify", "trust")(v))),
+    ("grpc_host", "QMTL_GRPC_HOST", "grpc_host", _text),
+    ("grpc_port", "QMTL_GRPC_PORT", "grpc_port", _port),
+    ("http_host", "QMTL_HTTP_HOST", "http_host", _text),
+    ("http_port", "QMTL_HTTP_PORT", "http_port", _port),
+    ("gc_interval_seconds", "QMTL_GC_INTERVAL_SECONDS", "gc_interval_seconds", _nonneg),
+    ("gc_archive_bucket", "QMTL_ARCHIVE_DIR", "archive_dir", _archive),
+    ("dry_run_strategy", "QMTL_DRY_RUN_STRATEGY", "dry_run_strategy", _text),
+    ("log_level", "QMTL_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
+    ("max_nodes", "QMTL_MAX_NODES", "max_nodes", _nonneg),
+    ("max_dag_bytes", "QMTL_MAX_DAG_BYTES", "max_bytes", _nonneg),
+)
+
+
+def load(path: Path | None, env: Mapping[str, str]) -> Settings:
+    """Defaults, then the YAML file, then environment variables (which win)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not path.exists():
+            raise SettingsError(f"{path}: no such file")
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SettingsError(f"{path}: not valid YAML: {e}") from None
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise SettingsError(f"{path}: expected a mapping of settings")
+        known = {k for k, _, _, _ in KEYS}
+        unknown = sorted(str(k) for k in doc if k not in known)
+        if unknown:
+            raise SettingsError(
+                f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        for key, _, name, parse in KEYS:
+            if key in doc and doc[key] is not None:
+                values[name] = _parsed(parse, doc[key], f"{path}: {key}")
+    for _, var, name, parse in KEYS:
+        raw = env.get(var)
+        if raw is not None and raw.strip() != "":
+            values[name] = _parsed(parse, raw, f"environment variable {var}")
+    limits = Limits(
+        max_nodes=values.pop("max_nodes", Limits().max_nodes),
+        max_bytes=values.pop("max_bytes", Limits().max_bytes),
+    )
+    settings = dataclasses.replace(Settings(), limits=limits, **values)
+    if settings.log_level:
+        settings = dataclasses.replace(settings, log_level=settings.log_level.upper())
+    if settings.profile == "prod":
+        missing = [
+            k
+            for k, v in (("neo4j_dsn", settings.neo4j_uri), ("kafka_dsn", settings.kafka_bootstrap))
+            if not v
+        ]
+        if missing:
+            raise SettingsError(f"profile prod needs real backends: set {', '.join(missing)}")
+    return settings
+
+
+def _parsed(parse: Callable[[Any], Any], raw: Any, where: str) -> Any:
+    try:
+        return parse(raw)
+    except ValueError as e:
+        raise SettingsError(f"{where}: {raw!r}: {e}") from None

@@ -50,6 +50,7 @@ class QueueDetail:
     partitions: int
     replication: int
     retention_ms: int
+    tags: tuple[str, ...] = ()  # the emitting node's tags
 
     def as_gc_queue(self) -> GcQueue:
         return GcQueue(
@@ -143,6 +144,10 @@ class GraphStore(Protocol):
 
     async def strategy_nodes(self, strategy_id: str) -> set[NodeId]: ...
 
+    async def strategy_context(self, strategy_id: str) -> dict[str, str] | None:
+        """The compute context of the strategy's last written diff (None if unknown)."""
+        ...
+
     async def counts(self) -> GraphCounts: ...
 
     async def close(self) -> None: ...
@@ -165,6 +170,7 @@ class TopicResult:
     status: TopicStatus
     message: str = ""
     attempts: int = 1
+    retriable: bool = False  # FAILED for a reason that may pass on a later try
 
     @property
     def ok(self) -> bool:

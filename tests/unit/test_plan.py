@@ -49,8 +49,21 @@ def test_sample_dag_first_diff_creates_everything() -> None:
     assert first.topic == f"w1.dryrun.btc_StreamInput_{first.node.digest[:8]}_v1"
     assert first.spec is not None and first.spec.topic_type is topics.TopicType.INDICATOR
     assert p.crc32 == d.crc32
+    # the new StreamInput's own tag group; the TagQueryNode wants BTC *and* ETH: not matched
     groups = {(g.tags, g.interval, g.match_mode) for g in p.query_groups}
-    assert (("BTC", "ETH"), 60, "all") in groups and (("BTC", "price"), 60, "any") in groups
+    assert groups == {(("BTC", "price"), 60, "any")}
+
+
+def test_changed_groups_include_matching_tag_queries_only_when_something_is_new() -> None:
+    src = node("StreamInput", tags=["BTC", "ETH"], code="s")
+    tq_all = node("TagQueryNode", params={"query_tags": ["BTC", "ETH"], "match_mode": "all"})
+    tq_other = node("TagQueryNode", params={"query_tags": ["SOL"]}, code="o")
+    d = dag.parse(encode([src, tq_all, tq_other]))
+    p = plan.plan(d, REQ, {}, {}, CATALOG)
+    groups = {(g.tags, g.interval, g.match_mode) for g in p.query_groups}
+    assert groups == {(("BTC", "ETH"), 60, "any"), (("BTC", "ETH"), 60, "all")}
+    again = plan.plan(d, REQ, applied(p), taken_by(p), CATALOG)
+    assert again.query_groups == ()
 
 
 def test_plan_of_an_applied_dag_creates_nothing_and_keeps_topics() -> None:

@@ -16,6 +16,7 @@ class Rows:
     nodes: list[dict[str, Any]]  # nodes to create or change (a plain reuse writes nothing)
     queues: list[dict[str, Any]]  # queues to create (action CREATE)
     refs: list[dict[str, Any]]  # {node_id, topic}: what the strategy references
+    context: dict[str, str]  # the compute context of this diff, kept on the Strategy
 
 
 def rows(plan: Plan, now: float) -> Rows:
@@ -63,4 +64,12 @@ def rows(plan: Plan, now: float) -> Rows:
                     "compute_key": p.compute_key,
                 }
             )
-    return Rows(plan.strategy_id, nodes, queues, refs)
+    ctx = plan.context
+    context = {
+        "world_id": ctx.world_id,
+        "execution_domain": ctx.execution_domain.value,
+        "as_of": ctx.as_of,
+        "partition": ctx.partition,
+        "dataset_fingerprint": ctx.dataset_fingerprint,
+    }
+    return Rows(plan.strategy_id, nodes, queues, refs, context)

@@ -77,20 +77,7 @@ class KafkaTopicAdmin:
         md = await self._metadata()
         brokers = len(md.brokers)
         existing = set(md.topics)
-        results: dict[str, TopicResult] = {}
-        clashes = topic_rules.collisions(topics, existing)
-        specs: dict[str, TopicSpec] = {}
-        for name, wanted in topics.items():
-            if name in clashes:
-                results[name] = TopicResult(
-                    name, TopicStatus.COLLISION, f"collides with existing topic {clashes[name]}"
-                )
-                continue
-            spec, why = topic_rules.effective_spec(name, wanted, brokers, self._profile)
-            if spec is None:
-                results[name] = TopicResult(name, TopicStatus.FAILED, why)
-                continue
-            specs[name] = spec
+        specs, results = topic_rules.admit(topics, existing, brokers, self._profile)
         verify = [n for n in specs if n in existing]
         create = [n for n in specs if n not in existing]
         attempts = dict.fromkeys(create, 0)
@@ -122,7 +109,11 @@ class KafkaTopicAdmin:
                         retry.append(name)
                     else:
                         results[name] = TopicResult(
-                            name, TopicStatus.FAILED, str(err or e), attempts[name]
+                            name,
+                            TopicStatus.FAILED,
+                            str(err or e),
+                            attempts[name],
+                            retriable=err is None or err.retriable(),
                         )
                     continue
                 results[name] = TopicResult(name, TopicStatus.CREATED, "", attempts[name])

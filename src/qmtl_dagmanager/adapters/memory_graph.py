@@ -35,6 +35,7 @@ class MemoryGraphStore:
         self.node_refs: dict[str, set[NodeId]] = {}  # strategy → nodes it USES
         self.queue_refs: dict[str, set[str]] = {}  # strategy → queues it USES
         self.sentinels: dict[tuple[str, str], _Sentinel] = {}
+        self.contexts: dict[str, dict[str, str]] = {}
         self.schema_ready = False
 
     async def ping(self) -> bool:
@@ -78,6 +79,7 @@ class MemoryGraphStore:
                 n["buffering_since"] = now
         for row in r.queues:
             self._queues.setdefault(row["topic"], {**row, "managed": True})
+        self.contexts[r.strategy_id] = dict(r.context)
         self.node_refs[r.strategy_id] = {ref["node_id"] for ref in r.refs}
         self.queue_refs[r.strategy_id] = {ref["topic"] for ref in r.refs}
         if sentinel is not None:
@@ -98,6 +100,7 @@ class MemoryGraphStore:
             s.has |= set(sentinel.node_ids)
 
     async def release(self, strategy_id: str) -> int:
+        self.contexts.pop(strategy_id, None)
         dropped = len(self.node_refs.pop(strategy_id, set()))
         dropped += len(self.queue_refs.pop(strategy_id, set()))
         return dropped
@@ -138,6 +141,9 @@ class MemoryGraphStore:
                     partitions=q["partitions"],
                     replication=q["replication"],
                     retention_ms=q["retention_ms"],
+                    tags=tuple(self.nodes[q["node_id"]]["tags"])
+                    if q["node_id"] in self.nodes
+                    else (),
                 )
             )
         return out
@@ -181,6 +187,10 @@ class MemoryGraphStore:
 
     async def strategy_nodes(self, strategy_id: str) -> set[NodeId]:
         return set(self.node_refs.get(strategy_id, set()))
+
+    async def strategy_context(self, strategy_id: str) -> dict[str, str] | None:
+        ctx = self.contexts.get(strategy_id)
+        return dict(ctx) if ctx is not None else None
 
     async def counts(self) -> GraphCounts:
         relationships = (

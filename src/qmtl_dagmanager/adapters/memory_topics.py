@@ -19,19 +19,9 @@ class MemoryTopicAdmin:
         self.create_requests = 0  # batched create calls, for tests
 
     async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
-        results: dict[str, TopicResult] = {}
-        clashes = topic_rules.collisions(topics, self.topics)
+        specs, results = topic_rules.admit(topics, self.topics, self.brokers, self.profile)
         to_create: dict[str, TopicSpec] = {}
-        for name, wanted in topics.items():
-            if name in clashes:
-                results[name] = TopicResult(
-                    name, TopicStatus.COLLISION, f"collides with existing topic {clashes[name]}"
-                )
-                continue
-            spec, why = topic_rules.effective_spec(name, wanted, self.brokers, self.profile)
-            if spec is None:
-                results[name] = TopicResult(name, TopicStatus.FAILED, why)
-                continue
+        for name, spec in specs.items():
             state = self.topics.get(name)
             if state is None:
                 to_create[name] = spec

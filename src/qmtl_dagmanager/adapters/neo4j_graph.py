@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import neo4j
+import orjson
 from neo4j import exceptions as neo4j_errors
 
 from qmtl_dagmanager.adapters import graph_rows
@@ -90,6 +91,11 @@ RETURN collect(q.topic) AS shared
 SET_REFS = """
 MERGE (s:Strategy {strategy_id: $sid})
 WITH s
+CALL (s) {
+  WITH s WHERE s.context IS NULL OR s.context <> $context
+  SET s.context = $context
+}
+WITH s
 OPTIONAL MATCH (x)-[u:USED_BY]->(s)
 WHERE NOT ((x:ComputeNode AND x.node_id IN $node_ids) OR (x:Queue AND x.topic IN $topics))
 DELETE u
@@ -131,7 +137,8 @@ RETURN q.base AS topic, q.is_global AS is_global
 QUEUES = """
 MATCH (q:Queue) WHERE $topics IS NULL OR q.topic IN $topics
 OPTIONAL MATCH (n:ComputeNode)-[:EMITS]->(q)
-RETURN q {.*} AS q, n.node_id AS node_id, COUNT { (q)-[:USED_BY]->() } AS refs
+RETURN q {.*} AS q, n.node_id AS node_id, n.tags AS tags,
+       COUNT { (q)-[:USED_BY]->() } AS refs
 ORDER BY q.topic
 """
 
@@ -291,6 +298,7 @@ class Neo4jGraphStore:
                 await t.run(
                     SET_REFS,
                     sid=r.strategy_id,
+                    context=orjson.dumps(r.context, option=orjson.OPT_SORT_KEYS).decode(),
                     refs=r.refs,
                     node_ids=[x["node_id"] for x in r.refs],
                     topics=[x["topic"] for x in r.refs],
@@ -351,6 +359,7 @@ class Neo4jGraphStore:
                     partitions=int(q.get("partitions") or 0),
                     replication=int(q.get("replication") or 0),
                     retention_ms=int(q.get("retention_ms") or 0),
+                    tags=tuple(row["tags"] or ()),
                 )
             )
         return out
@@ -399,6 +408,17 @@ class Neo4jGraphStore:
             sid=strategy_id,
         )
         return {NodeId(r["id"]) for r in rows}
+
+    async def strategy_context(self, strategy_id: str) -> dict[str, str] | None:
+        rows = await self._read(
+            "strategy context",
+            "MATCH (s:Strategy {strategy_id: $sid}) RETURN s.context AS context",
+            sid=strategy_id,
+        )
+        if not rows or not rows[0]["context"]:
+            return None
+        ctx = orjson.loads(rows[0]["context"])
+        return {str(k): str(v) for k, v in ctx.items()} if isinstance(ctx, dict) else None
 
     async def counts(self) -> GraphCounts:
         row = (await self._read("counts", COUNTS))[0]

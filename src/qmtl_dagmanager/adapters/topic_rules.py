@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
 from qmtl_dagmanager.core.topics import TopicSpec
-from qmtl_dagmanager.ports import TopicState
+from qmtl_dagmanager.ports import TopicResult, TopicState, TopicStatus
 
 log = logging.getLogger(__name__)
 COMPARED_CONFIGS = ("retention.ms", "cleanup.policy")
@@ -51,13 +51,37 @@ def effective_spec(
             f"replication factor {spec.replication_factor} for {name} exceeds the {brokers} "
             "available broker(s) (production profile refuses to cap it)"
         )
-    log.warning(
-        "topic %s: replication factor %d capped to %d broker(s) (development profile)",
-        name,
-        spec.replication_factor,
-        brokers,
-    )
     return TopicSpec(spec.topic_type, spec.partitions, max(brokers, 1), spec.config), ""
+
+
+def admit(
+    wanted: Mapping[str, TopicSpec], existing: Iterable[str], brokers: int, profile: Profile
+) -> tuple[dict[str, TopicSpec], dict[str, TopicResult]]:
+    """Split a batch into the specs to create or verify and the topics refused outright
+    (collisions, replication the profile refuses). Capping is logged once per batch."""
+    clashes = collisions(wanted, existing)
+    specs: dict[str, TopicSpec] = {}
+    refused: dict[str, TopicResult] = {}
+    capped = 0
+    for name, spec in wanted.items():
+        if name in clashes:
+            refused[name] = TopicResult(
+                name, TopicStatus.COLLISION, f"collides with existing topic {clashes[name]}"
+            )
+            continue
+        effective, why = effective_spec(name, spec, brokers, profile)
+        if effective is None:
+            refused[name] = TopicResult(name, TopicStatus.FAILED, why)
+            continue
+        capped += effective.replication_factor < spec.replication_factor
+        specs[name] = effective
+    if capped:
+        log.warning(
+            "%d topic(s): replication factor capped to %d broker(s) (development profile)",
+            capped,
+            brokers,
+        )
+    return specs, refused
 
 
 def differences(spec: TopicSpec, state: TopicState) -> list[str]:

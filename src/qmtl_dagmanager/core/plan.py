@@ -162,10 +162,13 @@ def plan(
     records: Mapping[NodeId, NodeRecord],
     taken: Mapping[str, NodeId],
     catalog: TopicCatalog,
+    *,
+    namespaces: bool = True,
 ) -> Plan:
-    """Decide every node of `dag`. Never raises for cross-context reuse: the plan lists it."""
+    """Decide every node of `dag`. Never raises for cross-context reuse: the plan lists it.
+    With `namespaces` off, topic names carry no `<world>.<domain>.` prefix."""
     ctx = context.resolve(request.context_layer(), *dag.context_layers)
-    ns = resolve_namespace(dag, request)
+    ns = resolve_namespace(dag, request) if namespaces else None
     key_suffix = ctx.key_suffix()
     namer = topics.Namer(dag.version, ns)
     claimed: dict[str, NodeId] = {}
@@ -209,13 +212,7 @@ def plan(
         planned.append(NodePlan(node, Action.CREATE, name, ck, spec))
         queue_map[f"{nid}:{node.interval}:{node.bucket}#ck={ck}"] = name
         created += 1
-    groups: dict[tuple[tuple[str, ...], int, str], None] = {}
-    for node in dag.nodes:
-        if node.is_tag_query:
-            groups[(node.query_tags, node.interval, node.match_mode)] = None
-    for p in planned:
-        if p.action is Action.CREATE and p.node.tags and not p.node.is_tag_query:
-            groups[(tuple(sorted(set(p.node.tags))), p.node.interval, "any")] = None
+    groups = _changed_groups(dag, planned)
     return Plan(
         strategy_id=request.strategy_id,
         sentinel_id=sentinel_id(request.strategy_id),
@@ -227,7 +224,7 @@ def plan(
         queue_map=queue_map,
         buffers=tuple(buffers),
         violations=tuple(violations),
-        query_groups=tuple(QueryGroup(*g) for g in groups),
+        query_groups=groups,
         counts={
             "total": len(dag.nodes),
             "reused": reused,
@@ -236,6 +233,30 @@ def plan(
             "sentinels": len(dag.sentinels),
         },
     )
+
+
+def _changed_groups(dag: Dag, planned: list[NodePlan]) -> tuple[QueryGroup, ...]:
+    """The (tags, interval, mode) groups whose queue sets this plan changes: each new queue's
+    own tag group, and every TagQueryNode of the DAG that a new queue matches."""
+    new = [p.node for p in planned if p.action is Action.CREATE and not p.node.is_tag_query]
+    if not new:
+        return ()
+    groups: dict[QueryGroup, None] = {}
+    for n in new:
+        if n.tags:
+            groups[QueryGroup(tuple(sorted(set(n.tags))), n.interval, "any")] = None
+    for q in dag.nodes:
+        if not q.is_tag_query:
+            continue
+        want = set(q.query_tags)
+        for n in new:
+            have = set(n.tags)
+            if n.interval == q.interval and (
+                want <= have if q.match_mode == "all" else bool(want & have)
+            ):
+                groups[QueryGroup(q.query_tags, q.interval, q.match_mode)] = None
+                break
+    return tuple(groups)
 
 
 def _free_name(

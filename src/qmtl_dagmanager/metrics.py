@@ -1,0 +1,53 @@
+"""Prometheus metrics, registered on a registry the composition root owns (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.diff_duration = Histogram(
+            "diff_duration_seconds",
+            "Time to answer a Diff, by outcome",
+            ["outcome"],
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=r,
+        )
+        self.diff_requests = Counter("diff_requests_total", "Diff requests", registry=r)
+        self.diff_failures = Counter(
+            "diff_failures_total", "Failed diffs, by reason", ["reason"], registry=r
+        )
+        self.nodes_planned = Counter(
+            "diff_nodes_total", "Nodes diffed, by decision", ["action"], registry=r
+        )
+        self.queue_create_errors = Counter(
+            "queue_create_error_total", "Topics that could not be created", registry=r
+        )
+        self.sentinel_gap = Gauge(
+            "sentinel_gap_count", "Strategies whose last DAG carried no VersionSentinel", registry=r
+        )
+        self.orphan_queues = Gauge(
+            "orphan_queue_total", "Managed queues that no strategy references", registry=r
+        )
+        self.compute_nodes = Gauge("compute_nodes_total", "ComputeNodes in the graph", registry=r)
+        self.queues = Gauge("queues_total", "Queues in the graph", registry=r)
+        self.cross_context = Counter(
+            "cross_context_cache_hit_total",
+            "Refused reuses of a queue across compute contexts",
+            registry=r,
+        )
+        self.gc_last_run = Gauge(
+            "gc_last_run_timestamp", "When GC last ran (epoch seconds)", registry=r
+        )
+        self.gc_collected = Counter(
+            "gc_queues_collected_total", "Queues collected by GC", ["action"], registry=r
+        )
+        self.events_published = Counter(
+            "controlbus_events_total", "ControlBus events published", ["type"], registry=r
+        )
+        self.chunk_acks = Counter("diff_chunk_acks_total", "AckChunk calls received", registry=r)
+        self.grpc_errors = Counter(
+            "grpc_errors_total", "gRPC calls that ended in an error", ["method", "code"], registry=r
+        )

@@ -1,0 +1,162 @@
+"""The Diff use case: parse → read the graph (one query) → plan → create topics (one batch)
+→ write the graph (one transaction) → publish QueueUpdated events.
+
+Order and failure: topics are created before the graph is written. If the write fails, the
+new topics stay as unmanaged leftovers that a retry of the same diff adopts ("exists with the
+same configuration" is success), and the graph is unchanged: no partial graph writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from qmtl_dagmanager.core import dag, plan
+from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Unavailable
+from qmtl_dagmanager.core.topics import TopicCatalog
+from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.ports import (
+    Clock,
+    GraphStore,
+    SentinelWrite,
+    TopicAdmin,
+    TopicResult,
+    TopicStatus,
+)
+from qmtl_dagmanager.services.controlbus import ControlBus
+
+log = logging.getLogger(__name__)
+MAX_RENAME_ROUNDS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DiffOutcome:
+    plan: plan.Plan
+    dag: dag.Dag
+    dry_run: bool
+    topics: dict[str, TopicResult] = field(default_factory=dict)
+
+
+@dataclass
+class DiffService:
+    graph: GraphStore
+    topics: TopicAdmin
+    controlbus: ControlBus
+    clock: Clock
+    metrics: Metrics
+    catalog: TopicCatalog = field(default_factory=TopicCatalog)
+    limits: dag.Limits = field(default_factory=dag.Limits)
+    ids: dag.IdMode = dag.IdMode.VERIFY
+    dry_run_strategy: str = "dryrun"
+    namespaces: bool = True
+    _gaps: dict[str, bool] = field(default_factory=dict)
+
+    async def diff(
+        self, request: plan.Request, dag_json: str | bytes, *, dry_run: bool = False
+    ) -> DiffOutcome:
+        """Diff a DAG; with `dry_run` (or the dry-run strategy id) nothing is written."""
+        started = time.perf_counter()
+        self.metrics.diff_requests.inc()
+        dry = dry_run or request.strategy_id == self.dry_run_strategy
+        try:
+            outcome = await self._diff(request, dag_json, dry)
+        except DagManagerError as e:
+            self.metrics.diff_failures.labels(e.reason).inc()
+            self.metrics.diff_duration.labels("error").observe(time.perf_counter() - started)
+            log.info("diff of %s failed: %s: %s", request.strategy_id, e.reason, e.message)
+            raise
+        self.metrics.diff_duration.labels("ok").observe(time.perf_counter() - started)
+        return outcome
+
+    async def _plan(self, d: dag.Dag, request: plan.Request) -> plan.Plan:
+        ns = plan.resolve_namespace(d, request) if self.namespaces else None
+        candidates = plan.candidate_topics(d, ns)
+        read = await self.graph.read([n.node_id for n in d.nodes], candidates)
+        owners = dict(read.owners)
+        looked_up = set(candidates)
+        for _ in range(MAX_RENAME_ROUNDS):
+            p = plan.plan(
+                d, request, read.records, owners, self.catalog, namespaces=self.namespaces
+            )
+            # A lengthened name was not among the first-choice names: check who owns it.
+            fresh = [c.topic for c in p.creates if c.topic not in looked_up]
+            if not fresh:
+                return p
+            looked_up |= set(fresh)
+            extra = await self.graph.read([], fresh)
+            if not extra.owners:
+                return p
+            owners |= extra.owners
+        raise Conflict(
+            f"could not find free topic names for {request.strategy_id} after "
+            f"{MAX_RENAME_ROUNDS} rounds"
+        )
+
+    async def _diff(self, request: plan.Request, dag_json: str | bytes, dry: bool) -> DiffOutcome:
+        d = dag.parse(dag_json, limits=self.limits, ids=self.ids)
+        p = await self._plan(d, request)
+        if p.violations:
+            self.metrics.cross_context.inc(len(p.violations))
+            p.raise_for_violations()
+        for action, count in (
+            ("reuse", p.counts["reused"]),
+            ("buffer", p.counts["buffered"]),
+            ("create", p.counts["new"]),
+        ):
+            if count:
+                self.metrics.nodes_planned.labels(action).inc(count)
+        if dry:
+            return DiffOutcome(p, d, True)
+        creates = p.creates
+        results = await self.topics.ensure({c.topic: c.spec for c in creates if c.spec})
+        self._raise_for_topics(results)
+        now = self.clock.now()
+        sentinel = d.sentinels[0] if d.sentinels else None
+        await self.graph.apply(p, now, SentinelWrite.from_plan(p, sentinel))
+        self._gaps[request.strategy_id] = sentinel is None
+        self.metrics.sentinel_gap.set(sum(self._gaps.values()))
+        if creates:
+            log.info(
+                "diff %s: %d new, %d reused, %d buffered",
+                request.strategy_id,
+                p.counts["new"],
+                p.counts["reused"],
+                p.counts["buffered"],
+            )
+            await self._publish(p)
+            counts = await self.graph.counts()
+            self.metrics.compute_nodes.set(counts.compute_nodes)
+            self.metrics.queues.set(counts.queues)
+        return DiffOutcome(p, d, False, results)
+
+    def _raise_for_topics(self, results: dict[str, TopicResult]) -> None:
+        bad = {t: r for t, r in results.items() if not r.ok}
+        if not bad:
+            return
+        self.metrics.queue_create_errors.inc(len(bad))
+        detail = "; ".join(
+            f"{t}: {r.status.value} {r.message}".strip() for t, r in sorted(bad.items())[:5]
+        )
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        if all(r.status is TopicStatus.FAILED and r.retriable for r in bad.values()):
+            raise Unavailable(
+                f"Kafka could not create {len(bad)} topic(s): {detail}{more}",
+                reason="KafkaUnavailable",
+            )
+        raise Conflict(
+            f"{len(bad)} topic(s) cannot be created as planned: {detail}{more}",
+            reason="TopicConflict",
+        )
+
+    async def _publish(self, p: plan.Plan) -> None:
+        groups = p.query_groups
+        sets = await asyncio.gather(
+            *(self.graph.queues_by_tags(g.tags, g.interval, g.match_mode) for g in groups)
+        )
+        for g, refs in zip(groups, sets, strict=True):
+            await self.controlbus.queue_updated(
+                g.tags, g.interval, [(r.topic, r.is_global) for r in refs], g.match_mode
+            )
+            self.metrics.events_published.labels("queue_updated").inc()

@@ -1,0 +1,98 @@
+"""Garbage collection of orphaned queues: decide with the core's policy, archive sentinel
+queues, delete the topic, forget the queue in the graph, announce it on the ControlBus."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmtl_dagmanager.core import gc
+from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.ports import Archive, Clock, GraphStore, TopicAdmin
+from qmtl_dagmanager.services.controlbus import ControlBus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GcRun:
+    report: gc.GcReport
+    processed: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    dry_run: bool
+    ran_at: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "processed": self.processed,
+            "report": {
+                "dry_run": self.dry_run,
+                "ran_at": self.ran_at,
+                "cap": self.report.cap,
+                "managed": self.report.managed,
+                "selected": len(self.report.decisions),
+                "skipped": dict(self.report.skipped),
+                "failed": self.failed,
+            },
+        }
+
+
+@dataclass
+class GcService:
+    graph: GraphStore
+    topics: TopicAdmin
+    archive: Archive
+    controlbus: ControlBus
+    clock: Clock
+    metrics: Metrics
+    policies: Mapping[str, gc.GcPolicy] = field(default_factory=lambda: dict(gc.DEFAULT_POLICIES))
+    limits: gc.GcLimits = field(default_factory=gc.GcLimits)
+
+    async def collect(self, *, dry_run: bool = False) -> GcRun:
+        now = self.clock.now()
+        queues = await self.graph.queues()
+        self.metrics.orphan_queues.set(sum(1 for q in queues if q.ref_count == 0 and q.managed))
+        report = gc.select([q.as_gc_queue() for q in queues], now, self.policies, self.limits)
+        processed: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        existing = await self.topics.list_topics() if report.decisions and not dry_run else set()
+        for d in report.decisions:
+            entry: dict[str, Any] = {"queue": d.topic, "action": d.action.value, "reason": d.reason}
+            if dry_run:
+                processed.append(entry)
+                continue
+            try:
+                await self._collect_one(d, entry, d.topic in existing)
+            except DagManagerError as e:
+                log.warning("gc of %s failed: %s", d.topic, e.message)
+                failed.append({**entry, "error": e.message})
+                continue
+            processed.append(entry)
+        self.metrics.gc_last_run.set(now)
+        if processed and not dry_run:
+            log.info("gc collected %d queue(s); skipped %s", len(processed), dict(report.skipped))
+        return GcRun(report, processed, failed, dry_run, now)
+
+    async def _collect_one(self, d: gc.GcDecision, entry: dict[str, Any], in_kafka: bool) -> None:
+        # Re-check just before acting: a diff may have referenced the queue meanwhile.
+        current = await self.graph.queues([d.topic])
+        if not current or current[0].ref_count > 0:
+            raise _Skip(f"{d.topic} became referenced or vanished")
+        if d.action is gc.GcAction.ARCHIVE and in_kafka:
+            result = await self.archive.archive(d.topic)
+            entry["archived"] = {"location": result.location, "messages": result.messages}
+        if in_kafka:
+            error = (await self.topics.delete([d.topic])).get(d.topic)
+            if error:
+                raise _Skip(f"Kafka refused to delete {d.topic}: {error}")
+        await self.graph.forget_queue(d.topic)
+        await self.controlbus.queue_lifecycle(d.topic, d.action.value, d.reason)
+        self.metrics.gc_collected.labels(d.action.value).inc()
+        self.metrics.events_published.labels("queue_lifecycle").inc()
+
+
+class _Skip(DagManagerError):
+    reason = "GcSkipped"

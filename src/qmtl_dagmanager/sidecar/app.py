@@ -1,0 +1,126 @@
+"""The sidecar process: gRPC server, HTTP admin and the GC timer, wired from one container."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from qmtl_dagmanager import bootstrap
+from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
+from qmtl_dagmanager.sidecar import http_admin, servicers
+from qmtl_dagmanager.sidecar.errors import Guard
+
+log = logging.getLogger(__name__)
+SERVICES = (
+    "qmtl.services.dagmanager.DiffService",
+    "qmtl.services.dagmanager.TagQuery",
+    "qmtl.services.dagmanager.AdminService",
+    "qmtl.services.dagmanager.HealthCheck",
+)
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+@dataclass
+class Sidecar:
+    container: bootstrap.Container
+    grpc_server: grpc.aio.Server
+    http_runner: web.AppRunner
+    grpc_port: int
+    http_port: int
+    gc_task: asyncio.Task[None] | None = None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.gc_task is not None:
+            self.gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.gc_task
+        await self.grpc_server.stop(grace)
+        await self.http_runner.cleanup()
+        await self.container.close()
+
+
+async def start(settings: Settings) -> Sidecar:
+    """Build everything, bind the ports and start serving; returns the running sidecar."""
+    container = bootstrap.build(settings)
+    await container.start()
+    guard = Guard(container.metrics)
+    diffs, queues = container.diffs(), container.queues()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+    )
+    pb_grpc.add_DiffServiceServicer_to_server(servicers.DiffServicer(diffs, guard), server)
+    pb_grpc.add_TagQueryServicer_to_server(servicers.TagQueryServicer(queues, guard), server)
+    pb_grpc.add_AdminServiceServicer_to_server(
+        servicers.AdminServicer(diffs, queues, guard), server
+    )
+    pb_grpc.add_HealthCheckServicer_to_server(servicers.HealthServicer(container.graph), server)
+    std_health = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(std_health, server)
+    grpc_port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    await server.start()
+    for name in ("", *SERVICES):
+        await std_health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    runner = web.AppRunner(
+        http_admin.make_app(container.graph, container.garbage(), container.metrics),
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    await site.start()
+    http_port = settings.http_port or _bound_port(runner)
+    sidecar = Sidecar(container, server, runner, grpc_port, http_port)
+    if settings.gc_interval_seconds > 0:
+        sidecar.gc_task = asyncio.create_task(_gc_loop(container, settings.gc_interval_seconds))
+    log.info(
+        "sidecar serving gRPC on %s:%d and HTTP on %s:%d (graph: %s, kafka: %s)",
+        settings.grpc_host,
+        grpc_port,
+        settings.http_host,
+        http_port,
+        "embedded" if settings.embedded_graph else settings.neo4j_uri,
+        "embedded" if settings.embedded_kafka else settings.kafka_bootstrap,
+    )
+    return sidecar
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return 0
+
+
+async def _gc_loop(container: bootstrap.Container, interval: int) -> None:
+    gc = container.garbage()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            run = await gc.collect()
+        except DagManagerError as e:
+            log.warning("timed GC failed: %s: %s", e.reason, e.message)
+            continue
+        log.info("timed GC: %d collected, %d failed", len(run.processed), len(run.failed))
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM."""
+    sidecar = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await sidecar.stop()

@@ -1,0 +1,64 @@
+"""HTTP admin (contract §10): GET /status, POST /admin/gc-trigger, GET /metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.ports import GraphStore
+from qmtl_dagmanager.services.garbage import GcService
+
+log = logging.getLogger(__name__)
+
+
+def make_app(graph: GraphStore, gc: GcService, metrics: Metrics) -> web.Application:
+    async def status(_: web.Request) -> web.Response:
+        ok = await graph.ping()
+        return web.json_response(
+            {
+                "status": "ok" if ok else "degraded",
+                "neo4j": "ok" if ok else "error",
+                "dagmanager": "running",
+            }
+        )
+
+    async def gc_trigger(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return web.json_response(
+                {"detail": "body must be a JSON object with an id"}, status=422
+            )
+        if not isinstance(body, dict) or not body.get("id"):
+            return web.json_response(
+                {"detail": [{"loc": ["body", "id"], "msg": "field required"}]}, status=422
+            )
+        dry_run = bool(body.get("dry_run", False))
+        try:
+            run = await gc.collect(dry_run=dry_run)
+        except DagManagerError as e:
+            status_code = 503 if e.retryable else 409
+            return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=status_code)
+        log.info(
+            "gc triggered (id=%s, dry_run=%s): %d processed",
+            body["id"],
+            dry_run,
+            len(run.processed),
+        )
+        return web.json_response({"id": body["id"], **run.as_json()}, status=202)
+
+    async def prometheus(_: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(metrics.registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    app.router.add_post("/admin/gc-trigger", gc_trigger)
+    app.router.add_get("/metrics", prometheus)
+    return app

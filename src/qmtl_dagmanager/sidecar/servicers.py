@@ -1,0 +1,124 @@
+"""gRPC servicers: translate messages to service calls and back; errors go through Guard.
+
+Acks (contract §6): the Gateway acks every chunk with chunk_id 0. Chunks are streamed under
+gRPC's own flow control and the stream never waits for an ack, so concurrent streams with the
+same sentinel_id cannot steal each other's acks and a silent client never stalls a stream.
+AckChunk echoes its request and counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from qmtl_dagmanager.core import plan
+from qmtl_dagmanager.core.errors import InvalidSpec
+from qmtl_dagmanager.pb import dagmanager_pb2 as pb
+from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
+from qmtl_dagmanager.ports import GraphStore
+from qmtl_dagmanager.services.diffs import DiffService
+from qmtl_dagmanager.services.queues import QueueService
+from qmtl_dagmanager.sidecar import chunks
+from qmtl_dagmanager.sidecar.errors import Context, Guard
+
+SENTINEL_SUFFIX = "-sentinel"
+
+
+def request_of(m: pb.DiffRequest) -> plan.Request:
+    return plan.Request(
+        strategy_id=m.strategy_id,
+        world_id=m.world_id,
+        execution_domain=m.execution_domain,
+        as_of=m.as_of,
+        partition=m.partition,
+        dataset_fingerprint=m.dataset_fingerprint,
+    )
+
+
+class DiffServicer(pb_grpc.DiffServiceServicer):
+    def __init__(self, diffs: DiffService, guard: Guard) -> None:
+        self._diffs = diffs
+        self._guard = guard
+
+    async def Diff(
+        self,
+        request: pb.DiffRequest,
+        context: Context,
+    ) -> AsyncIterator[pb.DiffChunk]:
+        async def body() -> AsyncIterator[pb.DiffChunk]:
+            if not request.strategy_id.strip():
+                raise InvalidSpec("strategy_id is required", reason="MissingField")
+            outcome = await self._diffs.diff(request_of(request), request.dag_json)
+            for chunk in chunks.build(outcome.plan):
+                yield chunk
+
+        async for chunk in self._guard.stream(context, "Diff", body):
+            yield chunk
+
+    async def AckChunk(self, request: pb.ChunkAck, context: Context) -> pb.ChunkAck:
+        self._guard.metrics.chunk_acks.inc()
+        return pb.ChunkAck(sentinel_id=request.sentinel_id, chunk_id=request.chunk_id)
+
+
+class TagQueryServicer(pb_grpc.TagQueryServicer):
+    def __init__(self, queues: QueueService, guard: Guard) -> None:
+        self._queues = queues
+        self._guard = guard
+
+    async def GetQueues(self, request: pb.TagQueryRequest, context: Context) -> pb.TagQueryReply:
+        async def body() -> pb.TagQueryReply:
+            refs = await self._queues.by_tags(
+                list(request.tags), request.interval, request.match_mode
+            )
+            return pb.TagQueryReply(
+                queues=[pb.QueueDescriptor(queue=r.topic, **{"global": r.is_global}) for r in refs]
+            )
+
+        return await self._guard.unary(context, "GetQueues", body)
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(self, diffs: DiffService, queues: QueueService, guard: Guard) -> None:
+        self._diffs = diffs
+        self._queues = queues
+        self._guard = guard
+
+    async def Cleanup(self, request: pb.CleanupRequest, context: Context) -> pb.CleanupResponse:
+        async def body() -> pb.CleanupResponse:
+            await self._queues.cleanup(request.strategy_id)
+            return pb.CleanupResponse()
+
+        return await self._guard.unary(context, "Cleanup", body)
+
+    async def GetQueueStats(self, request: pb.QueueStatsRequest, context: Context) -> pb.QueueStats:
+        async def body() -> pb.QueueStats:
+            return pb.QueueStats(sizes=await self._queues.stats(request.filter))
+
+        return await self._guard.unary(context, "GetQueueStats", body)
+
+    async def RedoDiff(self, request: pb.RedoDiffRequest, context: Context) -> pb.DiffResult:
+        async def body() -> pb.DiffResult:
+            sid = request.sentinel_id.strip()
+            if not sid:
+                raise InvalidSpec("sentinel_id is required", reason="MissingField")
+            strategy = sid.removesuffix(SENTINEL_SUFFIX) or sid
+            # RedoDiff carries no context: re-run in the strategy's last recorded one.
+            ctx = await self._diffs.graph.strategy_context(strategy) or {}
+            outcome = await self._diffs.diff(plan.Request(strategy, **ctx), request.dag_json)
+            p = outcome.plan
+            return pb.DiffResult(
+                queue_map=dict(p.queue_map), sentinel_id=p.sentinel_id, version=p.version
+            )
+
+        return await self._guard.unary(context, "RedoDiff", body)
+
+
+class HealthServicer(pb_grpc.HealthCheckServicer):
+    """Contract §3: up only with neo4j="ok" and state="running"."""
+
+    def __init__(self, graph: GraphStore) -> None:
+        self._graph = graph
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
+        ok = await self._graph.ping()
+        return pb.StatusReply(neo4j="ok" if ok else "error", state="running")
