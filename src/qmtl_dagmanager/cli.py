@@ -1,4 +1,9 @@
-"""The `dagmanager` command line."""
+"""The `dagmanager` command line.
+
+Exit codes: 0 success; 2 bad input (an invalid DAG, a bad flag or setting); 3 a dependency is
+unavailable (Neo4j, Kafka, the target server); 4 a conflict (cross-context reuse, a topic that
+exists with another configuration); 1 anything else.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,68 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
-from qmtl_dagmanager import bootstrap
-from qmtl_dagmanager.config import Settings, SettingsError
-from qmtl_dagmanager.core.errors import DagManagerError
+import aiohttp
+import grpc
+
+from qmtl_dagmanager import bootstrap, render
+from qmtl_dagmanager.client import ContractViolation, GatewayClient
+from qmtl_dagmanager.config import Settings, SettingsError, load
+from qmtl_dagmanager.core import dag
+from qmtl_dagmanager.core.errors import Conflict, DagManagerError, InvalidSpec, Unavailable
+from qmtl_dagmanager.core.plan import Request
+from qmtl_dagmanager.sidecar import app
 
 log = logging.getLogger("qmtl_dagmanager")
+EXIT_OK, EXIT_OTHER, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_CONFLICT = 0, 1, 2, 3, 4
+GRPC_EXIT = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_INPUT,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_CONFLICT,
+}
 
 
-async def _neo4j(settings: Settings, action: str, out: Path | None) -> int:
-    if settings.embedded_graph:
-        print(
-            "error: NEO4J_URI is not set (the embedded graph store has no schema)", file=sys.stderr
-        )
-        return 2
+class UsageError(Exception):
+    pass
+
+
+def _exit_for(error: BaseException) -> int:
+    if isinstance(error, InvalidSpec | SettingsError | UsageError):
+        return EXIT_INPUT
+    if isinstance(error, Unavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(error, Conflict):
+        return EXIT_CONFLICT
+    if isinstance(error, grpc.aio.AioRpcError):
+        return GRPC_EXIT.get(error.code(), EXIT_OTHER)
+    if isinstance(error, aiohttp.ClientError | OSError):
+        return EXIT_UNAVAILABLE
+    return EXIT_OTHER
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    if isinstance(error, DagManagerError):
+        return f"{error.reason}: {error.message}"
+    return str(error) or type(error).__name__
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def cmd_neo4j(settings: Settings, action: str, out: Path | None) -> int:
+    if settings.embedded_graph and action != "export":
+        raise UsageError("NEO4J_URI (or neo4j_dsn) is not set: the embedded graph has no schema")
+    if settings.embedded_graph:  # the schema does not depend on a server: export it anyway
+        settings = Settings(neo4j_uri="bolt://127.0.0.1:7687")
     graph = bootstrap.graph_store(settings)
     try:
         if action == "init":
@@ -39,33 +90,227 @@ async def _neo4j(settings: Settings, action: str, out: Path | None) -> int:
                 print(f"wrote {len(graph.schema_statements())} statements to {out}")
     finally:
         await graph.close()
-    return 0
+    return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dagmanager", description="QMTL DAG Manager")
-    ap.add_argument("--log-level", default=os.environ.get("QMTL_LOG_LEVEL", "INFO"))
+async def cmd_server(settings: Settings) -> int:
+    await app.serve(settings)
+    return EXIT_OK
+
+
+def _emit(
+    args: argparse.Namespace,
+    d: dag.Dag,
+    summary: dict[str, Any],
+    actions: dict[str, str],
+    topics: dict[str, str],
+) -> None:
+    fmt = args.output
+    if fmt == "json":
+        sys.stdout.write(render.as_json(summary, d, actions, topics))
+    elif fmt == "table":
+        print(" ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+        sys.stdout.write(render.table(d, actions, topics))
+    elif fmt == "mermaid":
+        sys.stdout.write(render.mermaid(d, actions))
+    elif fmt == "dot":
+        sys.stdout.write(render.dot(d, actions))
+    elif fmt == "svg":
+        exe = shutil.which("dot")
+        if exe is None:
+            raise UsageError("--output svg needs Graphviz's `dot` on PATH (or use --output dot)")
+        svg = subprocess.run(
+            [exe, "-Tsvg"], input=render.dot(d, actions), text=True, capture_output=True, check=True
+        ).stdout
+        sys.stdout.write(svg)
+
+
+def _read_dag(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+
+
+async def cmd_diff(settings: Settings, args: argparse.Namespace) -> int:
+    text = _read_dag(args.file)
+    request = Request(
+        args.strategy,
+        world_id=args.world,
+        execution_domain=args.domain,
+        as_of=args.as_of,
+        partition=args.partition,
+    )
+    d = dag.parse(text, limits=settings.limits, ids=settings.node_ids)
+    if args.target:
+        client = GatewayClient(args.target)
+        try:
+            reply = await client.diff(
+                args.strategy,
+                text,
+                world_id=args.world,
+                execution_domain=args.domain,
+                as_of=args.as_of,
+                partition=args.partition,
+                timeout=args.timeout,
+            )
+        finally:
+            await client.close()
+        topics = reply.topics_by_node()
+        actions = {b.node_id: "buffer" for b in reply.buffers}
+        summary = {
+            "sentinel_id": reply.sentinel_id,
+            "version": reply.version,
+            "crc32": reply.crc32,
+            "chunks": reply.chunks,
+            "queues": len(topics),
+        }
+        _emit(args, d, summary, actions, topics)
+        return EXIT_OK
+    container = bootstrap.build(settings)
+    try:
+        outcome = await container.diffs().diff(request, text, dry_run=True)
+    finally:
+        await container.close()
+    p = outcome.plan
+    actions = {x.node.node_id: x.action.value for x in p.nodes}
+    topics = {x.node.node_id: x.topic for x in p.nodes}
+    summary = {
+        "sentinel_id": p.sentinel_id,
+        "version": p.version,
+        "crc32": p.crc32,
+        "namespace": p.namespace,
+        "counts": dict(p.counts),
+        "dry_run": True,
+    }
+    _emit(args, d, summary, actions, topics)
+    return EXIT_OK
+
+
+async def cmd_queue_stats(args: argparse.Namespace) -> int:
+    parts = []
+    if args.tag:
+        parts.append(f"tag={args.tag}")
+    if args.interval:
+        parts.append(f"interval={args.interval}")
+    client = GatewayClient(args.target)
+    try:
+        sizes = await client.queue_stats(";".join(parts))
+    finally:
+        await client.close()
+    for topic, size in sorted(sizes.items()):
+        print(f"{size:>12}  {topic}")
+    return EXIT_OK
+
+
+async def cmd_gc(args: argparse.Namespace) -> int:
+    url = f"http://{args.target}/admin/gc-trigger"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, json={"id": f"cli-{os.getpid()}", "dry_run": args.dry_run}) as r,
+    ):
+        body = await r.text()
+        if r.status != 202:
+            print(f"error: {url} answered {r.status}: {body}", file=sys.stderr)
+            return EXIT_UNAVAILABLE if r.status >= 500 else EXIT_OTHER
+    print(body)
+    return EXIT_OK
+
+
+async def cmd_redo(args: argparse.Namespace) -> int:
+    client = GatewayClient(args.target)
+    try:
+        result = await client.redo_diff(args.sentinel, _read_dag(args.file))
+    finally:
+        await client.close()
+    print(
+        f"sentinel_id={result.sentinel_id} version={result.version} queues={len(result.queue_map)}"
+    )
+    for key, topic in sorted(result.queue_map.items()):
+        print(f"{key.partition('#')[0]}  {topic}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dagmanager",
+        description="QMTL DAG Manager",
+        epilog="exit codes: 0 ok, 2 bad input, 3 unavailable, 4 conflict, 1 other",
+    )
+    ap.add_argument("--config", type=Path, help="YAML settings (environment overrides it)")
+    ap.add_argument("--log-level", help="override log_level")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("server", help="run the sidecar: gRPC, HTTP admin, timed GC")
     sub.add_parser("neo4j-init", help="create the graph's constraints and indexes (idempotent)")
     sub.add_parser("neo4j-rollback", help="drop the graph's constraints and indexes")
     exp = sub.add_parser("export-schema", help="write the graph schema as Cypher")
     exp.add_argument("--out", type=Path, help="file to write (default: standard output)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    diff = sub.add_parser("diff", help="diff a DAG file: locally (--dry-run) or on a server")
+    diff.add_argument("--file", type=Path, required=True)
+    mode = diff.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan against the configured graph without writing anything",
     )
+    mode.add_argument("--target", help="HOST:PORT of a running sidecar (writes, like the Gateway)")
+    diff.add_argument("--strategy", default="cli")
+    diff.add_argument("--world", default="")
+    diff.add_argument("--domain", default="")
+    diff.add_argument("--as-of", default="")
+    diff.add_argument("--partition", default="")
+    diff.add_argument("--timeout", type=float, default=30.0)
+    diff.add_argument(
+        "--output", choices=("table", "json", "mermaid", "dot", "svg"), default="table"
+    )
+    qs = sub.add_parser("queue-stats", help="message counts per topic")
+    qs.add_argument("--tag", default="")
+    qs.add_argument("--interval", default="")
+    qs.add_argument("--target", default="127.0.0.1:50051")
+    gc = sub.add_parser("gc", help="trigger garbage collection on a running sidecar")
+    gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
+    redo = sub.add_parser("redo-diff", help="re-run a diff for a hotfix under a new version")
+    redo.add_argument("--sentinel", required=True)
+    redo.add_argument("--file", type=Path, required=True)
+    redo.add_argument("--target", default="127.0.0.1:50051")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
-        settings = Settings.from_env(os.environ)
-        if args.cmd in ("neo4j-init", "neo4j-rollback"):
-            return asyncio.run(_neo4j(settings, args.cmd.removeprefix("neo4j-"), None))
-        if args.cmd == "export-schema":
-            if settings.embedded_graph:  # the schema does not depend on a server: export it
-                settings = Settings(neo4j_uri="bolt://127.0.0.1:7687")
-            return asyncio.run(_neo4j(settings, "export", args.out))
-    except (SettingsError, DagManagerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 2
+        settings = load(args.config, os.environ)
+        level = (args.log_level or settings.log_level).upper()
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
+            "server": lambda: cmd_server(settings),
+            "neo4j-init": lambda: cmd_neo4j(settings, "init", None),
+            "neo4j-rollback": lambda: cmd_neo4j(settings, "rollback", None),
+            "export-schema": lambda: cmd_neo4j(settings, "export", args.out),
+            "diff": lambda: cmd_diff(settings, args),
+            "queue-stats": lambda: cmd_queue_stats(args),
+            "gc": lambda: cmd_gc(args),
+            "redo-diff": lambda: cmd_redo(args),
+        }
+        return asyncio.run(commands[args.cmd]())
+    except KeyboardInterrupt:
+        return EXIT_OTHER
+    except (
+        DagManagerError,
+        SettingsError,
+        UsageError,
+        ContractViolation,
+        grpc.aio.AioRpcError,
+        aiohttp.ClientError,
+        OSError,
+        subprocess.CalledProcessError,
+    ) as e:
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return _exit_for(e)
 
 
 if __name__ == "__main__":

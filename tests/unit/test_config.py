@@ -1,0 +1,61 @@
+"""Settings from YAML with environment overrides; clear errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qmtl_dagmanager.adapters.topic_rules import Profile
+from qmtl_dagmanager.config import SettingsError, load
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dagmanager.yml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_embedded() -> None:
+    s = load(None, {})
+    assert s.embedded_graph and s.embedded_kafka and s.grpc_port == 50051
+    assert (s.grpc_host, s.http_port) == ("127.0.0.1", 8001)
+
+
+def test_yaml_then_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "neo4j_dsn: bolt://db:7687\nkafka_dsn: k:9092\ngrpc_port: 6000\n"
+        "topic_profile: production\nenable_topic_namespace: false\n"
+        "max_nodes: 10\n",
+    )
+    s = load(path, {"QMTL_GRPC_PORT": "7000", "NEO4J_PASSWORD": "pw"})
+    assert (s.neo4j_uri, s.kafka_bootstrap, s.grpc_port) == ("bolt://db:7687", "k:9092", 7000)
+    assert s.neo4j_password == "pw" and s.topic_profile is Profile.PRODUCTION
+    assert s.enable_topic_namespace is False and s.limits.max_nodes == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("grpc_prot: 1\n", "grpc_prot"),
+        ("grpc_port: lots\n", "grpc_port"),
+        ("grpc_port: 70000\n", "grpc_port"),
+        ("topic_profile: chaos\n", "topic_profile"),
+        ("enable_topic_namespace: maybe\n", "enable_topic_namespace"),
+        ("profile: prod\n", "neo4j_dsn"),
+        ("gc_archive_bucket: s3://bucket\n", "S3"),
+        ("- a\n- b\n", "mapping"),
+        ("a: [\n", "YAML"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(SettingsError, match=needle):
+        load(write(tmp_path, text), {})
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match="QMTL_HTTP_PORT"):
+        load(None, {"QMTL_HTTP_PORT": "eighty"})
+    with pytest.raises(SettingsError, match="no such file"):
+        load(Path("/nonexistent/dagmanager.yml"), {})
