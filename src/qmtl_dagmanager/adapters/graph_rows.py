@@ -64,12 +64,4 @@ def rows(plan: Plan, now: float) -> Rows:
                     "compute_key": p.compute_key,
                 }
             )
-    ctx = plan.context
-    context = {
-        "world_id": ctx.world_id,
-        "execution_domain": ctx.execution_domain.value,
-        "as_of": ctx.as_of,
-        "partition": ctx.partition,
-        "dataset_fingerprint": ctx.dataset_fingerprint,
-    }
-    return Rows(plan.strategy_id, nodes, queues, refs, context)
+    return Rows(plan.strategy_id, nodes, queues, refs, plan.context.as_dict())

@@ -12,7 +12,13 @@ from typing import Any
 
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
+from qmtl_dagmanager.core.plan import (
+    NodeRecord,
+    Plan,
+    QueueRecord,
+    StrategyState,
+    sentinel_id,
+)
 from qmtl_dagmanager.ports import (
     GraphCounts,
     GraphRead,
@@ -50,7 +56,9 @@ class MemoryGraphStore:
     def schema_statements(self) -> list[str]:
         return []
 
-    async def read(self, node_ids: Sequence[NodeId], topics: Sequence[str]) -> GraphRead:
+    async def read(
+        self, node_ids: Sequence[NodeId], topics: Sequence[str], strategy_id: str = ""
+    ) -> GraphRead:
         records: dict[NodeId, NodeRecord] = {}
         by_node: dict[NodeId, list[QueueRecord]] = {}
         for q in self._queues.values():
@@ -62,7 +70,14 @@ class MemoryGraphStore:
                     nid, n["schema_hash"], n["schema_compat_id"], tuple(by_node.get(nid, ()))
                 )
         owners = {t: self._queues[t]["node_id"] for t in topics if t in self._queues}
-        return GraphRead(records, owners)
+        state = None
+        if strategy_id and strategy_id in self.contexts:
+            state = StrategyState(
+                frozenset(self.node_refs.get(strategy_id, set())),
+                dict(self.contexts[strategy_id]),
+                frozenset(v for (sid, v) in self.sentinels if sid == sentinel_id(strategy_id)),
+            )
+        return GraphRead(records, owners, state)
 
     async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:
         r = graph_rows.rows(plan, now)

@@ -18,7 +18,13 @@ from neo4j import exceptions as neo4j_errors
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core.errors import Conflict, InvalidSpec, Unavailable
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
+from qmtl_dagmanager.core.plan import (
+    NodeRecord,
+    Plan,
+    QueueRecord,
+    StrategyState,
+    sentinel_id,
+)
 from qmtl_dagmanager.ports import (
     GraphCounts,
     GraphRead,
@@ -56,7 +62,14 @@ CALL () {
   MATCH (o:ComputeNode)-[:EMITS]->(:Queue {topic: t})
   RETURN collect([t, o.node_id]) AS owners
 }
-RETURN nodes, owners
+CALL () {
+  OPTIONAL MATCH (s:Strategy {strategy_id: $sid})
+  OPTIONAL MATCH (n:ComputeNode)-[:USED_BY]->(s)
+  WITH s, collect(n.node_id) AS used
+  OPTIONAL MATCH (v:VersionSentinel {sentinel_id: $sentinel})
+  RETURN s.context AS context, used, collect(v.version) AS versions
+}
+RETURN nodes, owners, context, used, versions
 """
 
 MERGE_NODES = """
@@ -268,8 +281,17 @@ class Neo4jGraphStore:
             )
         log.info("neo4j schema rolled back")
 
-    async def read(self, node_ids: Sequence[NodeId], topics: Sequence[str]) -> GraphRead:
-        rows = await self._read("read", READ, ids=list(node_ids), topics=list(topics))
+    async def read(
+        self, node_ids: Sequence[NodeId], topics: Sequence[str], strategy_id: str = ""
+    ) -> GraphRead:
+        rows = await self._read(
+            "read",
+            READ,
+            ids=list(node_ids),
+            topics=list(topics),
+            sid=strategy_id,
+            sentinel=sentinel_id(strategy_id) if strategy_id else "",
+        )
         records: dict[NodeId, NodeRecord] = {}
         for nid, schema_hash, compat, queues in rows[0]["nodes"]:
             records[nid] = NodeRecord(
@@ -279,7 +301,15 @@ class Neo4jGraphStore:
                 tuple(QueueRecord(t, ck) for t, ck in queues if t is not None),
             )
         owners = {t: NodeId(o) for t, o in rows[0]["owners"]}
-        return GraphRead(records, owners)
+        state = None
+        if strategy_id and rows[0]["context"]:
+            ctx = orjson.loads(rows[0]["context"])
+            state = StrategyState(
+                frozenset(NodeId(n) for n in rows[0]["used"]),
+                {str(k): str(v) for k, v in ctx.items()},
+                frozenset(rows[0]["versions"]),
+            )
+        return GraphRead(records, owners, state)
 
     async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:
         r = graph_rows.rows(plan, now)

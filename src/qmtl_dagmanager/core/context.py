@@ -70,6 +70,16 @@ class ComputeContext:
     dataset_fingerprint: str = ""
     safe_mode_downgraded: bool = False
 
+    def as_dict(self) -> dict[str, str]:
+        """The context as plain strings (what the graph records for a strategy)."""
+        return {
+            "world_id": self.world_id,
+            "execution_domain": self.execution_domain.value,
+            "as_of": self.as_of,
+            "partition": self.partition,
+            "dataset_fingerprint": self.dataset_fingerprint,
+        }
+
     def key_suffix(self) -> str:
         """What follows the node id in a ComputeKey's preimage (for hot loops)."""
         return identity.compute_key_suffix(

@@ -46,6 +46,15 @@ class NodeRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class StrategyState:
+    """What the graph holds for a strategy: its references, context and sentinel versions."""
+
+    node_ids: frozenset[NodeId]
+    context: Mapping[str, str]
+    sentinel_versions: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     strategy_id: str
     world_id: str = ""
@@ -118,6 +127,18 @@ class Plan:
     @property
     def creates(self) -> tuple[NodePlan, ...]:
         return tuple(p for p in self.nodes if p.action is Action.CREATE)
+
+    def unchanged(self, state: StrategyState | None) -> bool:
+        """True when writing this plan would change nothing: every node reused as is, and the
+        strategy already references exactly these nodes, in this context, under a sentinel
+        for this version."""
+        if state is None or self.counts["new"] or self.counts["buffered"]:
+            return False
+        return (
+            state.node_ids == frozenset(p.node.node_id for p in self.nodes)
+            and dict(state.context) == self.context.as_dict()
+            and self.version in state.sentinel_versions
+        )
 
     def raise_for_violations(self) -> None:
         if self.violations:

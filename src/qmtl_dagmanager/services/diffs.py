@@ -70,10 +70,13 @@ class DiffService:
         self.metrics.diff_duration.labels("ok").observe(time.perf_counter() - started)
         return outcome
 
-    async def _plan(self, d: dag.Dag, request: plan.Request) -> plan.Plan:
+    async def _plan(
+        self, d: dag.Dag, request: plan.Request
+    ) -> tuple[plan.Plan, plan.StrategyState | None]:
         ns = plan.resolve_namespace(d, request) if self.namespaces else None
         candidates = plan.candidate_topics(d, ns)
-        read = await self.graph.read([n.node_id for n in d.nodes], candidates)
+        ids = [n.node_id for n in d.nodes]
+        read = await self.graph.read(ids, candidates, request.strategy_id)
         owners = dict(read.owners)
         looked_up = set(candidates)
         for _ in range(MAX_RENAME_ROUNDS):
@@ -83,11 +86,11 @@ class DiffService:
             # A lengthened name was not among the first-choice names: check who owns it.
             fresh = [c.topic for c in p.creates if c.topic not in looked_up]
             if not fresh:
-                return p
+                return p, read.strategy
             looked_up |= set(fresh)
             extra = await self.graph.read([], fresh)
             if not extra.owners:
-                return p
+                return p, read.strategy
             owners |= extra.owners
         raise Conflict(
             f"could not find free topic names for {request.strategy_id} after "
@@ -96,7 +99,7 @@ class DiffService:
 
     async def _diff(self, request: plan.Request, dag_json: str | bytes, dry: bool) -> DiffOutcome:
         d = dag.parse(dag_json, limits=self.limits, ids=self.ids)
-        p = await self._plan(d, request)
+        p, state = await self._plan(d, request)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))
             p.raise_for_violations()
@@ -109,6 +112,8 @@ class DiffService:
                 self.metrics.nodes_planned.labels(action).inc(count)
         if dry:
             return DiffOutcome(p, d, True)
+        if p.unchanged(state):
+            return DiffOutcome(p, d, False)  # a resubmission: nothing to write or announce
         creates = p.creates
         results = await self.topics.ensure({c.topic: c.spec for c in creates if c.spec})
         self._raise_for_topics(results)
