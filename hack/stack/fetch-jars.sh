@@ -15,7 +15,7 @@ case "$what" in
     deps="<dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_$KAFKA_SCALA</artifactId><version>$KAFKA_VERSION</version></dependency>
       <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$KAFKA_VERSION</version></dependency>
       <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>$LOG4J_VERSION</version></dependency>
-      <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>$LOG4J_VERSION</version></dependency>"
+      <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>$LOG4J_VERSION</version></dependency>"
     ;;
   neo4j)
     out="$CACHE/neo4j-$NEO4J_VERSION"
@@ -24,6 +24,8 @@ case "$what" in
     ;;
   *) echo "unknown component: $what" >&2; exit 2 ;;
 esac
+# the cache folder is keyed by the dependency list too, so changing it refetches
+out="$out-$(printf '%s' "$deps" | sha256sum | cut -c1-8)"
 
 compile_launcher() { # the launcher is compiled per content hash, so editing it rebuilds only it
   local sum; sum=$(sha256sum "$here/Neo4jLauncher.java" | cut -c1-12)

@@ -95,13 +95,22 @@ def kube_bin(name: str) -> Path:
     return CACHE / f"kube-{versions()['KUBERNETES_VERSION']}" / "bin" / name
 
 
+def _cached(prefix: str) -> Path:
+    """The complete artefact folder fetch-jars.sh made for this version (keyed by its
+    dependency list too)."""
+    found = sorted(CACHE.glob(f"{prefix}-*/.complete"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise StackError(f"no complete {prefix} artefacts under {CACHE}")
+    return found[-1].parent
+
+
 def kafka_home() -> Path:
     v = versions()
-    return CACHE / f"kafka-{v['KAFKA_SCALA']}-{v['KAFKA_VERSION']}"
+    return _cached(f"kafka-{v['KAFKA_SCALA']}-{v['KAFKA_VERSION']}")
 
 
 def neo4j_home() -> Path:
-    return CACHE / f"neo4j-{versions()['NEO4J_VERSION']}"
+    return _cached(f"neo4j-{versions()['NEO4J_VERSION']}")
 
 
 # --------------------------------------------------------------------------- processes

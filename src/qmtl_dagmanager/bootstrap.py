@@ -18,6 +18,7 @@ from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdm
 from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, EventTopics
 from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
+from qmtl_dagmanager.services.node_cache import NodeCache
 from qmtl_dagmanager.services.queues import QueueService
 
 
@@ -31,6 +32,7 @@ class Container:
     clock: Clock
     controlbus: ControlBus
     metrics: Metrics
+    node_cache: NodeCache
 
     async def start(self) -> None:
         """Prepare what the services need: the graph schema and the event topics."""
@@ -57,6 +59,8 @@ class Container:
             ids=s.node_ids,
             dry_run_strategy=s.dry_run_strategy,
             namespaces=s.enable_topic_namespace,
+            cache=self.node_cache,
+            max_inflight=s.diff_max_inflight,
         )
 
     def queues(self) -> QueueService:
@@ -64,7 +68,13 @@ class Container:
 
     def garbage(self) -> GcService:
         return GcService(
-            self.graph, self.topics, self.archive, self.controlbus, self.clock, self.metrics
+            self.graph,
+            self.topics,
+            self.archive,
+            self.controlbus,
+            self.clock,
+            self.metrics,
+            cache=self.node_cache,
         )
 
     async def close(self) -> None:
@@ -110,4 +120,5 @@ def build(settings: Settings) -> Container:
         clock,
         ControlBus(bus, clock, event_topics),
         Metrics(),
+        NodeCache(clock, ttl=settings.node_cache_ttl_seconds),
     )

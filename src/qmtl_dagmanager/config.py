@@ -42,6 +42,8 @@ class Settings:
     gc_interval_seconds: int = 3600  # 0 disables the timer (GC still runs on a trigger)
     archive_dir: str = "./archive"
     dry_run_strategy: str = "dryrun"
+    node_cache_ttl_seconds: int = 60  # 0 disables the node cache
+    diff_max_inflight: int = 4
     log_level: str = "INFO"
 
     @property
@@ -84,6 +86,13 @@ def _nonneg(v: Any) -> int:
     n = _int(v)
     if n < 0:
         raise ValueError("must not be negative")
+    return n
+
+
+def _positive(v: Any) -> int:
+    n = _int(v)
+    if n < 1:
+        raise ValueError("must be at least 1")
     return n
 
 
@@ -147,6 +156,8 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
     ("gc_interval_seconds", "QMTL_GC_INTERVAL_SECONDS", "gc_interval_seconds", _nonneg),
     ("gc_archive_bucket", "QMTL_ARCHIVE_DIR", "archive_dir", _archive),
     ("dry_run_strategy", "QMTL_DRY_RUN_STRATEGY", "dry_run_strategy", _text),
+    ("node_cache_ttl_seconds", "QMTL_NODE_CACHE_TTL", "node_cache_ttl_seconds", _nonneg),
+    ("diff_max_inflight", "QMTL_DIFF_MAX_INFLIGHT", "diff_max_inflight", _positive),
     ("log_level", "QMTL_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
     ("max_nodes", "QMTL_MAX_NODES", "max_nodes", _nonneg),
     ("max_dag_bytes", "QMTL_MAX_DAG_BYTES", "max_bytes", _nonneg),

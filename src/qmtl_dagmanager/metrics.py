@@ -48,6 +48,9 @@ class Metrics:
             "controlbus_events_total", "ControlBus events published", ["type"], registry=r
         )
         self.chunk_acks = Counter("diff_chunk_acks_total", "AckChunk calls received", registry=r)
+        self.node_cache = Gauge(
+            "node_cache_entries", "Node records held in the sidecar's node cache", registry=r
+        )
         self.grpc_errors = Counter(
             "grpc_errors_total", "gRPC calls that ended in an error", ["method", "code"], registry=r
         )

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from qmtl_dagmanager.core.dag import Sentinel
 from qmtl_dagmanager.core.gc import GcQueue
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Plan, StrategyState
+from qmtl_dagmanager.core.plan import NodeRecord, Plan
 from qmtl_dagmanager.core.topics import TopicSpec
 
 # --------------------------------------------------------------------------- graph
@@ -27,7 +27,7 @@ class GraphRead:
 
     records: Mapping[NodeId, NodeRecord]
     owners: Mapping[str, NodeId]  # topic name → the node that EMITS it
-    strategy: StrategyState | None = None  # when asked for and the strategy is known
+    fingerprint: str | None = None  # of the strategy's last write, when asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +114,7 @@ class GraphStore(Protocol):
         self, node_ids: Sequence[NodeId], topics: Sequence[str], strategy_id: str = ""
     ) -> GraphRead:
         """Records of the given nodes, the owners of the given topic names and (with a
-        strategy id) the strategy's state, in one query."""
+        strategy id) the fingerprint of the strategy's last write, in one query."""
         ...
 
     async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:

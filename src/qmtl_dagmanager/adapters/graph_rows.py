@@ -17,6 +17,7 @@ class Rows:
     queues: list[dict[str, Any]]  # queues to create (action CREATE)
     refs: list[dict[str, Any]]  # {node_id, topic}: what the strategy references
     context: dict[str, str]  # the compute context of this diff, kept on the Strategy
+    fingerprint: str  # of the plan, kept on the Strategy
 
 
 def rows(plan: Plan, now: float) -> Rows:
@@ -64,4 +65,4 @@ def rows(plan: Plan, now: float) -> Rows:
                     "compute_key": p.compute_key,
                 }
             )
-    return Rows(plan.strategy_id, nodes, queues, refs, plan.context.as_dict())
+    return Rows(plan.strategy_id, nodes, queues, refs, plan.context.as_dict(), plan.fingerprint())

@@ -12,13 +12,7 @@ from typing import Any
 
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import (
-    NodeRecord,
-    Plan,
-    QueueRecord,
-    StrategyState,
-    sentinel_id,
-)
+from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
 from qmtl_dagmanager.ports import (
     GraphCounts,
     GraphRead,
@@ -42,6 +36,7 @@ class MemoryGraphStore:
         self.queue_refs: dict[str, set[str]] = {}  # strategy → queues it USES
         self.sentinels: dict[tuple[str, str], _Sentinel] = {}
         self.contexts: dict[str, dict[str, str]] = {}
+        self.fingerprints: dict[str, str] = {}
         self.schema_ready = False
 
     async def ping(self) -> bool:
@@ -70,14 +65,7 @@ class MemoryGraphStore:
                     nid, n["schema_hash"], n["schema_compat_id"], tuple(by_node.get(nid, ()))
                 )
         owners = {t: self._queues[t]["node_id"] for t in topics if t in self._queues}
-        state = None
-        if strategy_id and strategy_id in self.contexts:
-            state = StrategyState(
-                frozenset(self.node_refs.get(strategy_id, set())),
-                dict(self.contexts[strategy_id]),
-                frozenset(v for (sid, v) in self.sentinels if sid == sentinel_id(strategy_id)),
-            )
-        return GraphRead(records, owners, state)
+        return GraphRead(records, owners, self.fingerprints.get(strategy_id))
 
     async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:
         r = graph_rows.rows(plan, now)
@@ -95,6 +83,7 @@ class MemoryGraphStore:
         for row in r.queues:
             self._queues.setdefault(row["topic"], {**row, "managed": True})
         self.contexts[r.strategy_id] = dict(r.context)
+        self.fingerprints[r.strategy_id] = r.fingerprint
         self.node_refs[r.strategy_id] = {ref["node_id"] for ref in r.refs}
         self.queue_refs[r.strategy_id] = {ref["topic"] for ref in r.refs}
         if sentinel is not None:
@@ -116,6 +105,7 @@ class MemoryGraphStore:
 
     async def release(self, strategy_id: str) -> int:
         self.contexts.pop(strategy_id, None)
+        self.fingerprints.pop(strategy_id, None)
         dropped = len(self.node_refs.pop(strategy_id, set()))
         dropped += len(self.queue_refs.pop(strategy_id, set()))
         return dropped

@@ -18,13 +18,7 @@ from neo4j import exceptions as neo4j_errors
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core.errors import Conflict, InvalidSpec, Unavailable
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import (
-    NodeRecord,
-    Plan,
-    QueueRecord,
-    StrategyState,
-    sentinel_id,
-)
+from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
 from qmtl_dagmanager.ports import (
     GraphCounts,
     GraphRead,
@@ -64,12 +58,9 @@ CALL () {
 }
 CALL () {
   OPTIONAL MATCH (s:Strategy {strategy_id: $sid})
-  OPTIONAL MATCH (n:ComputeNode)-[:USED_BY]->(s)
-  WITH s, collect(n.node_id) AS used
-  OPTIONAL MATCH (v:VersionSentinel {sentinel_id: $sentinel})
-  RETURN s.context AS context, used, collect(v.version) AS versions
+  RETURN s.fingerprint AS fingerprint
 }
-RETURN nodes, owners, context, used, versions
+RETURN nodes, owners, fingerprint
 """
 
 MERGE_NODES = """
@@ -105,8 +96,8 @@ SET_REFS = """
 MERGE (s:Strategy {strategy_id: $sid})
 WITH s
 CALL (s) {
-  WITH s WHERE s.context IS NULL OR s.context <> $context
-  SET s.context = $context
+  WITH s WHERE s.fingerprint IS NULL OR s.fingerprint <> $fingerprint
+  SET s.context = $context, s.fingerprint = $fingerprint
 }
 WITH s
 OPTIONAL MATCH (x)-[u:USED_BY]->(s)
@@ -290,7 +281,6 @@ class Neo4jGraphStore:
             ids=list(node_ids),
             topics=list(topics),
             sid=strategy_id,
-            sentinel=sentinel_id(strategy_id) if strategy_id else "",
         )
         records: dict[NodeId, NodeRecord] = {}
         for nid, schema_hash, compat, queues in rows[0]["nodes"]:
@@ -301,15 +291,7 @@ class Neo4jGraphStore:
                 tuple(QueueRecord(t, ck) for t, ck in queues if t is not None),
             )
         owners = {t: NodeId(o) for t, o in rows[0]["owners"]}
-        state = None
-        if strategy_id and rows[0]["context"]:
-            ctx = orjson.loads(rows[0]["context"])
-            state = StrategyState(
-                frozenset(NodeId(n) for n in rows[0]["used"]),
-                {str(k): str(v) for k, v in ctx.items()},
-                frozenset(rows[0]["versions"]),
-            )
-        return GraphRead(records, owners, state)
+        return GraphRead(records, owners, rows[0]["fingerprint"])
 
     async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:
         r = graph_rows.rows(plan, now)
@@ -329,6 +311,7 @@ class Neo4jGraphStore:
                     SET_REFS,
                     sid=r.strategy_id,
                     context=orjson.dumps(r.context, option=orjson.OPT_SORT_KEYS).decode(),
+                    fingerprint=r.fingerprint,
                     refs=r.refs,
                     node_ids=[x["node_id"] for x in r.refs],
                     topics=[x["topic"] for x in r.refs],

@@ -72,3 +72,12 @@ class Unavailable(DagManagerError):
     ) -> None:
         super().__init__(message, reason=reason)
         self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    """Too much work in flight: shed at once rather than queue it."""
+
+    reason = "Overloaded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=0.5, reason="Overloaded")

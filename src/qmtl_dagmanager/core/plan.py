@@ -46,15 +46,6 @@ class NodeRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class StrategyState:
-    """What the graph holds for a strategy: its references, context and sentinel versions."""
-
-    node_ids: frozenset[NodeId]
-    context: Mapping[str, str]
-    sentinel_versions: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
 class Request:
     strategy_id: str
     world_id: str = ""
@@ -128,17 +119,20 @@ class Plan:
     def creates(self) -> tuple[NodePlan, ...]:
         return tuple(p for p in self.nodes if p.action is Action.CREATE)
 
-    def unchanged(self, state: StrategyState | None) -> bool:
-        """True when writing this plan would change nothing: every node reused as is, and the
-        strategy already references exactly these nodes, in this context, under a sentinel
-        for this version."""
-        if state is None or self.counts["new"] or self.counts["buffered"]:
+    def fingerprint(self) -> str:
+        """A digest of what a write of this plan records for its strategy: the (node, queue)
+        references, the compute context and the version."""
+        refs = sorted(f"{p.node.node_id}>{p.topic}" for p in self.nodes)
+        ctx = self.context.as_dict()
+        text = "\n".join([self.version, *(f"{k}={ctx[k]}" for k in sorted(ctx)), *refs])
+        return blake3(text.encode()).hexdigest()[:32]
+
+    def unchanged(self, recorded: str | None) -> bool:
+        """True when writing this plan would change nothing: every node reused as is and the
+        strategy's recorded fingerprint is this plan's."""
+        if not recorded or self.counts["new"] or self.counts["buffered"]:
             return False
-        return (
-            state.node_ids == frozenset(p.node.node_id for p in self.nodes)
-            and dict(state.context) == self.context.as_dict()
-            and self.version in state.sentinel_versions
-        )
+        return recorded == self.fingerprint()
 
     def raise_for_violations(self) -> None:
         if self.violations:

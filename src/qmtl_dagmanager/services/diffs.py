@@ -9,12 +9,16 @@ same configuration" is success), and the graph is unchanged: no partial graph wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from qmtl_dagmanager.adapters.clock import SystemClock
 from qmtl_dagmanager.core import dag, plan
-from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Unavailable
+from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Overloaded, Unavailable
+from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
@@ -26,6 +30,7 @@ from qmtl_dagmanager.ports import (
     TopicStatus,
 )
 from qmtl_dagmanager.services.controlbus import ControlBus
+from qmtl_dagmanager.services.node_cache import NodeCache
 
 log = logging.getLogger(__name__)
 MAX_RENAME_ROUNDS = 3
@@ -51,7 +56,13 @@ class DiffService:
     ids: dag.IdMode = dag.IdMode.VERIFY
     dry_run_strategy: str = "dryrun"
     namespaces: bool = True
+    cache: NodeCache = field(default_factory=lambda: NodeCache(SystemClock(), ttl=0))
+    max_inflight: int = 4
+    max_waiting: int = 64
+    max_wait: float = 2.0
     _gaps: dict[str, bool] = field(default_factory=dict)
+    _slots: asyncio.Semaphore | None = None
+    _waiting: int = 0
 
     async def diff(
         self, request: plan.Request, dag_json: str | bytes, *, dry_run: bool = False
@@ -61,7 +72,8 @@ class DiffService:
         self.metrics.diff_requests.inc()
         dry = dry_run or request.strategy_id == self.dry_run_strategy
         try:
-            outcome = await self._diff(request, dag_json, dry)
+            async with self._admission():
+                outcome = await self._diff(request, dag_json, dry)
         except DagManagerError as e:
             self.metrics.diff_failures.labels(e.reason).inc()
             self.metrics.diff_duration.labels("error").observe(time.perf_counter() - started)
@@ -70,27 +82,47 @@ class DiffService:
         self.metrics.diff_duration.labels("ok").observe(time.perf_counter() - started)
         return outcome
 
-    async def _plan(
-        self, d: dag.Dag, request: plan.Request
-    ) -> tuple[plan.Plan, plan.StrategyState | None]:
-        ns = plan.resolve_namespace(d, request) if self.namespaces else None
-        candidates = plan.candidate_topics(d, ns)
+    @contextlib.asynccontextmanager
+    async def _admission(self) -> AsyncIterator[None]:
+        """At most `max_inflight` diffs run at once; at most `max_waiting` wait, each for at
+        most `max_wait` seconds. Beyond that the sidecar sheds load at once instead of
+        queueing work the Gateway will have discarded (its budget is 0.1 s)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_inflight)
+        if self._slots.locked() and self._waiting >= self.max_waiting:
+            raise Overloaded(f"{self._waiting} diffs already waiting; try again shortly")
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.max_wait)
+        except TimeoutError:
+            raise Overloaded(f"no diff slot within {self.max_wait:g} s") from None
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _plan(self, d: dag.Dag, request: plan.Request) -> tuple[plan.Plan, str | None]:
+        """Plan with the node records (from the cache, else one graph query that also
+        returns the strategy's fingerprint), then look up who owns the names of new topics."""
         ids = [n.node_id for n in d.nodes]
-        read = await self.graph.read(ids, candidates, request.strategy_id)
-        owners = dict(read.owners)
-        looked_up = set(candidates)
+        records = self.cache.get_many(ids)
+        missing = [nid for nid in ids if nid not in records]
+        read = await self.graph.read(missing, [], request.strategy_id)
+        self.cache.put_many(read.records)
+        records.update(read.records)
+        owners: dict[str, NodeId] = {}
+        looked_up: set[str] = set()
         for _ in range(MAX_RENAME_ROUNDS):
-            p = plan.plan(
-                d, request, read.records, owners, self.catalog, namespaces=self.namespaces
-            )
-            # A lengthened name was not among the first-choice names: check who owns it.
+            p = plan.plan(d, request, records, owners, self.catalog, namespaces=self.namespaces)
             fresh = [c.topic for c in p.creates if c.topic not in looked_up]
             if not fresh:
-                return p, read.strategy
+                return p, read.fingerprint
             looked_up |= set(fresh)
             extra = await self.graph.read([], fresh)
             if not extra.owners:
-                return p, read.strategy
+                return p, read.fingerprint
             owners |= extra.owners
         raise Conflict(
             f"could not find free topic names for {request.strategy_id} after "
@@ -99,7 +131,7 @@ class DiffService:
 
     async def _diff(self, request: plan.Request, dag_json: str | bytes, dry: bool) -> DiffOutcome:
         d = dag.parse(dag_json, limits=self.limits, ids=self.ids)
-        p, state = await self._plan(d, request)
+        p, fingerprint = await self._plan(d, request)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))
             p.raise_for_violations()
@@ -112,14 +144,19 @@ class DiffService:
                 self.metrics.nodes_planned.labels(action).inc(count)
         if dry:
             return DiffOutcome(p, d, True)
-        if p.unchanged(state):
+        if p.unchanged(fingerprint):
             return DiffOutcome(p, d, False)  # a resubmission: nothing to write or announce
         creates = p.creates
         results = await self.topics.ensure({c.topic: c.spec for c in creates if c.spec})
         self._raise_for_topics(results)
         now = self.clock.now()
         sentinel = d.sentinels[0] if d.sentinels else None
-        await self.graph.apply(p, now, SentinelWrite.from_plan(p, sentinel))
+        try:
+            await self.graph.apply(p, now, SentinelWrite.from_plan(p, sentinel))
+        except DagManagerError:
+            self.cache.evict(n.node_id for n in d.nodes)
+            raise
+        self._remember(p)
         self._gaps[request.strategy_id] = sentinel is None
         self.metrics.sentinel_gap.set(sum(self._gaps.values()))
         if creates:
@@ -134,7 +171,22 @@ class DiffService:
             counts = await self.graph.counts()
             self.metrics.compute_nodes.set(counts.compute_nodes)
             self.metrics.queues.set(counts.queues)
+        self.metrics.node_cache.set(len(self.cache))
         return DiffOutcome(p, d, False, results)
+
+    def _remember(self, p: plan.Plan) -> None:
+        """After a write: the graph now holds each node with its queue for this context."""
+        known = self.cache.get_many(n.node.node_id for n in p.nodes)
+        fresh: dict[NodeId, plan.NodeRecord] = {}
+        for n in p.nodes:
+            old = known.get(n.node.node_id)
+            queues = old.queues if old else ()
+            if not any(q.compute_key == n.compute_key for q in queues):
+                queues = (*queues, plan.QueueRecord(n.topic, n.compute_key))
+            fresh[n.node.node_id] = plan.NodeRecord(
+                n.node.node_id, n.node.schema_hash, n.node.schema_compat_id, queues
+            )
+        self.cache.put_many(fresh)
 
     def _raise_for_topics(self, results: dict[str, TopicResult]) -> None:
         bad = {t: r for t, r in results.items() if not r.ok}

@@ -13,6 +13,7 @@ from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Archive, Clock, GraphStore, TopicAdmin
 from qmtl_dagmanager.services.controlbus import ControlBus
+from qmtl_dagmanager.services.node_cache import NodeCache
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class GcService:
     metrics: Metrics
     policies: Mapping[str, gc.GcPolicy] = field(default_factory=lambda: dict(gc.DEFAULT_POLICIES))
     limits: gc.GcLimits = field(default_factory=gc.GcLimits)
+    cache: NodeCache | None = None
 
     async def collect(self, *, dry_run: bool = False) -> GcRun:
         now = self.clock.now()
@@ -89,6 +91,8 @@ class GcService:
             if error:
                 raise _Skip(f"Kafka refused to delete {d.topic}: {error}")
         await self.graph.forget_queue(d.topic)
+        if self.cache is not None:
+            self.cache.evict_topic(d.topic)
         await self.controlbus.queue_lifecycle(d.topic, d.action.value, d.reason)
         self.metrics.gc_collected.labels(d.action.value).inc()
         self.metrics.events_published.labels("queue_lifecycle").inc()

@@ -9,7 +9,13 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 
-from qmtl_dagmanager.core.errors import Conflict, DagManagerError, InvalidSpec, Unavailable
+from qmtl_dagmanager.core.errors import (
+    Conflict,
+    DagManagerError,
+    InvalidSpec,
+    Overloaded,
+    Unavailable,
+)
 from qmtl_dagmanager.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -18,6 +24,8 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 def code_for(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, InvalidSpec):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, Conflict):

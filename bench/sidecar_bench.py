@@ -1,0 +1,192 @@
+"""Benchmark of the sidecar over loopback gRPC, with the Gateway-like client, on the stack.
+
+    python bench/sidecar_bench.py [--load-seconds 60] [--rate 50]
+
+Starts `dagmanager server` as its own process (so its memory is its own), against the local
+stack's Neo4j and Kafka. Cases: resubmitting a known 1k-node and 100-node DAG; the first
+submission of a new 1k-node DAG (1k topics created in one batch); an open-loop load of 1k-node
+resubmissions at a fixed rate, with the sidecar's RSS sampled every second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qmtl_dagmanager.client import GatewayClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.gen import dumps, generate  # noqa: E402
+
+
+def env() -> dict[str, str]:
+    out = dict(os.environ)
+    path = ROOT / ".stack" / "env"
+    if path.exists() and "NEO4J_URI" not in out:
+        for line in path.read_text().splitlines():
+            k, _, v = line.removeprefix("export ").partition("=")
+            out[k] = v
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * len(s)) - 1))]
+
+
+def row(case: str, t: list[float], extra: str = "") -> None:
+    ms = [x * 1e3 for x in t]
+    print(
+        f"{case:<46} {statistics.median(ms):>8.1f} {pct(ms, 0.95):>8.1f} {len(ms):>6} {extra}",
+        flush=True,
+    )
+
+
+async def wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise SystemExit("the sidecar exited during start-up")
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.2)
+    raise SystemExit("the sidecar did not become SERVING")
+
+
+async def timed(client: GatewayClient, strategy: str, text: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await client.diff(strategy, text, world_id="w1")
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def load(
+    client: GatewayClient, text: str, rate: float, seconds: float, pid: int
+) -> tuple[list[float], int, list[float]]:
+    latencies: list[float] = []
+    errors = 0
+    rss: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            await client.diff(f"load-{i % 20}", text, world_id="w1")
+            latencies.append(time.perf_counter() - t0)
+        except grpc.aio.AioRpcError:
+            errors += 1
+
+    start = time.perf_counter()
+    i = 0
+    next_sample = start
+    while time.perf_counter() - start < seconds:
+        due = start + i / rate
+        now = time.perf_counter()
+        if due > now:
+            await asyncio.sleep(due - now)
+        t = asyncio.create_task(one(i))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+        i += 1
+        if time.perf_counter() >= next_sample:
+            rss.append(rss_mb(pid))
+            next_sample += 1.0
+    await asyncio.gather(*tasks)
+    return latencies, errors, rss
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--load-seconds", type=float, default=60)
+    ap.add_argument("--rate", type=float, default=50)
+    args = ap.parse_args()
+    e = env()
+    port, http = free_port(), free_port()
+    cfg = ROOT / ".stack" / "bench-sidecar.yml"
+    cfg.parent.mkdir(exist_ok=True)
+    cfg.write_text(
+        f"neo4j_dsn: {e['NEO4J_URI']}\nneo4j_user: {e['NEO4J_USER']}\n"
+        f"neo4j_password: {e['NEO4J_PASSWORD']}\nkafka_dsn: "
+        f"{e['KAFKA_BOOTSTRAP_SERVERS']}\ngrpc_port: {port}\nhttp_port: {http}\n"
+        "gc_interval_seconds: 0\nlog_level: warning\nnode_ids: trust\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"]
+    )
+    client = GatewayClient(f"127.0.0.1:{port}")
+    try:
+        await wait_serving(port, proc)
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+            f"{platform.python_version()}; sidecar pid {proc.pid}, node ids trusted"
+        )
+        print(f"{'case':<46} {'p50 ms':>8} {'p95 ms':>8} {'runs':>6}")
+        run = uuid.uuid4().hex[:6]
+        big = dumps(generate(1000, seed=1, salt=f"b{run}"))
+        small = dumps(generate(100, seed=2, salt=f"s{run}"))
+        await client.diff(f"known-1k-{run}", big, world_id="w1")
+        await client.diff(f"known-100-{run}", small, world_id="w1")
+        row("resubmit a known 1k-node DAG", await timed(client, f"known-1k-{run}", big, 100))
+        row("resubmit a known 100-node DAG", await timed(client, f"known-100-{run}", small, 200))
+        firsts = []
+        for i in range(3):
+            fresh = dumps(generate(1000, seed=10 + i, salt=f"f{run}{i}"))
+            t0 = time.perf_counter()
+            reply = await client.diff(f"first-{run}-{i}", fresh, world_id="w1")
+            firsts.append(time.perf_counter() - t0)
+            assert len(reply.queue_map) == 1000
+        row("first submission of a new 1k-node DAG", firsts, "(1k topics each)")
+        for i in range(20):  # the load's strategies exist before the clock starts
+            await client.diff(f"load-{i}", big, world_id="w1")
+        lat, errors, rss = await load(client, big, args.rate, args.load_seconds, proc.pid)
+        achieved = len(lat) / args.load_seconds
+        row(
+            f"load: 1k-node diffs at {args.rate:g}/s for {args.load_seconds:g} s",
+            lat,
+            f"errors={errors} completed/s={achieved:.1f}",
+        )
+        print(
+            f"sidecar RSS during load (MB, 1 s samples): min {min(rss):.0f} "
+            f"max {max(rss):.0f} first {rss[0]:.0f} last {rss[-1]:.0f}"
+        )
+    finally:
+        await client.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
