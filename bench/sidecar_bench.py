@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
 from qmtl_dagmanager.client import GatewayClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +148,7 @@ async def main() -> None:
         [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"]
     )
     client = GatewayClient(f"127.0.0.1:{port}")
+    created: list[str] = []
     try:
         await wait_serving(port, proc)
         print(
@@ -161,13 +163,27 @@ async def main() -> None:
         await client.diff(f"known-100-{run}", small, world_id="w1")
         row("resubmit a known 1k-node DAG", await timed(client, f"known-1k-{run}", big, 100))
         row("resubmit a known 100-node DAG", await timed(client, f"known-100-{run}", small, 200))
+        # Same nodes, different bytes each time (a display name changes): no resubmission-cache
+        # hit, so every request is parsed, validated and planned in full.
+        varied = generate(1000, seed=1, salt=f"b{run}")
+        misses = []
+        for i in range(50):
+            varied["nodes"][0]["name"] = f"src-{i}"
+            text = dumps(varied)
+            t0 = time.perf_counter()
+            await client.diff(f"known-1k-{run}", text, world_id="w1")
+            misses.append(time.perf_counter() - t0)
+        row("known 1k-node DAG, new bytes each time", misses)
         firsts = []
+
         for i in range(3):
             fresh = dumps(generate(1000, seed=10 + i, salt=f"f{run}{i}"))
             t0 = time.perf_counter()
             reply = await client.diff(f"first-{run}-{i}", fresh, world_id="w1")
             firsts.append(time.perf_counter() - t0)
             assert len(reply.queue_map) == 1000
+            created.extend(reply.queue_map.values())
+            await client.cleanup(f"first-{run}-{i}")
         row("first submission of a new 1k-node DAG", firsts, "(1k topics each)")
         for i in range(20):  # the load's strategies exist before the clock starts
             await client.diff(f"load-{i}", big, world_id="w1")
@@ -186,6 +202,9 @@ async def main() -> None:
         await client.close()
         proc.terminate()
         proc.wait(30)
+    # remove what the first submissions created, so repeated runs do not pile up topics
+    admin = KafkaTopicAdmin(e["KAFKA_BOOTSTRAP_SERVERS"], timeout=60)
+    await admin.delete(sorted(set(created)))
 
 
 if __name__ == "__main__":

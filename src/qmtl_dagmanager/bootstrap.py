@@ -18,7 +18,7 @@ from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdm
 from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, EventTopics
 from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
-from qmtl_dagmanager.services.node_cache import NodeCache
+from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queues import QueueService
 
 
@@ -33,6 +33,7 @@ class Container:
     controlbus: ControlBus
     metrics: Metrics
     node_cache: NodeCache
+    resubmissions: ResubmissionCache
 
     async def start(self) -> None:
         """Prepare what the services need: the graph schema and the event topics."""
@@ -60,6 +61,7 @@ class Container:
             dry_run_strategy=s.dry_run_strategy,
             namespaces=s.enable_topic_namespace,
             cache=self.node_cache,
+            resubmissions=self.resubmissions,
             max_inflight=s.diff_max_inflight,
         )
 
@@ -121,4 +123,5 @@ def build(settings: Settings) -> Container:
         ControlBus(bus, clock, event_topics),
         Metrics(),
         NodeCache(clock, ttl=settings.node_cache_ttl_seconds),
+        ResubmissionCache(settings.resubmission_cache_nodes),
     )

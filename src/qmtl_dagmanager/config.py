@@ -44,6 +44,7 @@ class Settings:
     dry_run_strategy: str = "dryrun"
     node_cache_ttl_seconds: int = 60  # 0 disables the node cache
     diff_max_inflight: int = 4
+    resubmission_cache_nodes: int = 20_000  # 0 disables the resubmission cache
     log_level: str = "INFO"
 
     @property
@@ -158,6 +159,12 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
     ("dry_run_strategy", "QMTL_DRY_RUN_STRATEGY", "dry_run_strategy", _text),
     ("node_cache_ttl_seconds", "QMTL_NODE_CACHE_TTL", "node_cache_ttl_seconds", _nonneg),
     ("diff_max_inflight", "QMTL_DIFF_MAX_INFLIGHT", "diff_max_inflight", _positive),
+    (
+        "resubmission_cache_nodes",
+        "QMTL_RESUBMISSION_CACHE_NODES",
+        "resubmission_cache_nodes",
+        _nonneg,
+    ),
     ("log_level", "QMTL_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
     ("max_nodes", "QMTL_MAX_NODES", "max_nodes", _nonneg),
     ("max_dag_bytes", "QMTL_MAX_DAG_BYTES", "max_bytes", _nonneg),

@@ -149,6 +149,10 @@ async def test_tag_queries_cleanup_stats_and_redo(sidecar: Running) -> None:
     assert dict(redo.queue_map) == reply.queue_map  # same context: nodes keep their topics
     await sidecar.client.cleanup(strategy)
     assert await graph.strategy_nodes(strategy) == set()
+    # the same bytes again after a cleanup: the cached answer is not trusted blindly
+    again = await sidecar.client.diff(strategy, dumps(doc), world_id="w1")
+    assert again.queue_map == reply.queue_map
+    assert len(await graph.strategy_nodes(strategy)) == 40
 
 
 async def test_standard_grpc_health(sidecar: Running) -> None:

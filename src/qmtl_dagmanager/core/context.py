@@ -6,6 +6,7 @@ without `as_of` is downgraded to backtest in safe mode (contract §5).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -21,42 +22,55 @@ class Domain(StrEnum):
     SHADOW = "shadow"
 
 
-DOMAIN_ALIASES: dict[str, Domain] = {
-    "": Domain.BACKTEST,
-    "default": Domain.BACKTEST,
-    "backtest": Domain.BACKTEST,
-    "backtesting": Domain.BACKTEST,
-    "offline": Domain.BACKTEST,
-    "compute-only": Domain.BACKTEST,
-    "validate": Domain.BACKTEST,
-    "dryrun": Domain.DRYRUN,
-    "dry-run": Domain.DRYRUN,
-    "dry_run": Domain.DRYRUN,
-    "paper": Domain.DRYRUN,
-    "papertrade": Domain.DRYRUN,
-    "paper-trade": Domain.DRYRUN,
-    "sim": Domain.DRYRUN,
-    "simulation": Domain.DRYRUN,
-    "sandbox": Domain.DRYRUN,
-    "live": Domain.LIVE,
-    "prod": Domain.LIVE,
-    "production": Domain.LIVE,
-    "real": Domain.LIVE,
+# Tokens after lower-casing and removing spaces, `_` and `-` (as the Gateway compares them).
+DOMAIN_TOKENS: dict[str, Domain] = {
+    **dict.fromkeys(
+        (
+            "backtest",
+            "backtesting",
+            "compute",
+            "computeonly",
+            "offline",
+            "sandbox",
+            "validate",
+            "validation",
+        ),
+        Domain.BACKTEST,
+    ),
+    **dict.fromkeys(
+        (
+            "dryrun",
+            "dryrunmode",
+            "papermode",
+            "paper",
+            "papertrade",
+            "papertrading",
+            "papertrader",
+            "sim",
+            "simulation",
+            "simulated",
+        ),
+        Domain.DRYRUN,
+    ),
+    **dict.fromkeys(("live", "prod", "production"), Domain.LIVE),
     "shadow": Domain.SHADOW,
 }
+_SEGMENTS = re.compile(r"[/:]")
+_NOISE = re.compile(r"[\s_-]+")
 
 
-class UnknownDomain(ValueError):
-    pass
-
-
-def normalize_domain(value: str | None) -> Domain:
-    key = (value or "").strip().lower()
-    try:
-        return DOMAIN_ALIASES[key]
-    except KeyError:
-        known = ", ".join(sorted(k for k in DOMAIN_ALIASES if k))
-        raise UnknownDomain(f"unknown execution domain {value!r} (known: {known})") from None
+def normalize_domain(value: str | None) -> str:
+    """The canonical domain of an alias (`paper` → dryrun, `prod` → live, …); the first
+    `/`- or `:`-separated segment that is an alias wins. Missing or `default` is backtest;
+    a value that is no alias is kept, lower-cased (it still separates compute keys)."""
+    text = (value or "").strip().lower()
+    if text in ("", "default"):
+        return Domain.BACKTEST.value
+    for segment in _SEGMENTS.split(text):
+        hit = DOMAIN_TOKENS.get(_NOISE.sub("", segment))
+        if hit is not None:
+            return hit.value
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +78,7 @@ class ComputeContext:
     """A normalised compute context; `safe_mode_downgraded` says the domain was lowered."""
 
     world_id: str = ""
-    execution_domain: Domain = Domain.BACKTEST
+    execution_domain: str = Domain.BACKTEST.value
     as_of: str = ""
     partition: str = ""
     dataset_fingerprint: str = ""
@@ -74,7 +88,7 @@ class ComputeContext:
         """The context as plain strings (what the graph records for a strategy)."""
         return {
             "world_id": self.world_id,
-            "execution_domain": self.execution_domain.value,
+            "execution_domain": self.execution_domain,
             "as_of": self.as_of,
             "partition": self.partition,
             "dataset_fingerprint": self.dataset_fingerprint,
@@ -83,12 +97,12 @@ class ComputeContext:
     def key_suffix(self) -> str:
         """What follows the node id in a ComputeKey's preimage (for hot loops)."""
         return identity.compute_key_suffix(
-            self.world_id, self.execution_domain.value, self.as_of, self.partition
+            self.world_id, self.execution_domain, self.as_of, self.partition
         )
 
     def key_for(self, nid: str) -> identity.ComputeKey:
         return identity.compute_key(
-            nid, self.world_id, self.execution_domain.value, self.as_of, self.partition
+            nid, self.world_id, self.execution_domain, self.as_of, self.partition
         )
 
 
@@ -107,10 +121,15 @@ def resolve(*layers: Mapping[str, Any] | None) -> ComputeContext:
         for f in fields:
             if not merged[f]:
                 merged[f] = _text(layer.get(f))
-    domain = normalize_domain(merged["execution_domain"])
-    downgraded = False
-    if domain is Domain.DRYRUN and not merged["as_of"]:
-        domain, downgraded = Domain.BACKTEST, True
+    raw_domain = merged["execution_domain"].strip().lower()
+    domain = normalize_domain(raw_domain)
+    # Safe mode: with no domain decided, or a backtest or dry-run without `as_of`, the
+    # context runs (and is keyed) as a backtest.
+    downgraded = raw_domain in ("", "default") or (
+        domain in (Domain.BACKTEST, Domain.DRYRUN) and not merged["as_of"]
+    )
+    if downgraded:
+        domain = Domain.BACKTEST.value
     return ComputeContext(
         world_id=merged["world_id"],
         execution_domain=domain,

@@ -316,9 +316,7 @@ def _int_field(raw: Mapping[str, Any], key: str, where: str) -> int:
 
 
 def _inputs(raw: Mapping[str, Any], where: str) -> tuple[NodeId, ...]:
-    deps = raw.get("inputs")
-    if deps is None:
-        deps = raw.get("dependencies")
+    deps = raw.get("inputs") or raw.get("dependencies")
     if type(deps) is list and None not in deps and "" not in deps:
         return tuple(deps)  # the common case; element types are checked with the inputs
     try:

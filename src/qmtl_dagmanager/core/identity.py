@@ -71,7 +71,7 @@ def canonical_json(value: Any) -> str:
 def as_int(value: Any, field: str) -> int:
     """`int()` of the value as the SDK does: missing/null → 0, floats truncate, digit strings
     parse; anything else is an error naming the field."""
-    if value is None:
+    if not value:  # missing, null, 0, "" and false are all 0 (the SDK's `int(v or 0)`)
         return 0
     if isinstance(value, bool):
         return int(value)
@@ -136,11 +136,10 @@ def params_blob(node: Mapping[str, Any]) -> str:
 
 
 def dependency_ids(node: Mapping[str, Any]) -> list[str]:
-    """Upstream ids: `inputs` when present (not null), else `dependencies`; empties dropped."""
-    deps = node.get("inputs")
-    if deps is None:
-        deps = node.get("dependencies")
-    if deps is None:
+    """Upstream ids: `inputs`, or `dependencies` when `inputs` is empty or missing (the SDK's
+    `inputs or dependencies`); empty and null ids dropped."""
+    deps = node.get("inputs") or node.get("dependencies")
+    if not deps:
         return []
     if isinstance(deps, str) or not isinstance(deps, list):
         raise IdentityError("inputs", "inputs must be a list of node ids")

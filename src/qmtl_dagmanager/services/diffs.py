@@ -30,7 +30,7 @@ from qmtl_dagmanager.ports import (
     TopicStatus,
 )
 from qmtl_dagmanager.services.controlbus import ControlBus
-from qmtl_dagmanager.services.node_cache import NodeCache
+from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 
 log = logging.getLogger(__name__)
 MAX_RENAME_ROUNDS = 3
@@ -58,8 +58,9 @@ class DiffService:
     namespaces: bool = True
     cache: NodeCache = field(default_factory=lambda: NodeCache(SystemClock(), ttl=0))
     max_inflight: int = 4
-    max_waiting: int = 64
-    max_wait: float = 2.0
+    max_waiting: int = 16
+    max_wait: float = 0.5
+    resubmissions: ResubmissionCache = field(default_factory=lambda: ResubmissionCache(0))
     _gaps: dict[str, bool] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _waiting: int = 0
@@ -130,6 +131,23 @@ class DiffService:
         )
 
     async def _diff(self, request: plan.Request, dag_json: str | bytes, dry: bool) -> DiffOutcome:
+        key = "" if dry else self.resubmissions.key(request, dag_json, self.ids, self.namespaces)
+        seen = self.resubmissions.get(key)
+        if seen is not None:
+            # The same bytes in the same context were diffed and written before: if the
+            # graph still records exactly that write for the strategy, the answer stands.
+            read = await self.graph.read([], [], request.strategy_id)
+            if seen.plan.unchanged(read.fingerprint):
+                return seen
+            self.resubmissions.drop(key)
+        outcome = await self._diff_fresh(request, dag_json, dry)
+        if key and not outcome.dry_run and not outcome.plan.violations:
+            self.resubmissions.put(key, outcome)
+        return outcome
+
+    async def _diff_fresh(
+        self, request: plan.Request, dag_json: str | bytes, dry: bool
+    ) -> DiffOutcome:
         d = dag.parse(dag_json, limits=self.limits, ids=self.ids)
         p, fingerprint = await self._plan(d, request)
         if p.violations:

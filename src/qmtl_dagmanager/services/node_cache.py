@@ -7,10 +7,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
+from blake3 import blake3
+
+from qmtl_dagmanager.core.dag import IdMode
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord
+from qmtl_dagmanager.core.plan import NodeRecord, Request
 from qmtl_dagmanager.ports import Clock
+
+if TYPE_CHECKING:
+    from qmtl_dagmanager.services.diffs import DiffOutcome
 
 
 class NodeCache:
@@ -64,3 +71,59 @@ class NodeCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+class ResubmissionCache:
+    """Outcomes of recent written diffs, keyed by the exact request (bytes and context).
+
+    The Gateway resubmits the same DAG again and again. A hit is served only after the graph
+    confirms, with one small query, that the strategy's recorded fingerprint is still the one
+    that outcome wrote; otherwise the diff runs in full. Bounded by the total node count."""
+
+    def __init__(self, max_nodes: int = 50_000) -> None:
+        self._max_nodes = max_nodes
+        self._nodes = 0
+        self._entries: OrderedDict[str, DiffOutcome] = OrderedDict()
+
+    def key(self, request: Request, dag_json: str | bytes, ids: IdMode, namespaces: bool) -> str:
+        if self._max_nodes <= 0:
+            return ""
+        h = blake3(dag_json.encode() if isinstance(dag_json, str) else dag_json)
+        ctx = "\x1f".join(
+            (
+                request.strategy_id,
+                request.world_id,
+                request.execution_domain,
+                request.as_of,
+                request.partition,
+                request.dataset_fingerprint,
+                ids.value,
+                str(namespaces),
+            )
+        )
+        h.update(b"\x00" + ctx.encode())
+        return h.hexdigest()
+
+    def get(self, key: str) -> DiffOutcome | None:
+        if not key:
+            return None
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+        return hit
+
+    def put(self, key: str, outcome: DiffOutcome) -> None:
+        size = len(outcome.plan.nodes)
+        if not key or size > self._max_nodes:
+            return
+        self.drop(key)
+        self._entries[key] = outcome
+        self._nodes += size
+        while self._nodes > self._max_nodes:
+            _, old = self._entries.popitem(last=False)
+            self._nodes -= len(old.plan.nodes)
+
+    def drop(self, key: str) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._nodes -= len(old.plan.nodes)
