@@ -60,11 +60,14 @@ bench: $(STAMP) ## benchmarks of the real code paths (figures go to README: Perf
 	$(PY) bench/core_bench.py
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
 	$(PY) bench/adapters_bench.py
+	$(PY) bench/sidecar_bench.py
 
-run: $(STAMP) ## the main job: bring the stack up and print how to reach each server
+run: $(STAMP) ## the main job: the local stack plus the sidecar (gRPC :50051, HTTP admin :8001) on it
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
 	@$(STACK) status
-	@echo; echo "Use it:  source .stack/env && kubectl get namespaces"
+	@bash hack/sidecar-config.sh > .stack/dagmanager.yml
+	@echo "Sidecar config: .stack/dagmanager.yml (Ctrl-C stops the sidecar; make stack-down stops the servers)"
+	$(VENV)/bin/dagmanager --config .stack/dagmanager.yml server
 
 clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cache stays)
 	-$(STACK) down
