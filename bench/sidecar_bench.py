@@ -129,6 +129,31 @@ async def load(
     return latencies, errors, rss
 
 
+async def full_paths(client: GatewayClient, run: str, created: list[str]) -> None:
+    """Requests that take the full path: new bytes for known nodes, and new DAGs."""
+    # Same nodes, different bytes each time (a display name changes): no resubmission-cache
+    # hit, so every request is parsed, validated and planned in full.
+    varied = generate(1000, seed=1, salt=f"b{run}")
+    misses = []
+    for i in range(50):
+        varied["nodes"][0]["name"] = f"src-{i}"
+        text = dumps(varied)
+        t0 = time.perf_counter()
+        await client.diff(f"known-1k-{run}", text, world_id="w1")
+        misses.append(time.perf_counter() - t0)
+    row("known 1k-node DAG, new bytes each time", misses)
+    firsts = []
+    for i in range(3):
+        fresh = dumps(generate(1000, seed=10 + i, salt=f"f{run}{i}"))
+        t0 = time.perf_counter()
+        reply = await client.diff(f"first-{run}-{i}", fresh, world_id="w1")
+        firsts.append(time.perf_counter() - t0)
+        assert len(reply.queue_map) == 1000
+        created.extend(reply.queue_map.values())
+        await client.cleanup(f"first-{run}-{i}")
+    row("first submission of a new 1k-node DAG", firsts, "(1k topics each)")
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--load-seconds", type=float, default=60)
@@ -163,28 +188,7 @@ async def main() -> None:
         await client.diff(f"known-100-{run}", small, world_id="w1")
         row("resubmit a known 1k-node DAG", await timed(client, f"known-1k-{run}", big, 100))
         row("resubmit a known 100-node DAG", await timed(client, f"known-100-{run}", small, 200))
-        # Same nodes, different bytes each time (a display name changes): no resubmission-cache
-        # hit, so every request is parsed, validated and planned in full.
-        varied = generate(1000, seed=1, salt=f"b{run}")
-        misses = []
-        for i in range(50):
-            varied["nodes"][0]["name"] = f"src-{i}"
-            text = dumps(varied)
-            t0 = time.perf_counter()
-            await client.diff(f"known-1k-{run}", text, world_id="w1")
-            misses.append(time.perf_counter() - t0)
-        row("known 1k-node DAG, new bytes each time", misses)
-        firsts = []
-
-        for i in range(3):
-            fresh = dumps(generate(1000, seed=10 + i, salt=f"f{run}{i}"))
-            t0 = time.perf_counter()
-            reply = await client.diff(f"first-{run}-{i}", fresh, world_id="w1")
-            firsts.append(time.perf_counter() - t0)
-            assert len(reply.queue_map) == 1000
-            created.extend(reply.queue_map.values())
-            await client.cleanup(f"first-{run}-{i}")
-        row("first submission of a new 1k-node DAG", firsts, "(1k topics each)")
+        await full_paths(client, run, created)
         for i in range(20):  # the load's strategies exist before the clock starts
             await client.diff(f"load-{i}", big, world_id="w1")
         lat, errors, rss = await load(client, big, args.rate, args.load_seconds, proc.pid)
