@@ -43,7 +43,7 @@ class Settings:
     archive_dir: str = "./archive"
     dry_run_strategy: str = "dryrun"
     node_cache_ttl_seconds: int = 60  # 0 disables the node cache
-    diff_max_inflight: int = 4
+    diff_max_inflight: int = 8
     resubmission_cache_nodes: int = 20_000  # 0 disables the resubmission cache
     log_level: str = "INFO"
 

@@ -57,9 +57,9 @@ class DiffService:
     dry_run_strategy: str = "dryrun"
     namespaces: bool = True
     cache: NodeCache = field(default_factory=lambda: NodeCache(SystemClock(), ttl=0))
-    max_inflight: int = 4
-    max_waiting: int = 16
-    max_wait: float = 0.5
+    max_inflight: int = 8
+    max_waiting: int = 64
+    max_wait: float = 2.0
     resubmissions: ResubmissionCache = field(default_factory=lambda: ResubmissionCache(0))
     _gaps: dict[str, bool] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None

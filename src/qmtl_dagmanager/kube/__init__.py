@@ -1,0 +1,1 @@
+"""The Kubernetes driver: API models of the custom resources, their CRDs, the kopf operator."""

@@ -1,0 +1,234 @@
+"""API models of the StrategyDAG custom resource, and its CRD generated from them.
+
+Each field is declared once, with its OpenAPI type and the documentation `kubectl explain`
+shows; `crd()` turns the models into a structural CRD (`make crds` writes it to crds/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+GROUP = "qmtl.io"
+VERSION = "v1alpha1"
+KIND = "StrategyDAG"
+PLURAL = "strategydags"
+
+
+@dataclass(frozen=True)
+class F:
+    """A field: its schema and its documentation."""
+
+    schema: dict[str, Any]
+    doc: str
+    required: bool = False
+
+
+def s(doc: str, required: bool = False, **extra: Any) -> F:
+    return F({"type": "string", **extra}, doc, required)
+
+
+def obj(doc: str, fields: dict[str, F], required: bool = False, **extra: Any) -> F:
+    props = {k: {**v.schema, "description": v.doc} for k, v in fields.items()}
+    schema: dict[str, Any] = {"type": "object", "properties": props, **extra}
+    req = [k for k, v in fields.items() if v.required]
+    if req:
+        schema["required"] = req
+    return F(schema, doc, required)
+
+
+FREE = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+CONDITION = obj(
+    "A condition of the resource.",
+    {
+        "type": s("Ready, Progressing or Degraded.", True),
+        "status": s("True, False or Unknown.", True, enum=["True", "False", "Unknown"]),
+        "reason": s("A CamelCase reason, e.g. Reconciled, InvalidSpec, DependencyUnavailable."),
+        "message": s("Human-readable detail."),
+        "lastTransitionTime": s("When the status last changed.", format="date-time"),
+        "observedGeneration": F(
+            {"type": "integer", "format": "int64"}, "The generation this condition describes."
+        ),
+    },
+)
+
+SPEC = obj(
+    "The desired state: a strategy's DAG and the context it runs in.",
+    {
+        "strategyId": s(
+            "The strategy's id (the Gateway's strategy_id); the sentinel is "
+            "`<strategyId>-sentinel`.",
+            True,
+            minLength=1,
+            maxLength=253,
+        ),
+        "dag": obj(
+            "The DAG inline, as the QMTL SDK serialises it (contract §4).",
+            {
+                "schemaVersion": s("DAG schema version: v1, 1 or 1.0.", enum=["v1", "1", "1.0"]),
+                "nodes": F({"type": "array", "items": FREE}, "The node objects, in order."),
+                "meta": F(FREE, "meta: topic_namespace, compute_context, version labels."),
+            },
+        ),
+        "dagConfigMapRef": obj(
+            "A ConfigMap key holding the DAG as JSON (for large DAGs).",
+            {
+                "name": s("ConfigMap name (same namespace).", True),
+                "key": s("Key holding the DAG JSON.", True),
+            },
+        ),
+        "worldId": s("World the strategy runs in (part of the compute context and namespace)."),
+        "executionDomain": s("backtest, dryrun, live or shadow (aliases accepted)."),
+        "asOf": s("As-of timestamp of the data (backtests, dry runs)."),
+        "partition": s("Data partition."),
+        "version": s("Version label; overrides the DAG's own labels when set."),
+        "deletionPolicy": s(
+            "On deletion: Delete drops the strategy's references (queues left "
+            "to GC); Retain also keeps its topics, marked unmanaged.",
+            enum=["Delete", "Retain"],
+            default="Delete",
+        ),
+        "paused": F(
+            {"type": "boolean", "default": False},
+            "Stop reconciling until unpaused (nothing is changed).",
+        ),
+        "dryRun": F(
+            {"type": "boolean", "default": False},
+            "Compute the plan into status.plan without changing anything.",
+        ),
+    },
+    required=True,
+)
+
+COUNTS = obj(
+    "Node counts of the last diff.",
+    {
+        k: F({"type": "integer"}, d)
+        for k, d in (
+            ("total", "Compute nodes."),
+            ("reused", "Reused as they are."),
+            ("buffered", "Reused with a new schema."),
+            ("new", "Created."),
+        )
+    },
+)
+
+STATUS = obj(
+    "The observed state, written by the operator only.",
+    {
+        "observedGeneration": F(
+            {"type": "integer", "format": "int64"}, "The spec generation last reconciled."
+        ),
+        "phase": s("Pending, Ready, Failed, Degraded, Paused or Planned (dry run)."),
+        "conditions": F(
+            {"type": "array", "items": {k: v for k, v in CONDITION.schema.items()}},
+            "Ready, Progressing and Degraded.",
+        ),
+        "sentinelId": s("The strategy's sentinel id."),
+        "version": s("The normalised version label."),
+        "nodes": COUNTS,
+        "topics": F(
+            {"type": "object", "additionalProperties": {"type": "string"}},
+            "node id → topic, when at most 200 nodes.",
+        ),
+        "topicsConfigMap": s("ConfigMap holding the full node → topic map (large DAGs)."),
+        "topicCount": F({"type": "integer"}, "How many topics the DAG uses."),
+        "lastReconcileTime": s("When the spec was last reconciled.", format="date-time"),
+        "plan": F(FREE, "The plan of a dry run: counts and per-node decisions."),
+    },
+)
+
+
+def crd() -> dict[str, Any]:
+    """The CustomResourceDefinition of StrategyDAG."""
+    spec_schema: dict[str, Any] = {**SPEC.schema, "description": SPEC.doc}
+    schema: dict[str, Any] = {
+        "type": "object",
+        "description": "A strategy's DAG, kept in the graph and in Kafka by the DAG Manager.",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": {**STATUS.schema, "description": STATUS.doc},
+        },
+        "required": ["spec"],
+    }
+    spec_schema["x-kubernetes-validations"] = [
+        {
+            "rule": "has(self.dag) != has(self.dagConfigMapRef)",
+            "message": "set exactly one of dag and dagConfigMapRef",
+        }
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "plural": PLURAL,
+                "singular": "strategydag",
+                "kind": KIND,
+                "shortNames": ["sdag"],
+                "categories": ["qmtl"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "schema": {"openAPIV3Schema": schema},
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": ".status.conditions[?(@.type=='Ready')].status",
+                        },
+                        {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes.total"},
+                        {"name": "New", "type": "integer", "jsonPath": ".status.nodes.new"},
+                        {"name": "Version", "type": "string", "jsonPath": ".status.version"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                }
+            ],
+        },
+    }
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """The spec, read from a custom resource body (validated by the CRD schema first)."""
+
+    strategy_id: str
+    dag: dict[str, Any] | None
+    config_map: tuple[str, str] | None
+    world_id: str = ""
+    execution_domain: str = ""
+    as_of: str = ""
+    partition: str = ""
+    version: str = ""
+    deletion_policy: str = "Delete"
+    paused: bool = False
+    dry_run: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, spec: dict[str, Any]) -> StrategySpec:
+        ref = spec.get("dagConfigMapRef")
+        return cls(
+            strategy_id=str(spec.get("strategyId", "")),
+            dag=dict(spec["dag"]) if isinstance(spec.get("dag"), dict) else None,
+            config_map=(str(ref["name"]), str(ref["key"])) if isinstance(ref, dict) else None,
+            world_id=str(spec.get("worldId", "")),
+            execution_domain=str(spec.get("executionDomain", "")),
+            as_of=str(spec.get("asOf", "")),
+            partition=str(spec.get("partition", "")),
+            version=str(spec.get("version", "")),
+            deletion_policy=str(spec.get("deletionPolicy", "Delete")),
+            paused=bool(spec.get("paused", False)),
+            dry_run=bool(spec.get("dryRun", False)),
+        )

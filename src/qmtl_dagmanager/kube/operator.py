@@ -1,0 +1,183 @@
+"""The kopf driver: thin handlers that read the StrategyDAG, call the strategy service, and
+render status and events. Errors are mapped here, once: an invalid spec or a conflict is
+permanent (status says why, no retry); an unavailable dependency is temporary (Degraded,
+retried with backoff). Create, update, resume and the resync timer share one function."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import kubernetes
+import orjson
+
+from qmtl_dagmanager import bootstrap
+from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.kube import api, status
+from qmtl_dagmanager.services.strategies import StrategyService, dag_document
+
+log = logging.getLogger(__name__)
+FINALIZER = "qmtl.io/strategy-cleanup"
+RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+
+
+def _read_config_map(namespace: str, name: str, key: str) -> str | None:
+    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config())
+    try:
+        cm = core.read_namespaced_config_map(name, namespace)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    data = cm.data or {}
+    value = data.get(key)
+    return str(value) if value is not None else None
+
+
+class Reconciler:
+    """One level-based reconcile for create, update, resume and resync; and deletion."""
+
+    def __init__(self, strategies: StrategyService) -> None:
+        self.strategies = strategies
+
+    async def _dag_json(self, s: api.StrategySpec, namespace: str) -> str:
+        text = None
+        if s.config_map is not None:
+            name, key = s.config_map
+            text = await asyncio.to_thread(_read_config_map, namespace, name, key)
+        doc = dag_document(s, text)
+        return doc if isinstance(doc, str) else _dumps(doc)
+
+    async def reconcile(
+        self, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, trigger: str
+    ) -> None:
+        s = api.StrategySpec.from_body(dict(spec))
+        old: Mapping[str, Any] = dict(body.get("status") or {})
+        generation = int(meta.get("generation") or 0)
+        if s.paused:
+            new = {**old, "phase": "Paused", "observedGeneration": generation}
+            if not status.same(old, new):
+                patch.status.update(new)
+                kopf.info(body, reason="Paused", message="reconciling is paused")
+            return
+        try:
+            outcome = await self.strategies.reconcile(
+                s, await self._dag_json(s, str(meta.get("namespace")))
+            )
+        except DagManagerError as e:
+            self._failed(body, patch, old, e, generation)
+            return
+        new = status.for_outcome(old, outcome, _now(), generation)
+        if status.same(old, new):
+            return  # level-based resync: nothing changed, nothing written
+        patch.status.update({**new, "lastReconcileTime": _now()})
+        p = outcome.plan
+        kopf.info(
+            body,
+            reason="Planned" if outcome.dry_run else "Reconciled",
+            message=f"{trigger}: {p.counts['new']} new, {p.counts['reused']} reused, "
+            f"{p.counts['buffered']} buffered",
+        )
+
+    @staticmethod
+    def _failed(
+        body: kopf.Body,
+        patch: kopf.Patch,
+        old: Mapping[str, Any],
+        e: DagManagerError,
+        generation: int,
+    ) -> None:
+        new = status.for_error(old, e, _now(), generation)
+        changed = not status.same(old, new)
+        if changed:
+            patch.status.update({**new, "lastReconcileTime": _now()})
+        if e.retryable:
+            kopf.warn(body, reason=e.reason, message=f"{e.message} (retrying)")
+            raise kopf.TemporaryError(e.message, delay=float(getattr(e, "retry_after", 5.0)))
+        if changed:
+            kopf.warn(body, reason=e.reason, message=e.message)
+
+    async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
+        s = api.StrategySpec.from_body(dict(spec))
+        topics = list(((body.get("status") or {}).get("topics") or {}).values())
+        try:
+            dropped = await self.strategies.delete(s, topics)
+        except DagManagerError as e:
+            if e.retryable:
+                raise kopf.TemporaryError(e.message, delay=5) from e
+            raise kopf.PermanentError(e.message) from e
+        kopf.info(
+            body, reason="Deleted", message=f"{dropped} references dropped ({s.deletion_policy})"
+        )
+
+
+def build_registry(
+    container: bootstrap.Container, resync_seconds: float = 300.0
+) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    rec = Reconciler(StrategyService(container.diffs(), container.graph))
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.posting.level = logging.INFO
+        settings.watching.server_timeout = 60
+        await container.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def shutdown(**_: Any) -> None:
+        await container.close()
+
+    @kopf.on.resume(*RESOURCE, registry=registry)
+    @kopf.on.create(*RESOURCE, registry=registry)
+    @kopf.on.update(*RESOURCE, field="spec", registry=registry)
+    async def on_change(
+        body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, reason: str, **_: Any
+    ) -> None:
+        await rec.reconcile(body, spec, meta, patch, str(reason))
+
+    @kopf.timer(*RESOURCE, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
+    async def resync(
+        body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, **_: Any
+    ) -> None:
+        await rec.reconcile(body, spec, meta, patch, "resync")
+
+    @kopf.on.delete(*RESOURCE, registry=registry)
+    async def on_delete(body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
+        await rec.delete(body, spec)
+
+    return registry
+
+
+def _dumps(doc: Mapping[str, Any]) -> str:
+    return orjson.dumps(doc).decode()
+
+
+async def run(
+    container: bootstrap.Container,
+    *,
+    namespaces: list[str] | None,
+    resync_seconds: float = 300.0,
+    liveness: str | None = None,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run the operator until stopped: one namespace list, or all namespaces."""
+    registry = build_registry(container, resync_seconds)
+    await kopf.operator(
+        registry=registry,
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=namespaces or (),
+        liveness_endpoint=liveness,
+        stop_flag=stop,
+        ready_flag=ready,
+    )

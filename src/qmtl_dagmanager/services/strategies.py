@@ -1,0 +1,78 @@
+"""StrategyDAG use cases for the operator: reconcile a spec (one level-based function for
+create, update, resume and resync) and clean up on deletion. No Kubernetes in here: the kopf
+driver reads the resource, calls these, and renders the result into status and events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmtl_dagmanager.core.errors import InvalidSpec
+from qmtl_dagmanager.core.plan import Request
+from qmtl_dagmanager.kube.api import StrategySpec
+from qmtl_dagmanager.ports import GraphStore
+from qmtl_dagmanager.services.diffs import DiffOutcome, DiffService
+
+log = logging.getLogger(__name__)
+
+
+def dag_document(spec: StrategySpec, config_map_text: str | None) -> dict[str, Any] | str:
+    """The DAG as the SDK would send it: from the inline spec, or the ConfigMap's JSON."""
+    if spec.config_map is not None:
+        if config_map_text is None:
+            name, key = spec.config_map
+            raise InvalidSpec(
+                f"spec.dagConfigMapRef: ConfigMap {name} has no key {key!r}", reason="DagNotFound"
+            )
+        return config_map_text
+    if spec.dag is None:
+        raise InvalidSpec("spec: set dag or dagConfigMapRef", reason="MissingField")
+    doc: dict[str, Any] = {
+        "schema_version": spec.dag.get("schemaVersion", "v1"),
+        "nodes": spec.dag.get("nodes", []),
+        "meta": spec.dag.get("meta") or {},
+    }
+    if spec.version:
+        doc["version"] = spec.version
+    return doc
+
+
+@dataclass
+class StrategyService:
+    diffs: DiffService
+    graph: GraphStore
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def _lock(self, strategy_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(strategy_id, asyncio.Lock())
+
+    async def reconcile(self, spec: StrategySpec, dag_json: str | bytes) -> DiffOutcome:
+        """Make the graph and Kafka match the spec (or, with dryRun, only plan)."""
+        if not spec.strategy_id.strip():
+            raise InvalidSpec("spec.strategyId is required", reason="MissingField")
+        request = Request(
+            spec.strategy_id,
+            world_id=spec.world_id,
+            execution_domain=spec.execution_domain,
+            as_of=spec.as_of,
+            partition=spec.partition,
+        )
+        async with self._lock(spec.strategy_id):
+            return await self.diffs.diff(request, dag_json, dry_run=spec.dry_run)
+
+    async def delete(self, spec: StrategySpec, topics: list[str]) -> int:
+        """Drop the strategy's references; with Retain, keep its topics as unmanaged."""
+        async with self._lock(spec.strategy_id):
+            if spec.deletion_policy == "Retain" and topics:
+                await self.graph.set_unmanaged(topics)
+            dropped = await self.graph.release(spec.strategy_id)
+        self._locks.pop(spec.strategy_id, None)
+        log.info(
+            "strategy %s deleted (%s): %d references dropped",
+            spec.strategy_id,
+            spec.deletion_policy,
+            dropped,
+        )
+        return dropped
