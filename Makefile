@@ -38,7 +38,15 @@ proto-check: $(STAMP) ## fail if the committed gRPC stubs differ from what proto
 	  || { echo "gRPC stubs are stale: run 'make proto' and commit"; rm -rf "$$tmp"; exit 1; }; \
 	  rm -rf "$$tmp"; echo "gRPC stubs are current"
 
-lint: $(STAMP) proto-check ## ruff, mypy --strict on src/, import-linter contracts, generated code current
+crds: $(STAMP) ## regenerate crds/ from the API models (src/qmtl_dagmanager/kube/api.py)
+	$(PY) hack/gen-crds.py
+
+crds-check: $(STAMP) ## fail if crds/ differs from what the API models generate
+	@tmp=$$(mktemp -d); $(PY) hack/gen-crds.py "$$tmp"; \
+	  diff -r "$$tmp" crds || { echo "crds/ is stale: run 'make crds' and commit"; rm -rf "$$tmp"; exit 1; }; \
+	  rm -rf "$$tmp"; echo "CRDs are current"
+
+lint: $(STAMP) proto-check crds-check ## ruff, mypy --strict on src/, import-linter contracts, generated code current
 	$(VENV)/bin/ruff check src tests hack bench
 	$(VENV)/bin/ruff format --check src tests hack bench
 	$(VENV)/bin/mypy src
@@ -73,4 +81,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

@@ -27,6 +27,7 @@ from qmtl_dagmanager.config import Settings, SettingsError, load
 from qmtl_dagmanager.core import dag
 from qmtl_dagmanager.core.errors import Conflict, DagManagerError, InvalidSpec, Unavailable
 from qmtl_dagmanager.core.plan import Request
+from qmtl_dagmanager.kube import operator
 from qmtl_dagmanager.sidecar import app
 
 log = logging.getLogger("qmtl_dagmanager")
@@ -90,6 +91,17 @@ async def cmd_neo4j(settings: Settings, action: str, out: Path | None) -> int:
                 print(f"wrote {len(graph.schema_statements())} statements to {out}")
     finally:
         await graph.close()
+    return EXIT_OK
+
+
+async def cmd_operator(settings: Settings, args: argparse.Namespace) -> int:
+    container = bootstrap.build(settings)
+    await operator.run(
+        container,
+        namespaces=args.namespace or None,
+        resync_seconds=args.resync,
+        liveness=args.liveness,
+    )
     return EXIT_OK
 
 
@@ -244,6 +256,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-level", help="override log_level")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("server", help="run the sidecar: gRPC, HTTP admin, timed GC")
+    op = sub.add_parser("operator", help="run the StrategyDAG operator (KUBECONFIG or in-cluster)")
+    op.add_argument(
+        "--namespace",
+        action="append",
+        help="watch this namespace (repeatable); default: all namespaces",
+    )
+    op.add_argument("--resync", type=float, default=300.0, help="resync period in seconds")
+    op.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        help="liveness endpoint URL (kopf's probe)",
+    )
     sub.add_parser("neo4j-init", help="create the graph's constraints and indexes (idempotent)")
     sub.add_parser("neo4j-rollback", help="drop the graph's constraints and indexes")
     exp = sub.add_parser("export-schema", help="write the graph schema as Cypher")
@@ -288,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
             "server": lambda: cmd_server(settings),
+            "operator": lambda: cmd_operator(settings, args),
             "neo4j-init": lambda: cmd_neo4j(settings, "init", None),
             "neo4j-rollback": lambda: cmd_neo4j(settings, "rollback", None),
             "export-schema": lambda: cmd_neo4j(settings, "export", args.out),

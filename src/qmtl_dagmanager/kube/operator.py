@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,8 +30,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
 
 
+def kube_configuration() -> kubernetes.client.Configuration:
+    """The in-cluster service account, else the kubeconfig named by $KUBECONFIG (read now,
+    not at import) or the default one."""
+    cfg = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=cfg)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg
+        )
+    return cfg
+
+
 def _read_config_map(namespace: str, name: str, key: str) -> str | None:
-    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config())
+    core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(kube_configuration()))
     try:
         cm = core.read_namespaced_config_map(name, namespace)
     except kubernetes.client.ApiException as e:
@@ -131,6 +145,20 @@ def build_registry(
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 60
         await container.start()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        cfg = kube_configuration()
+        token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+        return kopf.ConnectionInfo(
+            server=cfg.host,
+            ca_path=cfg.ssl_ca_cert,
+            insecure=not cfg.verify_ssl,
+            certificate_path=cfg.cert_file,
+            private_key_path=cfg.key_file,
+            scheme="Bearer" if token else None,
+            token=token.removeprefix("Bearer ").strip() if token else None,
+        )
 
     @kopf.on.cleanup(registry=registry)
     async def shutdown(**_: Any) -> None:

@@ -1,0 +1,279 @@
+"""The StrategyDAG operator in-process (kopf) against the real kube-apiserver, Neo4j and Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, config
+
+from qmtl_dagmanager import bootstrap
+from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.core import identity
+from qmtl_dagmanager.kube import api, operator
+from tests.conftest import Stack
+from tests.gen import generate
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclasses.dataclass
+class Cluster:
+    custom: client.CustomObjectsApi
+    core: client.CoreV1Api
+    namespace: str
+    container: bootstrap.Container
+
+    def create(self, name: str, spec: dict[str, Any]) -> None:
+        body = {
+            "apiVersion": f"{api.GROUP}/{api.VERSION}",
+            "kind": api.KIND,
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+        self.custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, body
+        )
+
+    def get(self, name: str) -> dict[str, Any]:
+        return dict(
+            self.custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+            )
+        )
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name, {"spec": spec}
+        )
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+        )
+
+    def events(self, name: str) -> list[str]:
+        evs = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return [f"{e.reason}: {e.message}" for e in evs.items]
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await asyncio.to_thread(predicate)
+        if last:
+            return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c["type"] == kind:
+            return dict(c)
+    return {}
+
+
+@pytest.fixture
+async def cluster(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> AsyncIterator[Cluster]:
+    monkeypatch.setenv("KUBECONFIG", stack.kubeconfig)
+    api_client = config.new_client_from_config(config_file=stack.kubeconfig)
+    ext = client.ApiextensionsV1Api(api_client)
+    crd = yaml.safe_load((ROOT / "crds" / f"{api.PLURAL}.{api.GROUP}.yaml").read_text())
+    try:
+        ext.create_custom_resource_definition(crd)
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+        ext.patch_custom_resource_definition(crd["metadata"]["name"], crd)
+    await until(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions
+            or []
+        ),
+        what="CRD established",
+    )
+    core = client.CoreV1Api(api_client)
+    ns = f"op-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": ns}})
+    settings = dataclasses.replace(
+        Settings(),
+        neo4j_uri=stack.neo4j_uri,
+        neo4j_user=stack.neo4j_user,
+        neo4j_password=stack.neo4j_password,
+        kafka_bootstrap=stack.kafka_bootstrap,
+        archive_dir=str(tmp_path / "archive"),
+    )
+    container = bootstrap.build(settings)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        operator.run(container, namespaces=[ns], resync_seconds=3600, stop=stop, ready=ready)
+    )
+    await asyncio.wait_for(ready.wait(), 60)
+    cl = Cluster(client.CustomObjectsApi(api_client), core, ns, container)
+    try:
+        yield cl
+    finally:
+        for item in cl.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)[
+            "items"
+        ]:
+            with contextlib.suppress(client.ApiException):
+                cl.delete(item["metadata"]["name"])
+        with contextlib.suppress(AssertionError):
+            await until(
+                lambda: (
+                    not cl.custom.list_namespaced_custom_object(
+                        api.GROUP, api.VERSION, ns, api.PLURAL
+                    )["items"]
+                ),
+                30,
+                "CRs deleted",
+            )
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):  # kopf ends its tasks by cancelling
+            await asyncio.wait_for(task, 30)
+        assert task.done()
+        core.delete_namespace(ns)
+        api_client.close()
+
+
+def spec_of(doc: dict[str, Any], strategy: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "strategyId": strategy,
+        "worldId": "w1",
+        "dag": {"schemaVersion": "v1", "nodes": doc["nodes"], "meta": doc.get("meta", {})},
+        **extra,
+    }
+
+
+async def test_strategydag_lifecycle(cluster: Cluster) -> None:
+    sample = json.loads((ROOT / "tests" / "data" / "sample-dag.json").read_text())
+    salt = uuid.uuid4().hex[:6]
+    for n in sample["nodes"]:
+        n["name"] = f"{n['name']}-{salt}"
+    strategy = f"s-{salt}"
+    cluster.create("sample", spec_of(sample, strategy))
+    obj = await until(
+        lambda: (
+            condition(cluster.get("sample"), "Ready").get("status") == "True"
+            and cluster.get("sample")
+        ),
+        what="Ready",
+    )
+    st = obj["status"]
+    assert (
+        st["nodes"] == {"total": 3, "reused": 0, "buffered": 0, "new": 3}
+        or st["nodes"]["total"] == 3
+    )
+    assert st["sentinelId"] == f"{strategy}-sentinel" and st["observedGeneration"] == 1
+    topics = st["topics"]
+    assert set(topics) == {n["node_id"] for n in sample["nodes"]}
+    have = await cluster.container.topics.describe(list(topics.values()))
+    assert set(have) == set(topics.values())
+    catalog = {t: (s.partitions, s.config.get("retention.ms")) for t, s in have.items()}
+    assert all(p >= 1 and r for p, r in catalog.values())
+    graph = cluster.container.graph
+    assert await graph.strategy_nodes(strategy) == set(topics)
+    assert any(e.startswith("Reconciled") for e in cluster.events("sample"))
+
+    # change one leaf node: exactly one new topic, the rest reused
+    changed = copy.deepcopy(sample)
+    leaf = changed["nodes"][2]  # the TagQueryNode: nothing depends on it
+    leaf["params"]["query_tags"] = ["BTC", f"X{salt}"]  # new content: a new node id
+    leaf["tags"] = ["BTC", f"X{salt}"]
+    leaf["node_id"] = identity.node_id(leaf)
+    cluster.patch_spec("sample", {"dag": {"nodes": changed["nodes"]}})
+    obj = await until(
+        lambda: (
+            (cluster.get("sample").get("status") or {}).get("observedGeneration") == 2
+            and cluster.get("sample")
+        ),
+        what="gen 2",
+    )
+    assert obj["status"]["nodes"]["new"] == 1 and obj["status"]["nodes"]["reused"] == 2
+    assert condition(obj, "Ready")["status"] == "True"
+
+    # delete: the finalizer drops the references
+    cluster.delete("sample")
+    await until(
+        lambda: (
+            not cluster.custom.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, cluster.namespace, api.PLURAL
+            )["items"]
+        ),
+        what="deleted",
+    )
+    assert await graph.strategy_nodes(strategy) == set()
+
+
+async def test_invalid_dag_is_permanent_and_writes_nothing(cluster: Cluster) -> None:
+    doc = generate(4, salt=uuid.uuid4().hex[:6])
+    doc["nodes"][1]["period"] = 999  # content no longer matches its id
+    strategy = f"bad-{uuid.uuid4().hex[:6]}"
+    cluster.create("bad", spec_of(doc, strategy))
+    obj = await until(
+        lambda: condition(cluster.get("bad"), "Ready").get("reason") and cluster.get("bad"),
+        what="a Ready condition",
+    )
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "NodeIdMismatch"
+    assert doc["nodes"][1]["node_id"] in ready["message"]
+    assert obj["status"]["phase"] == "Failed"
+    assert await cluster.container.graph.strategy_nodes(strategy) == set()
+    assert any(e.startswith("NodeIdMismatch") for e in cluster.events("bad"))
+
+
+async def test_dry_run_plans_without_writing(cluster: Cluster) -> None:
+    doc = generate(6, salt=uuid.uuid4().hex[:6])
+    strategy = f"dry-{uuid.uuid4().hex[:6]}"
+    cluster.create("dry", spec_of(doc, strategy, dryRun=True))
+    obj = await until(
+        lambda: (
+            (cluster.get("dry").get("status") or {}).get("phase") == "Planned"
+            and cluster.get("dry")
+        ),
+        what="a plan",
+    )
+    plan = obj["status"]["plan"]
+    assert plan["counts"]["new"] == 6 and len(plan["nodes"]) == 6
+    assert await cluster.container.graph.strategy_nodes(strategy) == set()
+    topics = {n["topic"] for n in plan["nodes"]}
+    assert not topics & await cluster.container.topics.list_topics()
+
+
+async def test_dag_from_a_configmap(cluster: Cluster) -> None:
+    doc = generate(30, salt=uuid.uuid4().hex[:6])
+    cluster.core.create_namespaced_config_map(
+        cluster.namespace, {"metadata": {"name": "big-dag"}, "data": {"dag.json": json.dumps(doc)}}
+    )
+    strategy = f"cm-{uuid.uuid4().hex[:6]}"
+    cluster.create(
+        "cm",
+        {
+            "strategyId": strategy,
+            "worldId": "w1",
+            "dagConfigMapRef": {"name": "big-dag", "key": "dag.json"},
+        },
+    )
+    obj = await until(
+        lambda: condition(cluster.get("cm"), "Ready").get("status") == "True" and cluster.get("cm"),
+        what="Ready",
+    )
+    assert obj["status"]["nodes"]["total"] == 30
+    assert len(await cluster.container.graph.strategy_nodes(strategy)) == 30
