@@ -40,6 +40,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8001
     gc_interval_seconds: int = 3600  # 0 disables the timer (GC still runs on a trigger)
+    gc_dry_run: bool = False  # decide and report, but drop nothing
     archive_dir: str = "./archive"
     dry_run_strategy: str = "dryrun"
     node_cache_ttl_seconds: int = 60  # 0 disables the node cache
@@ -156,6 +157,7 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
     ("http_port", "QMTL_HTTP_PORT", "http_port", _port),
     ("gc_interval_seconds", "QMTL_GC_INTERVAL_SECONDS", "gc_interval_seconds", _nonneg),
     ("gc_archive_bucket", "QMTL_ARCHIVE_DIR", "archive_dir", _archive),
+    ("gc_dry_run", "QMTL_GC_DRY_RUN", "gc_dry_run", _bool),
     ("dry_run_strategy", "QMTL_DRY_RUN_STRATEGY", "dry_run_strategy", _text),
     ("node_cache_ttl_seconds", "QMTL_NODE_CACHE_TTL", "node_cache_ttl_seconds", _nonneg),
     ("diff_max_inflight", "QMTL_DIFF_MAX_INFLIGHT", "diff_max_inflight", _positive),

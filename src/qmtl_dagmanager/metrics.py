@@ -48,6 +48,14 @@ class Metrics:
             "controlbus_events_total", "ControlBus events published", ["type"], registry=r
         )
         self.chunk_acks = Counter("diff_chunk_acks_total", "AckChunk calls received", registry=r)
+        self.drift_detected = Counter(
+            "topic_drift_detected_total",
+            "Managed topics found deleted or altered out of band",
+            registry=r,
+        )
+        self.drift_corrected = Counter(
+            "topic_drift_corrected_total", "Managed topics created again after drift", registry=r
+        )
         self.node_cache = Gauge(
             "node_cache_entries", "Node records held in the sidecar's node cache", registry=r
         )

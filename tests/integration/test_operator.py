@@ -34,6 +34,32 @@ class Cluster:
     namespace: str
     container: bootstrap.Container
 
+    settings: Settings = dataclasses.field(default_factory=Settings)
+    _stop: asyncio.Event | None = None
+    _task: asyncio.Task[None] | None = None
+
+    async def start_operator(self) -> None:
+        """Run the operator in-process (a fresh container each time, as a restart would)."""
+        self.container = bootstrap.build(self.settings)
+        self._stop, ready = asyncio.Event(), asyncio.Event()
+        self._task = asyncio.create_task(
+            operator.run(
+                self.container,
+                namespaces=[self.namespace],
+                resync_seconds=2,
+                stop=self._stop,
+                ready=ready,
+            )
+        )
+        await asyncio.wait_for(ready.wait(), 60)
+
+    async def stop_operator(self) -> None:
+        assert self._stop is not None and self._task is not None
+        self._stop.set()
+        with contextlib.suppress(asyncio.CancelledError):  # kopf ends its tasks by cancelling
+            await asyncio.wait_for(self._task, 30)
+        assert self._task.done()
+
     def create(self, name: str, spec: dict[str, Any]) -> None:
         body = {
             "apiVersion": f"{api.GROUP}/{api.VERSION}",
@@ -120,13 +146,9 @@ async def cluster(
         kafka_bootstrap=stack.kafka_bootstrap,
         archive_dir=str(tmp_path / "archive"),
     )
-    container = bootstrap.build(settings)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        operator.run(container, namespaces=[ns], resync_seconds=3600, stop=stop, ready=ready)
-    )
-    await asyncio.wait_for(ready.wait(), 60)
-    cl = Cluster(client.CustomObjectsApi(api_client), core, ns, container)
+    cl = Cluster(client.CustomObjectsApi(api_client), core, ns, bootstrap.build(settings))
+    cl.settings = settings
+    await cl.start_operator()
     try:
         yield cl
     finally:
@@ -145,10 +167,7 @@ async def cluster(
                 30,
                 "CRs deleted",
             )
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError):  # kopf ends its tasks by cancelling
-            await asyncio.wait_for(task, 30)
-        assert task.done()
+        await cl.stop_operator()
         core.delete_namespace(ns)
         api_client.close()
 
@@ -277,3 +296,74 @@ async def test_dag_from_a_configmap(cluster: Cluster) -> None:
     )
     assert obj["status"]["nodes"]["total"] == 30
     assert len(await cluster.container.graph.strategy_nodes(strategy)) == 30
+
+
+async def test_retain_keeps_topics_as_unmanaged(cluster: Cluster) -> None:
+    doc = generate(5, salt=uuid.uuid4().hex[:6])
+    strategy = f"keep-{uuid.uuid4().hex[:6]}"
+    cluster.create("keep", spec_of(doc, strategy, deletionPolicy="Retain"))
+    obj = await until(
+        lambda: (
+            condition(cluster.get("keep"), "Ready").get("status") == "True" and cluster.get("keep")
+        ),
+        what="Ready",
+    )
+    topics = list(obj["status"]["topics"].values())
+    cluster.delete("keep")
+    await until(
+        lambda: (
+            not cluster.custom.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, cluster.namespace, api.PLURAL
+            )["items"]
+        ),
+        what="deleted",
+    )
+    graph = cluster.container.graph
+    assert await graph.strategy_nodes(strategy) == set()
+    assert {q.managed for q in await graph.queues(topics)} == {False}
+    assert set(topics) <= await cluster.container.topics.list_topics()
+
+
+async def test_drift_is_corrected_on_resync(cluster: Cluster) -> None:
+    doc = generate(4, salt=uuid.uuid4().hex[:6])
+    cluster.create("drift", spec_of(doc, f"drift-{uuid.uuid4().hex[:6]}"))
+    obj = await until(
+        lambda: (
+            condition(cluster.get("drift"), "Ready").get("status") == "True"
+            and cluster.get("drift")
+        ),
+        what="Ready",
+    )
+    victim = sorted(obj["status"]["topics"].values())[0]
+    admin = cluster.container.topics
+    assert (await admin.delete([victim]))[victim] is None
+    await until(
+        lambda: any(
+            e.startswith("DriftCorrected") and victim in e for e in cluster.events("drift")
+        ),
+        60,
+        "a DriftCorrected event",
+    )
+    assert victim in await admin.list_topics()
+
+
+async def test_restart_mid_reconcile_converges_without_duplicates(cluster: Cluster) -> None:
+    doc = generate(40, salt=uuid.uuid4().hex[:6])
+    strategy = f"restart-{uuid.uuid4().hex[:6]}"
+    cluster.create("restart", spec_of(doc, strategy))
+    await asyncio.sleep(0.3)  # the operator has picked it up and is working on it
+    await cluster.stop_operator()
+    await cluster.start_operator()
+    obj = await until(
+        lambda: (
+            condition(cluster.get("restart"), "Ready").get("status") == "True"
+            and cluster.get("restart")
+        ),
+        what="Ready after a restart",
+    )
+    topics = obj["status"]["topics"]
+    assert len(topics) == 40 and len(set(topics.values())) == 40
+    graph = cluster.container.graph
+    assert len(await graph.strategy_nodes(strategy)) == 40
+    details = await graph.queues(list(topics.values()))
+    assert len(details) == 40 and {q.ref_count for q in details} == {1}

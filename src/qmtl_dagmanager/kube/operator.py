@@ -89,6 +89,24 @@ class Reconciler:
         except DagManagerError as e:
             self._failed(body, patch, old, e, generation)
             return
+        try:
+            drift = await self.strategies.repair_drift(outcome)
+        except DagManagerError as e:
+            self._failed(body, patch, old, e, generation)
+            return
+        if drift.recreated:
+            kopf.warn(
+                body,
+                reason="DriftCorrected",
+                message=f"recreated {len(drift.recreated)} topic(s) deleted out of band: "
+                f"{', '.join(drift.recreated[:5])}",
+            )
+        if drift.altered:
+            kopf.warn(
+                body,
+                reason="TopicDrift",
+                message="; ".join(f"{t}: {m}" for t, m in list(drift.altered.items())[:5]),
+            )
         new = status.for_outcome(old, outcome, _now(), generation)
         if status.same(old, new):
             return  # level-based resync: nothing changed, nothing written
@@ -133,11 +151,52 @@ class Reconciler:
         )
 
 
+GC_REPORT = "qmtl-dagmanager-gc-report"
+
+
+async def gc_timer(container: bootstrap.Container) -> None:
+    """Timed garbage collection by the (single) active operator: decide with the core's
+    policy, archive and drop, and record each run's report in a ConfigMap."""
+    gc = container.garbage()
+    interval = container.settings.gc_interval_seconds
+    namespace = os.environ.get("POD_NAMESPACE", "default")
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            run = await gc.collect(dry_run=container.settings.gc_dry_run)
+        except DagManagerError as e:
+            log.warning("timed GC failed: %s: %s", e.reason, e.message)
+            continue
+        report = orjson.dumps(run.as_json()).decode()
+        try:
+            await asyncio.to_thread(_write_report, namespace, report)
+        except (kubernetes.client.ApiException, OSError) as e:
+            log.warning("could not record the GC report in %s/%s: %s", namespace, GC_REPORT, e)
+
+
+def _write_report(namespace: str, report: str) -> None:
+    core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(kube_configuration()))
+    body = kubernetes.client.V1ConfigMap(
+        metadata=kubernetes.client.V1ObjectMeta(
+            name=GC_REPORT, labels={"app.kubernetes.io/name": "qmtl-dagmanager"}
+        ),
+        data={"report.json": report},
+    )
+    try:
+        core.replace_namespaced_config_map(GC_REPORT, namespace, body)
+    except kubernetes.client.ApiException as e:
+        if e.status != 404:
+            raise
+        core.create_namespaced_config_map(namespace, body)
+
+
 def build_registry(
     container: bootstrap.Container, resync_seconds: float = 300.0
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     rec = Reconciler(StrategyService(container.diffs(), container.graph))
+
+    background: list[asyncio.Task[None]] = []
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -145,6 +204,8 @@ def build_registry(
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 60
         await container.start()
+        if container.settings.gc_interval_seconds > 0:
+            background.append(asyncio.create_task(gc_timer(container)))
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -162,6 +223,9 @@ def build_registry(
 
     @kopf.on.cleanup(registry=registry)
     async def shutdown(**_: Any) -> None:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await container.close()
 
     @kopf.on.resume(*RESOURCE, registry=registry)

@@ -11,8 +11,9 @@ from typing import Any
 
 from qmtl_dagmanager.core.errors import InvalidSpec
 from qmtl_dagmanager.core.plan import Request
+from qmtl_dagmanager.core.topics import TopicSpec
 from qmtl_dagmanager.kube.api import StrategySpec
-from qmtl_dagmanager.ports import GraphStore
+from qmtl_dagmanager.ports import GraphStore, TopicStatus
 from qmtl_dagmanager.services.diffs import DiffOutcome, DiffService
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,12 @@ def dag_document(spec: StrategySpec, config_map_text: str | None) -> dict[str, A
     return doc
 
 
+@dataclass(frozen=True)
+class Drift:
+    recreated: list[str] = field(default_factory=list)
+    altered: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class StrategyService:
     diffs: DiffService
@@ -61,6 +68,35 @@ class StrategyService:
         )
         async with self._lock(spec.strategy_id):
             return await self.diffs.diff(request, dag_json, dry_run=spec.dry_run)
+
+    async def repair_drift(self, outcome: DiffOutcome) -> Drift:
+        """One-way truth: every topic the plan uses must exist as the catalog says. A topic
+        deleted out of band is created again; one altered out of band is reported."""
+        if outcome.dry_run or not outcome.plan.nodes:
+            return Drift()
+        catalog = self.diffs.catalog
+        wanted: dict[str, TopicSpec] = {
+            n.topic: catalog.spec_for(n.node.node_type) for n in outcome.plan.nodes
+        }
+        results = await self.diffs.topics.ensure(wanted)
+        drift = Drift(
+            recreated=sorted(
+                t
+                for t, r in results.items()
+                if r.status is TopicStatus.CREATED and t not in outcome.topics
+            ),
+            altered={t: r.message for t, r in results.items() if not r.ok},
+        )
+        if drift.recreated or drift.altered:
+            log.warning(
+                "strategy %s: drift: %d topic(s) recreated, %d altered",
+                outcome.plan.strategy_id,
+                len(drift.recreated),
+                len(drift.altered),
+            )
+            self.diffs.metrics.drift_corrected.inc(len(drift.recreated))
+            self.diffs.metrics.drift_detected.inc(len(drift.recreated) + len(drift.altered))
+        return drift
 
     async def delete(self, spec: StrategySpec, topics: list[str]) -> int:
         """Drop the strategy's references; with Retain, keep its topics as unmanaged."""
