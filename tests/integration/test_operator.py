@@ -243,7 +243,7 @@ async def test_strategydag_lifecycle(cluster: Cluster) -> None:
 
 async def test_invalid_dag_is_permanent_and_writes_nothing(cluster: Cluster) -> None:
     doc = generate(4, salt=uuid.uuid4().hex[:6])
-    doc["nodes"][1]["period"] = 999  # content no longer matches its id
+    del doc["nodes"][1]["code_hash"]
     strategy = f"bad-{uuid.uuid4().hex[:6]}"
     cluster.create("bad", spec_of(doc, strategy))
     obj = await until(
@@ -251,11 +251,46 @@ async def test_invalid_dag_is_permanent_and_writes_nothing(cluster: Cluster) -> 
         what="a Ready condition",
     )
     ready = condition(obj, "Ready")
-    assert ready["status"] == "False" and ready["reason"] == "NodeIdMismatch"
-    assert doc["nodes"][1]["node_id"] in ready["message"]
+    assert ready["status"] == "False" and ready["reason"] == "MissingField"
+    assert doc["nodes"][1]["node_id"] in ready["message"] and "code_hash" in ready["message"]
     assert obj["status"]["phase"] == "Failed"
     assert await cluster.container.graph.strategy_nodes(strategy) == set()
-    assert any(e.startswith("NodeIdMismatch") for e in cluster.events("bad"))
+    assert any(e.startswith("MissingField") for e in cluster.events("bad"))
+
+
+async def test_ids_of_a_configmap_dag_are_verified(cluster: Cluster) -> None:
+    doc = generate(4, salt=uuid.uuid4().hex[:6])
+    doc["nodes"][1]["period"] = 999  # content no longer matches its id
+    cluster.core.create_namespaced_config_map(
+        cluster.namespace, {"metadata": {"name": "tampered"}, "data": {"dag.json": json.dumps(doc)}}
+    )
+    strategy = f"tamper-{uuid.uuid4().hex[:6]}"
+    cluster.create(
+        "tamper",
+        {"strategyId": strategy, "dagConfigMapRef": {"name": "tampered", "key": "dag.json"}},
+    )
+    obj = await until(
+        lambda: condition(cluster.get("tamper"), "Ready").get("reason") and cluster.get("tamper"),
+        what="a Ready condition",
+    )
+    assert condition(obj, "Ready")["reason"] == "NodeIdMismatch"
+    assert await cluster.container.graph.strategy_nodes(strategy) == set()
+
+
+async def test_integral_floats_survive_the_api_server(cluster: Cluster) -> None:
+    # The API server stores 0.0 as 0; an inline DAG is still accepted under its SDK ids.
+    doc = generate(3, salt=uuid.uuid4().hex[:6])
+    doc["nodes"][-1]["params"] = {"alpha": 0.0, "beta": 2.0}
+    doc["nodes"][-1]["node_id"] = identity.node_id(doc["nodes"][-1])
+    cluster.create("floats", spec_of(doc, f"floats-{uuid.uuid4().hex[:6]}"))
+    obj = await until(
+        lambda: (
+            condition(cluster.get("floats"), "Ready").get("status") == "True"
+            and cluster.get("floats")
+        ),
+        what="Ready",
+    )
+    assert doc["nodes"][-1]["node_id"] in obj["status"]["topics"]
 
 
 async def test_dry_run_plans_without_writing(cluster: Cluster) -> None:

@@ -66,15 +66,21 @@ class DiffService:
     _waiting: int = 0
 
     async def diff(
-        self, request: plan.Request, dag_json: str | bytes, *, dry_run: bool = False
+        self,
+        request: plan.Request,
+        dag_json: str | bytes,
+        *,
+        dry_run: bool = False,
+        ids: dag.IdMode | None = None,
     ) -> DiffOutcome:
-        """Diff a DAG; with `dry_run` (or the dry-run strategy id) nothing is written."""
+        """Diff a DAG; with `dry_run` (or the dry-run strategy id) nothing is written.
+        `ids` overrides the configured NodeID check for this request."""
         started = time.perf_counter()
         self.metrics.diff_requests.inc()
         dry = dry_run or request.strategy_id == self.dry_run_strategy
         try:
             async with self._admission():
-                outcome = await self._diff(request, dag_json, dry)
+                outcome = await self._diff(request, dag_json, dry, ids or self.ids)
         except DagManagerError as e:
             self.metrics.diff_failures.labels(e.reason).inc()
             self.metrics.diff_duration.labels("error").observe(time.perf_counter() - started)
@@ -130,8 +136,10 @@ class DiffService:
             f"{MAX_RENAME_ROUNDS} rounds"
         )
 
-    async def _diff(self, request: plan.Request, dag_json: str | bytes, dry: bool) -> DiffOutcome:
-        key = "" if dry else self.resubmissions.key(request, dag_json, self.ids, self.namespaces)
+    async def _diff(
+        self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
+    ) -> DiffOutcome:
+        key = "" if dry else self.resubmissions.key(request, dag_json, ids, self.namespaces)
         seen = self.resubmissions.get(key)
         if seen is not None:
             # The same bytes in the same context were diffed and written before: if the
@@ -140,15 +148,15 @@ class DiffService:
             if seen.plan.unchanged(read.fingerprint):
                 return seen
             self.resubmissions.drop(key)
-        outcome = await self._diff_fresh(request, dag_json, dry)
+        outcome = await self._diff_fresh(request, dag_json, dry, ids)
         if key and not outcome.dry_run and not outcome.plan.violations:
             self.resubmissions.put(key, outcome)
         return outcome
 
     async def _diff_fresh(
-        self, request: plan.Request, dag_json: str | bytes, dry: bool
+        self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
     ) -> DiffOutcome:
-        d = dag.parse(dag_json, limits=self.limits, ids=self.ids)
+        d = dag.parse(dag_json, limits=self.limits, ids=ids)
         p, fingerprint = await self._plan(d, request)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))

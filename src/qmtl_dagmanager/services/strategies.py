@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from qmtl_dagmanager.core import dag
 from qmtl_dagmanager.core.errors import InvalidSpec
 from qmtl_dagmanager.core.plan import Request
 from qmtl_dagmanager.core.topics import TopicSpec
@@ -66,8 +67,13 @@ class StrategyService:
             as_of=spec.as_of,
             partition=spec.partition,
         )
+        # An inline DAG went through the API server's JSON, which stores integral floats as
+        # integers (1.0 becomes 1) and so changes the canonical params a NodeID is computed
+        # from: its ids are taken as submitted. A ConfigMap keeps the SDK's exact JSON, so
+        # its ids are checked as configured.
+        ids = dag.IdMode.TRUST if spec.config_map is None else None
         async with self._lock(spec.strategy_id):
-            return await self.diffs.diff(request, dag_json, dry_run=spec.dry_run)
+            return await self.diffs.diff(request, dag_json, dry_run=spec.dry_run, ids=ids)
 
     async def repair_drift(self, outcome: DiffOutcome) -> Drift:
         """One-way truth: every topic the plan uses must exist as the catalog says. A topic
