@@ -48,7 +48,9 @@ class Container:
         if failed:
             raise RuntimeError(f"cannot prepare the ControlBus topics: {failed}")
 
-    def diffs(self) -> DiffService:
+    def diffs(self, *, shed_load: bool = True) -> DiffService:
+        """The Diff use case. The sidecar sheds load it cannot serve in time; the operator
+        (`shed_load=False`) queues its reconciles instead: kopf retries would only add work."""
         s = self.settings
         return DiffService(
             self.graph,
@@ -63,6 +65,8 @@ class Container:
             cache=self.node_cache,
             resubmissions=self.resubmissions,
             max_inflight=s.diff_max_inflight,
+            max_waiting=64 if shed_load else 1_000_000,
+            max_wait=2.0 if shed_load else 24 * 3600.0,
         )
 
     def queues(self) -> QueueService:

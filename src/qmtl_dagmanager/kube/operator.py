@@ -194,7 +194,7 @@ def build_registry(
     container: bootstrap.Container, resync_seconds: float = 300.0
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    rec = Reconciler(StrategyService(container.diffs(), container.graph))
+    rec = Reconciler(StrategyService(container.diffs(shed_load=False), container.graph))
 
     background: list[asyncio.Task[None]] = []
 
