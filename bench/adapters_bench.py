@@ -12,6 +12,7 @@ import asyncio
 import os
 import platform
 import statistics
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,16 +26,8 @@ from qmtl_dagmanager.core.topics import TopicCatalog, TopicSpec, TopicType
 from qmtl_dagmanager.ports import SentinelWrite
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    path = ROOT / ".stack" / "env"
-    if path.exists() and "NEO4J_URI" not in out:
-        for line in path.read_text().splitlines():
-            k, _, v = line.removeprefix("export ").partition("=")
-            out[k] = v
-    return out
+sys.path.insert(0, str(ROOT))
+from bench.common import stack_env  # noqa: E402
 
 
 def row(case: str, times: list[float]) -> None:
@@ -44,7 +37,7 @@ def row(case: str, times: list[float]) -> None:
 
 
 async def main() -> None:
-    e = env()
+    e = stack_env()
     raw = (ROOT / "tests" / "data" / "bench-dag-1k.json").read_bytes()
     d = dag.parse(raw, ids=dag.IdMode.TRUST)
     ids = [n.node_id for n in d.nodes]

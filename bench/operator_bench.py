@@ -24,19 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.gen import generate  # noqa: E402
 
+from bench.common import stack_env  # noqa: E402
 from qmtl_dagmanager import bootstrap  # noqa: E402
 from qmtl_dagmanager.config import Settings  # noqa: E402
 from qmtl_dagmanager.kube import api, operator  # noqa: E402
-
-
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    path = ROOT / ".stack" / "env"
-    if path.exists() and "NEO4J_URI" not in out:
-        for line in path.read_text().splitlines():
-            k, _, v = line.removeprefix("export ").partition("=")
-            out[k] = v
-    return out
 
 
 def ready_count(custom: client.CustomObjectsApi, ns: str) -> int:
@@ -82,7 +73,7 @@ async def main() -> None:
     ap.add_argument("--nodes", type=int, default=100)
     ap.add_argument("--resync", type=float, default=20.0)
     args = ap.parse_args()
-    e = env()
+    e = stack_env()
     os.environ["KUBECONFIG"] = e["KUBECONFIG"]
     api_client = config.new_client_from_config(config_file=e["KUBECONFIG"])
     crd = yaml.safe_load((ROOT / "crds" / f"{api.PLURAL}.{api.GROUP}.yaml").read_text())

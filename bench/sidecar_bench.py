@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,21 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.gen import dumps, generate  # noqa: E402
 
-
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    path = ROOT / ".stack" / "env"
-    if path.exists() and "NEO4J_URI" not in out:
-        for line in path.read_text().splitlines():
-            k, _, v = line.removeprefix("export ").partition("=")
-            out[k] = v
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.common import free_port, stack_env  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -159,7 +144,7 @@ async def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=60)
     ap.add_argument("--rate", type=float, default=50)
     args = ap.parse_args()
-    e = env()
+    e = stack_env()
     port, http = free_port(), free_port()
     cfg = ROOT / ".stack" / "bench-sidecar.yml"
     cfg.parent.mkdir(exist_ok=True)

@@ -54,6 +54,8 @@ class KafkaTopicAdmin:
     ) -> None:
         self._timeout = timeout
         self._profile = profile
+        self._listing: tuple[float, int, set[str]] | None = None
+        self.listing_ttl = 5.0
         self._admin = AdminClient(
             {
                 "bootstrap.servers": bootstrap,
@@ -65,6 +67,16 @@ class KafkaTopicAdmin:
     async def _wait(self, fut: Future[T]) -> T:
         return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout)
 
+    async def _names(self) -> tuple[int, set[str]]:
+        """Broker count and topic names for collision checks, from a full metadata listing
+        taken at most every `listing_ttl` seconds (it grows with the cluster); names this
+        admin created since are added as it goes."""
+        now = asyncio.get_running_loop().time()
+        if self._listing is None or now - self._listing[0] > self.listing_ttl:
+            md = await self._metadata()
+            self._listing = (now, len(md.brokers), set(md.topics))
+        return self._listing[1], self._listing[2]
+
     async def _metadata(self) -> ClusterMetadata:
         try:
             return await asyncio.to_thread(self._admin.list_topics, timeout=self._timeout)
@@ -74,9 +86,7 @@ class KafkaTopicAdmin:
     async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
         if not topics:
             return {}
-        md = await self._metadata()
-        brokers = len(md.brokers)
-        existing = set(md.topics)
+        brokers, existing = await self._names()
         specs, results = topic_rules.admit(topics, existing, brokers, self._profile)
         verify = [n for n in specs if n in existing]
         create = [n for n in specs if n not in existing]
@@ -123,6 +133,7 @@ class KafkaTopicAdmin:
                 delay = min(delay * 2, BACKOFF_MAX)
             create = retry
         created = [n for n, r in results.items() if r.status is TopicStatus.CREATED]
+        existing.update(created)
         await self._wait_visible(created)
         if verify:
             states = await self.describe(verify)
@@ -146,13 +157,22 @@ class KafkaTopicAdmin:
         return results
 
     async def _wait_visible(self, names: list[str]) -> None:
-        """WAIT: until the broker's metadata lists every created topic (bounded)."""
-        pending = set(names)
+        """WAIT: until the broker describes every created topic (bounded). Only these
+        topics are asked for: a full metadata listing grows with the cluster."""
+        pending = list(names)
         delay = 0.05
         deadline = asyncio.get_running_loop().time() + self._timeout
         while pending and asyncio.get_running_loop().time() < deadline:
-            md = await self._metadata()
-            pending -= {t for t in pending if t in md.topics and not md.topics[t].error}
+            futures = self._admin.describe_topics(
+                TopicCollection(pending), request_timeout=self._timeout
+            )
+            still = []
+            for name, fut in futures.items():
+                try:
+                    await self._wait(fut)
+                except (KafkaException, TimeoutError):
+                    still.append(name)
+            pending = still
             if pending:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -200,6 +220,8 @@ class KafkaTopicAdmin:
         futures = self._admin.delete_topics(
             list(topics), operation_timeout=self._timeout, request_timeout=self._timeout
         )
+        if self._listing is not None:
+            self._listing[2].difference_update(topics)
         for name, fut in futures.items():
             try:
                 await self._wait(fut)

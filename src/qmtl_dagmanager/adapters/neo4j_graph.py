@@ -189,6 +189,10 @@ class Neo4jGraphStore:
             connection_acquisition_timeout=connect_timeout,
             max_transaction_retry_time=max_retry_time,
             notifications_min_severity=neo4j.NotificationMinimumSeverity.WARNING,
+            # an empty graph has no EMITS or compute_key yet: not worth a warning per query
+            notifications_disabled_classifications=[
+                neo4j.NotificationDisabledClassification.UNRECOGNIZED
+            ],
         )
 
     # -- error mapping: the one place driver errors become typed errors -----------------

@@ -19,7 +19,7 @@ import orjson
 from qmtl_dagmanager import bootstrap
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.kube import api, status
-from qmtl_dagmanager.services.strategies import StrategyService, dag_document
+from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_document
 
 log = logging.getLogger(__name__)
 FINALIZER = "qmtl.io/strategy-cleanup"
@@ -89,11 +89,13 @@ class Reconciler:
         except DagManagerError as e:
             self._failed(body, patch, old, e, generation)
             return
-        try:
-            drift = await self.strategies.repair_drift(outcome)
-        except DagManagerError as e:
-            self._failed(body, patch, old, e, generation)
-            return
+        drift = Drift()
+        if trigger in ("resync", "resume"):  # a fresh create or update has just ensured them
+            try:
+                drift = await self.strategies.repair_drift(outcome)
+            except DagManagerError as e:
+                self._failed(body, patch, old, e, generation)
+                return
         if drift.recreated:
             kopf.warn(
                 body,
@@ -234,7 +236,7 @@ def build_registry(
     async def on_change(
         body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, reason: str, **_: Any
     ) -> None:
-        await rec.reconcile(body, spec, meta, patch, str(reason))
+        await rec.reconcile(body, spec, meta, patch, str(getattr(reason, "value", reason)))
 
     @kopf.timer(*RESOURCE, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
     async def resync(
