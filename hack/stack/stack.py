@@ -509,6 +509,15 @@ def kafka_config(port: int, cport: int) -> Path:
     return conf / "kafka.properties"
 
 
+def kafka_cluster_id() -> str:
+    """A random Kafka cluster id (URL-safe base64 of 16 bytes). Like Kafka's own
+    Uuid.randomUuid, never one that starts with '-', which a command line reads as a flag."""
+    while True:
+        cid = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def java_opts_neo4j() -> list[str]:
     opens = [
         "java.base/java.nio",
@@ -600,7 +609,7 @@ def up(timeout: float) -> None:
             "-cp",
             str(kafka_home() / "lib" / "*"),
         ]
-        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        cluster_id = kafka_cluster_id()
         run(
             [
                 *kjava,
