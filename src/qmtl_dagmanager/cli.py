@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import prometheus_client
 
 from qmtl_dagmanager import bootstrap, render
 from qmtl_dagmanager.client import ContractViolation, GatewayClient
@@ -96,6 +97,8 @@ async def cmd_neo4j(settings: Settings, action: str, out: Path | None) -> int:
 
 async def cmd_operator(settings: Settings, args: argparse.Namespace) -> int:
     container = bootstrap.build(settings)
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port, registry=container.metrics.registry)
     await operator.run(
         container,
         namespaces=args.namespace or None,
@@ -267,6 +270,9 @@ def parser() -> argparse.ArgumentParser:
         "--liveness",
         default="http://0.0.0.0:8080/healthz",
         help="liveness endpoint URL (kopf's probe)",
+    )
+    op.add_argument(
+        "--metrics-port", type=int, default=8081, help="Prometheus /metrics port (0: off)"
     )
     sub.add_parser("neo4j-init", help="create the graph's constraints and indexes (idempotent)")
     sub.add_parser("neo4j-rollback", help="drop the graph's constraints and indexes")

@@ -56,6 +56,24 @@ class Metrics:
         self.drift_corrected = Counter(
             "topic_drift_corrected_total", "Managed topics created again after drift", registry=r
         )
+        self.reconciles = Counter(
+            "operator_reconcile_total",
+            "StrategyDAG reconciles, by trigger and result",
+            ["trigger", "result"],
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "operator_reconcile_errors_total",
+            "Failed reconciles, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.reconcile_duration = Histogram(
+            "operator_reconcile_duration_seconds",
+            "Time of a StrategyDAG reconcile",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
         self.node_cache = Gauge(
             "node_cache_entries", "Node records held in the sidecar's node cache", registry=r
         )

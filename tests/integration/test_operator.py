@@ -7,7 +7,13 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -210,6 +216,13 @@ async def test_strategydag_lifecycle(cluster: Cluster) -> None:
     graph = cluster.container.graph
     assert await graph.strategy_nodes(strategy) == set(topics)
     assert any(e.startswith("Reconciled") for e in cluster.events("sample"))
+    reg = cluster.container.metrics.registry
+    assert (
+        reg.get_sample_value(
+            "operator_reconcile_total", {"trigger": "create", "result": "reconciled"}
+        )
+        or 0
+    ) >= 1
 
     # change one leaf node: exactly one new topic, the rest reused
     changed = copy.deepcopy(sample)
@@ -402,3 +415,78 @@ async def test_restart_mid_reconcile_converges_without_duplicates(cluster: Clust
     assert len(await graph.strategy_nodes(strategy)) == 40
     details = await graph.queues(list(topics.values()))
     assert len(details) == 40 and {q.ref_count for q in details} == {1}
+
+
+async def test_operator_process_probes_and_metrics(cluster: Cluster) -> None:
+    """`dagmanager operator` as a process: liveness with the graph probe, /metrics, SIGTERM."""
+    live, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": os.environ["KUBECONFIG"],
+        "NEO4J_URI": cluster.settings.neo4j_uri,
+        "NEO4J_USER": cluster.settings.neo4j_user,
+        "NEO4J_PASSWORD": cluster.settings.neo4j_password,
+        "KAFKA_BOOTSTRAP_SERVERS": cluster.settings.kafka_bootstrap,
+    }
+    await cluster.stop_operator()  # one operator per namespace
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qmtl_dagmanager.cli",
+            "operator",
+            "--namespace",
+            cluster.namespace,
+            "--liveness",
+            f"http://127.0.0.1:{live}/healthz",
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        env=env,
+    )
+    try:
+        doc = generate(3, salt=uuid.uuid4().hex[:6])
+        cluster.create("proc", spec_of(doc, f"proc-{uuid.uuid4().hex[:6]}"))
+        await until(
+            lambda: condition(cluster.get("proc"), "Ready").get("status") == "True",
+            what="Ready from the operator process",
+        )
+
+        def fetch(url: str) -> str:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return str(r.read().decode())
+
+        health = await until(
+            lambda: _try(fetch, f"http://127.0.0.1:{live}/healthz"), what="liveness"
+        )
+        assert json.loads(health).get("graph") == "ok"
+        text = await until(
+            lambda: _try(fetch, f"http://127.0.0.1:{metrics_port}/metrics"), what="metrics"
+        )
+        assert "operator_reconcile_total" in text and "diff_requests_total" in text
+        cluster.delete("proc")
+        await until(
+            lambda: (
+                not cluster.custom.list_namespaced_custom_object(
+                    api.GROUP, api.VERSION, cluster.namespace, api.PLURAL
+                )["items"]
+            ),
+            what="deleted",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        await cluster.start_operator()
+
+
+def _try(fn: Callable[[str], str], url: str) -> str | None:
+    try:
+        return fn(url)
+    except OSError:
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -9,6 +9,7 @@ import asyncio
 import datetime
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import orjson
 from qmtl_dagmanager import bootstrap
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.kube import api, status
+from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_document
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,21 @@ def _read_config_map(namespace: str, name: str, key: str) -> str | None:
 class Reconciler:
     """One level-based reconcile for create, update, resume and resync; and deletion."""
 
-    def __init__(self, strategies: StrategyService) -> None:
+    def __init__(self, strategies: StrategyService, metrics: Metrics | None = None) -> None:
         self.strategies = strategies
+        self.metrics = metrics or strategies.diffs.metrics
+
+    async def reconcile(
+        self, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, trigger: str
+    ) -> None:
+        """Reconcile, counted and timed by trigger and result."""
+        started = time.perf_counter()
+        result = "error"
+        try:
+            result = await self._reconcile(body, spec, meta, patch, trigger)
+        finally:
+            self.metrics.reconciles.labels(trigger, result).inc()
+            self.metrics.reconcile_duration.observe(time.perf_counter() - started)
 
     async def _dag_json(self, s: api.StrategySpec, namespace: str) -> str:
         text = None
@@ -70,9 +85,9 @@ class Reconciler:
         doc = dag_document(s, text)
         return doc if isinstance(doc, str) else _dumps(doc)
 
-    async def reconcile(
+    async def _reconcile(
         self, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, trigger: str
-    ) -> None:
+    ) -> str:
         s = api.StrategySpec.from_body(dict(spec))
         old: Mapping[str, Any] = dict(body.get("status") or {})
         generation = int(meta.get("generation") or 0)
@@ -81,21 +96,23 @@ class Reconciler:
             if not status.same(old, new):
                 patch.status.update(new)
                 kopf.info(body, reason="Paused", message="reconciling is paused")
-            return
+            return "paused"
         try:
             outcome = await self.strategies.reconcile(
                 s, await self._dag_json(s, str(meta.get("namespace")))
             )
         except DagManagerError as e:
+            self.metrics.reconcile_errors.labels(e.reason).inc()
             self._failed(body, patch, old, e, generation)
-            return
+            return "failed"
         drift = Drift()
         if trigger in ("resync", "resume"):  # a fresh create or update has just ensured them
             try:
                 drift = await self.strategies.repair_drift(outcome)
             except DagManagerError as e:
+                self.metrics.reconcile_errors.labels(e.reason).inc()
                 self._failed(body, patch, old, e, generation)
-                return
+                return "failed"
         if drift.recreated:
             kopf.warn(
                 body,
@@ -111,7 +128,7 @@ class Reconciler:
             )
         new = status.for_outcome(old, outcome, _now(), generation)
         if status.same(old, new):
-            return  # level-based resync: nothing changed, nothing written
+            return "unchanged"  # level-based resync: nothing changed, nothing written
         patch.status.update({**new, "lastReconcileTime": _now()})
         p = outcome.plan
         kopf.info(
@@ -120,6 +137,7 @@ class Reconciler:
             message=f"{trigger}: {p.counts['new']} new, {p.counts['reused']} reused, "
             f"{p.counts['buffered']} buffered",
         )
+        return "planned" if outcome.dry_run else "reconciled"
 
     @staticmethod
     def _failed(
@@ -205,6 +223,8 @@ def build_registry(
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 60
+        # a watch that delivers nothing for this long is re-established (a stalled stream)
+        settings.watching.inactivity_timeout = 600
         await container.start()
         if container.settings.gc_interval_seconds > 0:
             background.append(asyncio.create_task(gc_timer(container)))
@@ -222,6 +242,13 @@ def build_registry(
             scheme="Bearer" if token else None,
             token=token.removeprefix("Bearer ").strip() if token else None,
         )
+
+    @kopf.on.probe(id="graph", registry=registry)
+    async def graph_probe(**_: Any) -> str:
+        # the liveness endpoint reports this; an exception marks the operator unhealthy
+        if not await container.graph.ping():
+            raise kopf.TemporaryError("the graph store does not answer")
+        return "ok"
 
     @kopf.on.cleanup(registry=registry)
     async def shutdown(**_: Any) -> None:
