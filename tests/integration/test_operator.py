@@ -346,6 +346,51 @@ async def test_dag_from_a_configmap(cluster: Cluster) -> None:
     assert len(await cluster.container.graph.strategy_nodes(strategy)) == 30
 
 
+async def test_large_topic_maps_go_to_an_owned_configmap(cluster: Cluster) -> None:
+    doc = generate(250, salt=uuid.uuid4().hex[:6])
+    cluster.core.create_namespaced_config_map(
+        cluster.namespace,
+        {"metadata": {"name": "large-dag"}, "data": {"dag.json": json.dumps(doc)}},
+    )
+    strategy = f"large-{uuid.uuid4().hex[:6]}"
+    cluster.create(
+        "large",
+        {
+            "strategyId": strategy,
+            "worldId": "w1",
+            "deletionPolicy": "Retain",
+            "dagConfigMapRef": {"name": "large-dag", "key": "dag.json"},
+        },
+    )
+    obj = await until(
+        lambda: (
+            condition(cluster.get("large"), "Ready").get("status") == "True"
+            and cluster.get("large")
+        ),
+        120,
+        "Ready",
+    )
+    st = obj["status"]
+    assert st["topicCount"] == 250 and not st.get("topics")
+    cm = cluster.core.read_namespaced_config_map(st["topicsConfigMap"], cluster.namespace)
+    topics = json.loads(cm.data["topics.json"])
+    assert set(topics) == {n["node_id"] for n in doc["nodes"]}
+    owner = cm.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.uid) == ("StrategyDAG", "large", obj["metadata"]["uid"])
+    cluster.delete("large")  # Retain reads the topics from the ConfigMap
+    await until(
+        lambda: (
+            not cluster.custom.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, cluster.namespace, api.PLURAL
+            )["items"]
+        ),
+        60,
+        "deleted",
+    )
+    details = await cluster.container.graph.queues(list(topics.values()))
+    assert len(details) == 250 and {q.managed for q in details} == {False}
+
+
 async def test_retain_keeps_topics_as_unmanaged(cluster: Cluster) -> None:
     doc = generate(5, salt=uuid.uuid4().hex[:6])
     strategy = f"keep-{uuid.uuid4().hex[:6]}"

@@ -126,9 +126,13 @@ class Reconciler:
                 reason="TopicDrift",
                 message="; ".join(f"{t}: {m}" for t, m in list(drift.altered.items())[:5]),
             )
-        new = status.for_outcome(old, outcome, _now(), generation)
+        name = str(meta.get("name"))
+        new = status.for_outcome(old, outcome, _now(), generation, name)
         if status.same(old, new):
             return "unchanged"  # level-based resync: nothing changed, nothing written
+        if new.get("topicsConfigMap"):
+            topics: dict[str, str] = {n.node.node_id: n.topic for n in outcome.plan.nodes}
+            await asyncio.to_thread(_write_topics, body, new["topicsConfigMap"], topics)
         patch.status.update({**new, "lastReconcileTime": _now()})
         p = outcome.plan
         kopf.info(
@@ -159,7 +163,16 @@ class Reconciler:
 
     async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
         s = api.StrategySpec.from_body(dict(spec))
-        topics = list(((body.get("status") or {}).get("topics") or {}).values())
+        st = body.get("status") or {}
+        topics = list((st.get("topics") or {}).values())
+        if not topics and st.get("topicsConfigMap"):
+            stored = await asyncio.to_thread(
+                _read_config_map,
+                str(body.metadata.namespace),
+                str(st["topicsConfigMap"]),
+                "topics.json",
+            )
+            topics = list(orjson.loads(stored).values()) if stored else []
         try:
             dropped = await self.strategies.delete(s, topics)
         except DagManagerError as e:
@@ -169,6 +182,36 @@ class Reconciler:
         kopf.info(
             body, reason="Deleted", message=f"{dropped} references dropped ({s.deletion_policy})"
         )
+
+
+def _write_topics(body: kopf.Body, name: str, topics: Mapping[str, str]) -> None:
+    """The full node → topic map of a large DAG, in a ConfigMap the resource owns (deleted
+    with it by the garbage collector)."""
+    core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(kube_configuration()))
+    meta = body.metadata
+    cm = kubernetes.client.V1ConfigMap(
+        metadata=kubernetes.client.V1ObjectMeta(
+            name=name,
+            labels={"app.kubernetes.io/name": "qmtl-dagmanager"},
+            owner_references=[
+                kubernetes.client.V1OwnerReference(
+                    api_version=f"{api.GROUP}/{api.VERSION}",
+                    kind=api.KIND,
+                    name=str(meta.name),
+                    uid=str(meta.uid),
+                    controller=True,
+                    block_owner_deletion=False,
+                )
+            ],
+        ),
+        data={"topics.json": orjson.dumps(dict(topics), option=orjson.OPT_SORT_KEYS).decode()},
+    )
+    try:
+        core.replace_namespaced_config_map(name, str(meta.namespace), cm)
+    except kubernetes.client.ApiException as e:
+        if e.status != 404:
+            raise
+        core.create_namespaced_config_map(str(meta.namespace), cm)
 
 
 GC_REPORT = "qmtl-dagmanager-gc-report"

@@ -49,8 +49,17 @@ def conditions(
     ]
 
 
+def topics_config_map(resource: str) -> str:
+    """The owned ConfigMap that holds the node → topic map of a large DAG."""
+    return f"{resource}-topics"
+
+
 def for_outcome(
-    old: Mapping[str, Any] | None, outcome: DiffOutcome, now: str, generation: int
+    old: Mapping[str, Any] | None,
+    outcome: DiffOutcome,
+    now: str,
+    generation: int,
+    name: str = "",
 ) -> dict[str, Any]:
     p = outcome.plan
     topics = {n.node.node_id: n.topic for n in p.nodes}
@@ -66,6 +75,7 @@ def for_outcome(
         },
         "topicCount": len(topics),
         "topics": topics if len(topics) <= INLINE_TOPICS else None,
+        "topicsConfigMap": None if len(topics) <= INLINE_TOPICS else topics_config_map(name),
     }
     if outcome.dry_run:
         status["phase"] = "Planned"
