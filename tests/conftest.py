@@ -10,6 +10,7 @@ with the reason.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,6 +39,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
         elif "unit" in item.path.parts:
             item.add_marker(pytest.mark.unit)
+
+
+def free_port() -> int:
+    """A port the OS says is free now, on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _read_env_file() -> dict[str, str]:

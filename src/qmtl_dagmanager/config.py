@@ -56,10 +56,6 @@ class Settings:
     def embedded_kafka(self) -> bool:
         return not self.kafka_bootstrap
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        return load(None, env)
-
 
 def _text(v: Any) -> str:
     if isinstance(v, str | int | float) and not isinstance(v, bool):

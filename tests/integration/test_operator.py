@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from qmtl_dagmanager import bootstrap
 from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.core import identity
 from qmtl_dagmanager.kube import api, operator
-from tests.conftest import Stack
+from tests.conftest import Stack, free_port
 from tests.gen import generate
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -65,6 +64,27 @@ class Cluster:
         with contextlib.suppress(asyncio.CancelledError):  # kopf ends its tasks by cancelling
             await asyncio.wait_for(self._task, 30)
         assert self._task.done()
+
+    async def ready(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        """The resource, once its Ready condition is True."""
+        got: dict[str, Any] = await until(
+            lambda: condition(self.get(name), "Ready").get("status") == "True" and self.get(name),
+            timeout,
+            f"{name} Ready",
+        )
+        return got
+
+    async def all_deleted(self, timeout: float = 60) -> None:
+        """Every StrategyDAG of the namespace is gone (finalizers done)."""
+        await until(
+            lambda: (
+                not self.custom.list_namespaced_custom_object(
+                    api.GROUP, api.VERSION, self.namespace, api.PLURAL
+                )["items"]
+            ),
+            timeout,
+            "deletion",
+        )
 
     def create(self, name: str, spec: dict[str, Any]) -> None:
         body = {
@@ -164,15 +184,7 @@ async def cluster(
             with contextlib.suppress(client.ApiException):
                 cl.delete(item["metadata"]["name"])
         with contextlib.suppress(AssertionError):
-            await until(
-                lambda: (
-                    not cl.custom.list_namespaced_custom_object(
-                        api.GROUP, api.VERSION, ns, api.PLURAL
-                    )["items"]
-                ),
-                30,
-                "CRs deleted",
-            )
+            await cl.all_deleted(30)
         await cl.stop_operator()
         core.delete_namespace(ns)
         api_client.close()
@@ -194,13 +206,7 @@ async def test_strategydag_lifecycle(cluster: Cluster) -> None:
         n["name"] = f"{n['name']}-{salt}"
     strategy = f"s-{salt}"
     cluster.create("sample", spec_of(sample, strategy))
-    obj = await until(
-        lambda: (
-            condition(cluster.get("sample"), "Ready").get("status") == "True"
-            and cluster.get("sample")
-        ),
-        what="Ready",
-    )
+    obj = await cluster.ready("sample")
     st = obj["status"]
     assert (
         st["nodes"] == {"total": 3, "reused": 0, "buffered": 0, "new": 3}
@@ -243,14 +249,7 @@ async def test_strategydag_lifecycle(cluster: Cluster) -> None:
 
     # delete: the finalizer drops the references
     cluster.delete("sample")
-    await until(
-        lambda: (
-            not cluster.custom.list_namespaced_custom_object(
-                api.GROUP, api.VERSION, cluster.namespace, api.PLURAL
-            )["items"]
-        ),
-        what="deleted",
-    )
+    await cluster.all_deleted()
     assert await graph.strategy_nodes(strategy) == set()
 
 
@@ -296,13 +295,7 @@ async def test_integral_floats_survive_the_api_server(cluster: Cluster) -> None:
     doc["nodes"][-1]["params"] = {"alpha": 0.0, "beta": 2.0}
     doc["nodes"][-1]["node_id"] = identity.node_id(doc["nodes"][-1])
     cluster.create("floats", spec_of(doc, f"floats-{uuid.uuid4().hex[:6]}"))
-    obj = await until(
-        lambda: (
-            condition(cluster.get("floats"), "Ready").get("status") == "True"
-            and cluster.get("floats")
-        ),
-        what="Ready",
-    )
+    obj = await cluster.ready("floats")
     assert doc["nodes"][-1]["node_id"] in obj["status"]["topics"]
 
 
@@ -338,10 +331,7 @@ async def test_dag_from_a_configmap(cluster: Cluster) -> None:
             "dagConfigMapRef": {"name": "big-dag", "key": "dag.json"},
         },
     )
-    obj = await until(
-        lambda: condition(cluster.get("cm"), "Ready").get("status") == "True" and cluster.get("cm"),
-        what="Ready",
-    )
+    obj = await cluster.ready("cm")
     assert obj["status"]["nodes"]["total"] == 30
     assert len(await cluster.container.graph.strategy_nodes(strategy)) == 30
 
@@ -362,14 +352,7 @@ async def test_large_topic_maps_go_to_an_owned_configmap(cluster: Cluster) -> No
             "dagConfigMapRef": {"name": "large-dag", "key": "dag.json"},
         },
     )
-    obj = await until(
-        lambda: (
-            condition(cluster.get("large"), "Ready").get("status") == "True"
-            and cluster.get("large")
-        ),
-        120,
-        "Ready",
-    )
+    obj = await cluster.ready("large", 120)
     st = obj["status"]
     assert st["topicCount"] == 250 and not st.get("topics")
     cm = cluster.core.read_namespaced_config_map(st["topicsConfigMap"], cluster.namespace)
@@ -378,15 +361,7 @@ async def test_large_topic_maps_go_to_an_owned_configmap(cluster: Cluster) -> No
     owner = cm.metadata.owner_references[0]
     assert (owner.kind, owner.name, owner.uid) == ("StrategyDAG", "large", obj["metadata"]["uid"])
     cluster.delete("large")  # Retain reads the topics from the ConfigMap
-    await until(
-        lambda: (
-            not cluster.custom.list_namespaced_custom_object(
-                api.GROUP, api.VERSION, cluster.namespace, api.PLURAL
-            )["items"]
-        ),
-        60,
-        "deleted",
-    )
+    await cluster.all_deleted(60)
     details = await cluster.container.graph.queues(list(topics.values()))
     assert len(details) == 250 and {q.managed for q in details} == {False}
 
@@ -395,22 +370,10 @@ async def test_retain_keeps_topics_as_unmanaged(cluster: Cluster) -> None:
     doc = generate(5, salt=uuid.uuid4().hex[:6])
     strategy = f"keep-{uuid.uuid4().hex[:6]}"
     cluster.create("keep", spec_of(doc, strategy, deletionPolicy="Retain"))
-    obj = await until(
-        lambda: (
-            condition(cluster.get("keep"), "Ready").get("status") == "True" and cluster.get("keep")
-        ),
-        what="Ready",
-    )
+    obj = await cluster.ready("keep")
     topics = list(obj["status"]["topics"].values())
     cluster.delete("keep")
-    await until(
-        lambda: (
-            not cluster.custom.list_namespaced_custom_object(
-                api.GROUP, api.VERSION, cluster.namespace, api.PLURAL
-            )["items"]
-        ),
-        what="deleted",
-    )
+    await cluster.all_deleted()
     graph = cluster.container.graph
     assert await graph.strategy_nodes(strategy) == set()
     assert {q.managed for q in await graph.queues(topics)} == {False}
@@ -420,13 +383,7 @@ async def test_retain_keeps_topics_as_unmanaged(cluster: Cluster) -> None:
 async def test_drift_is_corrected_on_resync(cluster: Cluster) -> None:
     doc = generate(4, salt=uuid.uuid4().hex[:6])
     cluster.create("drift", spec_of(doc, f"drift-{uuid.uuid4().hex[:6]}"))
-    obj = await until(
-        lambda: (
-            condition(cluster.get("drift"), "Ready").get("status") == "True"
-            and cluster.get("drift")
-        ),
-        what="Ready",
-    )
+    obj = await cluster.ready("drift")
     victim = sorted(obj["status"]["topics"].values())[0]
     admin = cluster.container.topics
     assert (await admin.delete([victim]))[victim] is None
@@ -447,13 +404,7 @@ async def test_restart_mid_reconcile_converges_without_duplicates(cluster: Clust
     await asyncio.sleep(0.3)  # the operator has picked it up and is working on it
     await cluster.stop_operator()
     await cluster.start_operator()
-    obj = await until(
-        lambda: (
-            condition(cluster.get("restart"), "Ready").get("status") == "True"
-            and cluster.get("restart")
-        ),
-        what="Ready after a restart",
-    )
+    obj = await cluster.ready("restart")
     topics = obj["status"]["topics"]
     assert len(topics) == 40 and len(set(topics.values())) == 40
     graph = cluster.container.graph
@@ -510,14 +461,7 @@ async def test_operator_process_probes_and_metrics(cluster: Cluster) -> None:
         )
         assert "operator_reconcile_total" in text and "diff_requests_total" in text
         cluster.delete("proc")
-        await until(
-            lambda: (
-                not cluster.custom.list_namespaced_custom_object(
-                    api.GROUP, api.VERSION, cluster.namespace, api.PLURAL
-                )["items"]
-            ),
-            what="deleted",
-        )
+        await cluster.all_deleted()
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -529,9 +473,3 @@ def _try(fn: Callable[[str], str], url: str) -> str | None:
         return fn(url)
     except OSError:
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -21,6 +21,7 @@ from qmtl_dagmanager import bootstrap
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.kube import api, status
 from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.services.garbage import GcRun
 from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_document
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,23 @@ def kube_configuration() -> kubernetes.client.Configuration:
     return cfg
 
 
-def _read_config_map(namespace: str, name: str, key: str) -> str | None:
-    core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(kube_configuration()))
+def _core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(kube_configuration()))
+
+
+def _upsert_config_map(namespace: str, name: str, cm: kubernetes.client.V1ConfigMap) -> None:
+    core = _core()
     try:
-        cm = core.read_namespaced_config_map(name, namespace)
+        core.replace_namespaced_config_map(name, namespace, cm)
+    except kubernetes.client.ApiException as e:
+        if e.status != 404:
+            raise
+        core.create_namespaced_config_map(namespace, cm)
+
+
+def _read_config_map(namespace: str, name: str, key: str) -> str | None:
+    try:
+        cm = _core().read_namespaced_config_map(name, namespace)
     except kubernetes.client.ApiException as e:
         if e.status == 404:
             return None
@@ -187,7 +201,6 @@ class Reconciler:
 def _write_topics(body: kopf.Body, name: str, topics: Mapping[str, str]) -> None:
     """The full node → topic map of a large DAG, in a ConfigMap the resource owns (deleted
     with it by the garbage collector)."""
-    core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(kube_configuration()))
     meta = body.metadata
     cm = kubernetes.client.V1ConfigMap(
         metadata=kubernetes.client.V1ObjectMeta(
@@ -206,12 +219,7 @@ def _write_topics(body: kopf.Body, name: str, topics: Mapping[str, str]) -> None
         ),
         data={"topics.json": orjson.dumps(dict(topics), option=orjson.OPT_SORT_KEYS).decode()},
     )
-    try:
-        core.replace_namespaced_config_map(name, str(meta.namespace), cm)
-    except kubernetes.client.ApiException as e:
-        if e.status != 404:
-            raise
-        core.create_namespaced_config_map(str(meta.namespace), cm)
+    _upsert_config_map(str(meta.namespace), name, cm)
 
 
 GC_REPORT = "qmtl-dagmanager-gc-report"
@@ -220,37 +228,23 @@ GC_REPORT = "qmtl-dagmanager-gc-report"
 async def gc_timer(container: bootstrap.Container) -> None:
     """Timed garbage collection by the (single) active operator: decide with the core's
     policy, archive and drop, and record each run's report in a ConfigMap."""
-    gc = container.garbage()
-    interval = container.settings.gc_interval_seconds
     namespace = os.environ.get("POD_NAMESPACE", "default")
-    while True:
-        await asyncio.sleep(interval)
+
+    async def record(run: GcRun) -> None:
+        report = kubernetes.client.V1ConfigMap(
+            metadata=kubernetes.client.V1ObjectMeta(
+                name=GC_REPORT, labels={"app.kubernetes.io/name": "qmtl-dagmanager"}
+            ),
+            data={"report.json": orjson.dumps(run.as_json()).decode()},
+        )
         try:
-            run = await gc.collect(dry_run=container.settings.gc_dry_run)
-        except DagManagerError as e:
-            log.warning("timed GC failed: %s: %s", e.reason, e.message)
-            continue
-        report = orjson.dumps(run.as_json()).decode()
-        try:
-            await asyncio.to_thread(_write_report, namespace, report)
+            await asyncio.to_thread(_upsert_config_map, namespace, GC_REPORT, report)
         except (kubernetes.client.ApiException, OSError) as e:
             log.warning("could not record the GC report in %s/%s: %s", namespace, GC_REPORT, e)
 
-
-def _write_report(namespace: str, report: str) -> None:
-    core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(kube_configuration()))
-    body = kubernetes.client.V1ConfigMap(
-        metadata=kubernetes.client.V1ObjectMeta(
-            name=GC_REPORT, labels={"app.kubernetes.io/name": "qmtl-dagmanager"}
-        ),
-        data={"report.json": report},
+    await container.garbage().every(
+        container.settings.gc_interval_seconds, dry_run=container.settings.gc_dry_run, after=record
     )
-    try:
-        core.replace_namespaced_config_map(GC_REPORT, namespace, body)
-    except kubernetes.client.ApiException as e:
-        if e.status != 404:
-            raise
-        core.create_namespaced_config_map(namespace, body)
 
 
 def build_registry(

@@ -3,8 +3,9 @@ queues, delete the topic, forget the queue in the graph, announce it on the Cont
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,26 @@ class GcService:
         if processed and not dry_run:
             log.info("gc collected %d queue(s); skipped %s", len(processed), dict(report.skipped))
         return GcRun(report, processed, failed, dry_run, now)
+
+    async def every(
+        self,
+        interval: float,
+        *,
+        dry_run: bool = False,
+        after: Callable[[GcRun], Awaitable[None]] | None = None,
+    ) -> None:
+        """Timed GC until cancelled: a run every `interval` seconds; a failed run is logged
+        and the timer goes on; `after` receives each finished run (a report, a log line)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                run = await self.collect(dry_run=dry_run)
+            except DagManagerError as e:
+                log.warning("timed GC failed: %s: %s", e.reason, e.message)
+                continue
+            log.info("timed GC: %d collected, %d failed", len(run.processed), len(run.failed))
+            if after is not None:
+                await after(run)
 
     async def _collect_one(self, d: gc.GcDecision, entry: dict[str, Any], in_kafka: bool) -> None:
         # Re-check just before acting: a diff may have referenced the queue meanwhile.

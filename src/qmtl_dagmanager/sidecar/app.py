@@ -14,7 +14,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qmtl_dagmanager import bootstrap
 from qmtl_dagmanager.config import Settings
-from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.sidecar import http_admin, servicers
 from qmtl_dagmanager.sidecar.errors import Guard
@@ -82,7 +81,9 @@ async def start(settings: Settings) -> Sidecar:
     http_port = settings.http_port or _bound_port(runner)
     sidecar = Sidecar(container, server, runner, grpc_port, http_port)
     if settings.gc_interval_seconds > 0:
-        sidecar.gc_task = asyncio.create_task(_gc_loop(container, settings.gc_interval_seconds))
+        sidecar.gc_task = asyncio.create_task(
+            container.garbage().every(settings.gc_interval_seconds, dry_run=settings.gc_dry_run)
+        )
     log.info(
         "sidecar serving gRPC on %s:%d and HTTP on %s:%d (graph: %s, kafka: %s)",
         settings.grpc_host,
@@ -100,18 +101,6 @@ def _bound_port(runner: web.AppRunner) -> int:
         if isinstance(addr, tuple) and len(addr) >= 2:
             return int(addr[1])
     return 0
-
-
-async def _gc_loop(container: bootstrap.Container, interval: int) -> None:
-    gc = container.garbage()
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            run = await gc.collect()
-        except DagManagerError as e:
-            log.warning("timed GC failed: %s: %s", e.reason, e.message)
-            continue
-        log.info("timed GC: %d collected, %d failed", len(run.processed), len(run.failed))
 
 
 async def serve(settings: Settings) -> None:
