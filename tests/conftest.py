@@ -32,6 +32,14 @@ class Stack:
     neo4j_password: str
     kafka_bootstrap: str
 
+    def stop_server(self, name: str) -> None:
+        """Stop one server of the project's stack (fault tests); `start_server` restores it."""
+        subprocess.run([*STACK, "stop", name], check=True, capture_output=True)
+
+    def start_server(self, name: str) -> None:
+        proc = subprocess.run([*STACK, "start", name], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"{name} did not start again:\n{proc.stdout}{proc.stderr}"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

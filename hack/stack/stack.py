@@ -5,6 +5,8 @@ kube-controller-manager, Kafka (KRaft) and Neo4j.
     stack.py up [--timeout SECONDS]   build or fetch what is missing, then start everything
     stack.py down                     stop exactly the processes `up` started (by PID)
     stack.py status                   one line per server; exit 1 unless all are healthy
+    stack.py stop NAME                stop one server of a running stack (fault tests)
+    stack.py start NAME               start it again, same command, data and port
 
 Standard library only, so it runs before the project's virtualenv exists.
 State lives in $QMTL_STACK_DIR (default: <project>/.stack): pki/, logs/, data/, pids/,
@@ -156,7 +158,10 @@ def start(
             start_new_session=True,  # its own process group: `down` signals exactly it
         )
     starttime = proc_starttime(p.pid)
-    pid_file(name).write_text(json.dumps({"pid": p.pid, "starttime": starttime, "argv": argv}))
+    record = {"argv": argv, "cwd": str(cwd) if cwd else None, "env": env or {}}
+    pid_file(name).write_text(json.dumps({"pid": p.pid, "starttime": starttime, **record}))
+    # kept after `stop NAME`, so that `start NAME` restarts exactly the same server
+    (STATE / "pids" / f"{name}.cmd.json").write_text(json.dumps(record))
     shown = log.relative_to(PROJECT) if log.is_relative_to(PROJECT) else log
     say(f"{name} started (pid {p.pid}, log {shown})")
     return p.pid
@@ -725,6 +730,43 @@ def up(timeout: float) -> None:
     print(f"  source {STATE / 'env'}   # then: kubectl get namespaces")
 
 
+def probes(ports: Ports) -> dict[str, Callable[[], str | None]]:
+    return {
+        "etcd": lambda: probe_etcd(ports.etcd),
+        "kube-apiserver": lambda: probe_apiserver(ports.apiserver),
+        "kube-controller-manager": lambda: probe_kcm(ports.kcm),
+        "kafka": lambda: probe_kafka(ports.kafka),
+        "neo4j": lambda: probe_neo4j(ports.neo4j),
+    }
+
+
+def _known(name: str) -> None:
+    if name not in ORDER:
+        raise StackError(f"unknown server {name!r}: one of {', '.join(ORDER)}")
+
+
+def stop_one(name: str) -> None:
+    _known(name)
+    if running_pid(name) is None:
+        say(f"{name} is not running")
+        return
+    stop(name)
+
+
+def start_one(name: str, timeout: float) -> None:
+    """Start one stopped server of a stack that was brought up, with its recorded command."""
+    _known(name)
+    try:
+        ports = Ports(**json.loads((STATE / "ports.json").read_text()))
+        record = json.loads((STATE / "pids" / f"{name}.cmd.json").read_text())
+    except (OSError, ValueError, TypeError) as e:
+        raise StackError(f"no recorded command for {name}: run `stack.py up` first ({e})") from e
+    if running_pid(name) is None:
+        cwd = Path(record["cwd"]) if record.get("cwd") else None
+        start(name, list(record["argv"]), cwd=cwd, env=dict(record.get("env") or {}))
+    wait_until(name, probes(ports)[name], timeout)
+
+
 def down() -> None:
     if not (STATE / "pids").exists():
         say("nothing to stop")
@@ -740,13 +782,7 @@ def status(quiet: bool = False) -> bool:
         if not quiet:
             print("stack: not started (no state in .stack/)")
         return False
-    probes: dict[str, Callable[[], str | None]] = {
-        "etcd": lambda: probe_etcd(ports.etcd),
-        "kube-apiserver": lambda: probe_apiserver(ports.apiserver),
-        "kube-controller-manager": lambda: probe_kcm(ports.kcm),
-        "kafka": lambda: probe_kafka(ports.kafka),
-        "neo4j": lambda: probe_neo4j(ports.neo4j),
-    }
+    checks = probes(ports)
     where = {
         "etcd": f"http://127.0.0.1:{ports.etcd}",
         "kube-apiserver": f"https://127.0.0.1:{ports.apiserver}",
@@ -762,7 +798,7 @@ def status(quiet: bool = False) -> bool:
             healthy = False
         else:
             try:
-                reason = probes[name]()
+                reason = checks[name]()
             except (OSError, ValueError, ssl.SSLError) as e:
                 reason = f"{type(e).__name__}: {e}"
             state = "healthy" if not reason else f"unhealthy ({reason})"
@@ -781,6 +817,10 @@ def main() -> int:
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("kafka-metadata")
+    sub.add_parser("stop").add_argument("name", choices=ORDER)
+    one = sub.add_parser("start")
+    one.add_argument("name", choices=ORDER)
+    one.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args()
     try:
         if args.cmd == "up":
@@ -789,6 +829,10 @@ def main() -> int:
             down()
         elif args.cmd == "status":
             return 0 if status() else 1
+        elif args.cmd == "stop":
+            stop_one(args.name)
+        elif args.cmd == "start":
+            start_one(args.name, args.timeout)
         elif args.cmd == "kafka-metadata":
             ports = json.loads((STATE / "ports.json").read_text())
             print(json.dumps(kafka_metadata(int(ports["kafka"]))))

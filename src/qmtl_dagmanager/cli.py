@@ -28,7 +28,8 @@ from qmtl_dagmanager.config import Settings, SettingsError, load
 from qmtl_dagmanager.core import dag
 from qmtl_dagmanager.core.errors import Conflict, DagManagerError, InvalidSpec, Unavailable
 from qmtl_dagmanager.core.plan import Request
-from qmtl_dagmanager.kube import operator
+from qmtl_dagmanager.kube import kubeapi, operator
+from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
 from qmtl_dagmanager.sidecar import app
 
 log = logging.getLogger("qmtl_dagmanager")
@@ -99,12 +100,24 @@ async def cmd_operator(settings: Settings, args: argparse.Namespace) -> int:
     container = bootstrap.build(settings)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, registry=container.metrics.registry)
-    await operator.run(
-        container,
-        namespaces=args.namespace or None,
-        resync_seconds=args.resync,
-        liveness=args.liveness,
-    )
+    election = None
+    if args.leader_election == "lease":
+        election = LeaderElection(
+            kubeapi.coordination,
+            args.lease_namespace or os.environ.get("POD_NAMESPACE") or "default",
+            args.lease_name,
+        )
+    try:
+        await operator.run(
+            container,
+            namespaces=args.namespace or None,
+            resync_seconds=args.resync,
+            liveness=args.liveness,
+            election=election,
+        )
+    except LeadershipLost as e:
+        log.error("%s; exiting so that this instance rejoins as a standby", e)
+        return EXIT_OTHER
     return EXIT_OK
 
 
@@ -270,6 +283,16 @@ def parser() -> argparse.ArgumentParser:
         "--liveness",
         default="http://0.0.0.0:8080/healthz",
         help="liveness endpoint URL (kopf's probe)",
+    )
+    op.add_argument(
+        "--leader-election",
+        choices=("lease", "none"),
+        default="lease",
+        help="lease: one active instance (a coordination.k8s.io Lease); none: act at once",
+    )
+    op.add_argument("--lease-name", default="qmtl-dagmanager-operator", help="the Lease's name")
+    op.add_argument(
+        "--lease-namespace", help="the Lease's namespace (default: $POD_NAMESPACE or default)"
     )
     op.add_argument(
         "--metrics-port", type=int, default=8081, help="Prometheus /metrics port (0: off)"

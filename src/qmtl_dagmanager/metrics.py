@@ -74,6 +74,9 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.leader = Gauge(
+            "operator_leader", "1 while this operator instance holds the leader lease", registry=r
+        )
         self.node_cache = Gauge(
             "node_cache_entries", "Node records held in the sidecar's node cache", registry=r
         )

@@ -1,0 +1,180 @@
+"""The StrategyDAG reconcile: read the resource, call the strategy service, render status
+and events. Errors are mapped here, once: an invalid spec or a conflict is permanent (status
+says why, no retry); an unavailable dependency is temporary (Degraded, retried with backoff).
+Create, update, resume and the resync timer share one function."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import kubernetes
+import orjson
+
+from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.kube import api, status
+from qmtl_dagmanager.kube.kubeapi import read_config_map, upsert_config_map
+from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_document
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+
+
+def _dumps(doc: Mapping[str, Any]) -> str:
+    return orjson.dumps(doc).decode()
+
+
+class Reconciler:
+    """One level-based reconcile for create, update, resume and resync; and deletion."""
+
+    def __init__(self, strategies: StrategyService, metrics: Metrics | None = None) -> None:
+        self.strategies = strategies
+        self.metrics = metrics or strategies.diffs.metrics
+
+    async def reconcile(
+        self, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, trigger: str
+    ) -> None:
+        """Reconcile, counted and timed by trigger and result."""
+        started = time.perf_counter()
+        result = "error"
+        try:
+            result = await self._reconcile(body, spec, meta, patch, trigger)
+        finally:
+            self.metrics.reconciles.labels(trigger, result).inc()
+            self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    async def _dag_json(self, s: api.StrategySpec, namespace: str) -> str:
+        text = None
+        if s.config_map is not None:
+            name, key = s.config_map
+            text = await asyncio.to_thread(read_config_map, namespace, name, key)
+        doc = dag_document(s, text)
+        return doc if isinstance(doc, str) else _dumps(doc)
+
+    async def _reconcile(
+        self, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, trigger: str
+    ) -> str:
+        s = api.StrategySpec.from_body(dict(spec))
+        old: Mapping[str, Any] = dict(body.get("status") or {})
+        generation = int(meta.get("generation") or 0)
+        if s.paused:
+            new = {**old, "phase": "Paused", "observedGeneration": generation}
+            if not status.same(old, new):
+                patch.status.update(new)
+                kopf.info(body, reason="Paused", message="reconciling is paused")
+            return "paused"
+        try:
+            outcome = await self.strategies.reconcile(
+                s, await self._dag_json(s, str(meta.get("namespace")))
+            )
+        except DagManagerError as e:
+            self.metrics.reconcile_errors.labels(e.reason).inc()
+            self._failed(body, patch, old, e, generation)
+            return "failed"
+        drift = Drift()
+        if trigger in ("resync", "resume"):  # a fresh create or update has just ensured them
+            try:
+                drift = await self.strategies.repair_drift(outcome)
+            except DagManagerError as e:
+                self.metrics.reconcile_errors.labels(e.reason).inc()
+                self._failed(body, patch, old, e, generation)
+                return "failed"
+        if drift.recreated:
+            kopf.warn(
+                body,
+                reason="DriftCorrected",
+                message=f"recreated {len(drift.recreated)} topic(s) deleted out of band: "
+                f"{', '.join(drift.recreated[:5])}",
+            )
+        if drift.altered:
+            kopf.warn(
+                body,
+                reason="TopicDrift",
+                message="; ".join(f"{t}: {m}" for t, m in list(drift.altered.items())[:5]),
+            )
+        name = str(meta.get("name"))
+        new = status.for_outcome(old, outcome, now(), generation, name)
+        if status.same(old, new):
+            return "unchanged"  # level-based resync: nothing changed, nothing written
+        if new.get("topicsConfigMap"):
+            topics: dict[str, str] = {n.node.node_id: n.topic for n in outcome.plan.nodes}
+            await asyncio.to_thread(_write_topics, body, new["topicsConfigMap"], topics)
+        patch.status.update({**new, "lastReconcileTime": now()})
+        p = outcome.plan
+        kopf.info(
+            body,
+            reason="Planned" if outcome.dry_run else "Reconciled",
+            message=f"{trigger}: {p.counts['new']} new, {p.counts['reused']} reused, "
+            f"{p.counts['buffered']} buffered",
+        )
+        return "planned" if outcome.dry_run else "reconciled"
+
+    @staticmethod
+    def _failed(
+        body: kopf.Body,
+        patch: kopf.Patch,
+        old: Mapping[str, Any],
+        e: DagManagerError,
+        generation: int,
+    ) -> None:
+        new = status.for_error(old, e, now(), generation)
+        changed = not status.same(old, new)
+        if changed:
+            patch.status.update({**new, "lastReconcileTime": now()})
+        if e.retryable:
+            kopf.warn(body, reason=e.reason, message=f"{e.message} (retrying)")
+            raise kopf.TemporaryError(e.message, delay=float(getattr(e, "retry_after", 5.0)))
+        if changed:
+            kopf.warn(body, reason=e.reason, message=e.message)
+
+    async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
+        s = api.StrategySpec.from_body(dict(spec))
+        st = body.get("status") or {}
+        topics = list((st.get("topics") or {}).values())
+        if not topics and st.get("topicsConfigMap"):
+            stored = await asyncio.to_thread(
+                read_config_map,
+                str(body.metadata.namespace),
+                str(st["topicsConfigMap"]),
+                "topics.json",
+            )
+            topics = list(orjson.loads(stored).values()) if stored else []
+        try:
+            dropped = await self.strategies.delete(s, topics)
+        except DagManagerError as e:
+            if e.retryable:
+                raise kopf.TemporaryError(e.message, delay=5) from e
+            raise kopf.PermanentError(e.message) from e
+        kopf.info(
+            body, reason="Deleted", message=f"{dropped} references dropped ({s.deletion_policy})"
+        )
+
+
+def _write_topics(body: kopf.Body, name: str, topics: Mapping[str, str]) -> None:
+    """The full node → topic map of a large DAG, in a ConfigMap the resource owns (deleted
+    with it by the garbage collector)."""
+    meta = body.metadata
+    cm = kubernetes.client.V1ConfigMap(
+        metadata=kubernetes.client.V1ObjectMeta(
+            name=name,
+            labels={"app.kubernetes.io/name": "qmtl-dagmanager"},
+            owner_references=[
+                kubernetes.client.V1OwnerReference(
+                    api_version=f"{api.GROUP}/{api.VERSION}",
+                    kind=api.KIND,
+                    name=str(meta.name),
+                    uid=str(meta.uid),
+                    controller=True,
+                    block_owner_deletion=False,
+                )
+            ],
+        ),
+        data={"topics.json": orjson.dumps(dict(topics), option=orjson.OPT_SORT_KEYS).decode()},
+    )
+    upsert_config_map(str(meta.namespace), name, cm)
