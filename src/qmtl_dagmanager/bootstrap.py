@@ -12,6 +12,7 @@ from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
+from qmtl_dagmanager.adapters.prometheus import PrometheusQuery
 from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdmin
@@ -81,6 +82,12 @@ class Container:
             self.clock,
             self.metrics,
             cache=self.node_cache,
+            load=(
+                PrometheusQuery(self.settings.prometheus_url, self.settings.gc_load_query)
+                if self.settings.gc_load_query
+                else None
+            ),
+            load_threshold=self.settings.gc_load_threshold,
         )
 
     async def close(self) -> None:

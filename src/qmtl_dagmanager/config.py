@@ -5,6 +5,7 @@ composition root (never at import time). An unknown key or a bad value is an err
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ class Settings:
     http_port: int = 8001
     gc_interval_seconds: int = 3600  # 0 disables the timer (GC still runs on a trigger)
     gc_dry_run: bool = False  # decide and report, but drop nothing
+    prometheus_url: str = ""  # a Prometheus-compatible HTTP API (GC load metric, gates)
+    gc_load_query: str = ""  # PromQL for the broker load; empty: GC is never throttled
+    gc_load_threshold: float = 0.8  # above it (or unreadable) the per-run GC cap is halved
     archive_dir: str = "./archive"
     dry_run_strategy: str = "dryrun"
     node_cache_ttl_seconds: int = 60  # 0 disables the node cache
@@ -121,6 +125,25 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError("expected a number")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
+    if not math.isfinite(f):
+        raise ValueError("expected a finite number")
+    return f
+
+
+def _url(v: Any) -> str:
+    text = _text(v)
+    if text and not text.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return text
+
+
 def _archive(v: Any) -> str:
     text = _text(v)
     if text.startswith("s3://"):
@@ -154,6 +177,9 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
     ("gc_interval_seconds", "QMTL_GC_INTERVAL_SECONDS", "gc_interval_seconds", _nonneg),
     ("gc_archive_bucket", "QMTL_ARCHIVE_DIR", "archive_dir", _archive),
     ("gc_dry_run", "QMTL_GC_DRY_RUN", "gc_dry_run", _bool),
+    ("prometheus_url", "QMTL_PROMETHEUS_URL", "prometheus_url", _url),
+    ("gc_load_query", "QMTL_GC_LOAD_QUERY", "gc_load_query", _text),
+    ("gc_load_threshold", "QMTL_GC_LOAD_THRESHOLD", "gc_load_threshold", _float),
     ("dry_run_strategy", "QMTL_DRY_RUN_STRATEGY", "dry_run_strategy", _text),
     ("node_cache_ttl_seconds", "QMTL_NODE_CACHE_TTL", "node_cache_ttl_seconds", _nonneg),
     ("diff_max_inflight", "QMTL_DIFF_MAX_INFLIGHT", "diff_max_inflight", _positive),
@@ -203,6 +229,8 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
     settings = dataclasses.replace(Settings(), limits=limits, **values)
     if settings.log_level:
         settings = dataclasses.replace(settings, log_level=settings.log_level.upper())
+    if settings.gc_load_query and not settings.prometheus_url:
+        raise SettingsError("gc_load_query needs prometheus_url (QMTL_PROMETHEUS_URL)")
     if settings.profile == "prod":
         missing = [
             k

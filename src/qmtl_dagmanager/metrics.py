@@ -44,6 +44,9 @@ class Metrics:
         self.gc_collected = Counter(
             "gc_queues_collected_total", "Queues collected by GC", ["action"], registry=r
         )
+        self.gc_throttled = Counter(
+            "gc_throttled_total", "GC runs whose batch was halved for broker load", registry=r
+        )
         self.events_published = Counter(
             "controlbus_events_total", "ControlBus events published", ["type"], registry=r
         )

@@ -250,6 +250,14 @@ class Archive(Protocol):
         ...
 
 
+class LoadGauge(Protocol):
+    """One number that says how loaded a dependency is now (a broker load metric)."""
+
+    async def value(self) -> float:
+        """The current value; raises Unavailable when it cannot be read."""
+        ...
+
+
 class Clock(Protocol):
     def now(self) -> float:
         """Seconds since the epoch."""

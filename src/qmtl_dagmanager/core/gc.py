@@ -2,7 +2,7 @@
 
 Never selected: a queue that is referenced, younger than TTL + grace, not owned by a graph node
 (unmanaged: absence is no evidence), internal to Kafka (`__` prefix), of a tag without a
-policy; never more than the per-run cap.
+policy; never more than the per-run cap, which is halved while the broker is under load.
 """
 
 from __future__ import annotations
@@ -72,10 +72,13 @@ class GcReport:
     skipped: Mapping[str, int] = field(default_factory=dict)
     cap: int = 0
     managed: int = 0
+    loaded: bool = False  # the cap was halved because the broker reported high load
 
 
-def cap_for(managed: int, limits: GcLimits) -> int:
-    return max(0, min(limits.max_count, math.ceil(managed * limits.max_fraction)))
+def cap_for(managed: int, limits: GcLimits, loaded: bool = False) -> int:
+    """The per-run cap; halved (rounded down) while the broker is loaded."""
+    cap = max(0, min(limits.max_count, math.ceil(managed * limits.max_fraction)))
+    return cap // 2 if loaded else cap
 
 
 def select(
@@ -83,6 +86,8 @@ def select(
     now: float,
     policies: Mapping[str, GcPolicy] = DEFAULT_POLICIES,
     limits: GcLimits = GcLimits(),
+    *,
+    loaded: bool = False,
 ) -> GcReport:
     """Decide the queues to collect now, oldest first, within the cap."""
     skipped: dict[str, int] = {}
@@ -111,7 +116,7 @@ def select(
             skip(SkipReason.TOO_YOUNG)
             continue
         eligible.append((q, policy))
-    cap = cap_for(managed, limits)
+    cap = cap_for(managed, limits, loaded)
     eligible.sort(key=lambda qp: (qp[0].created_at, qp[0].topic))
     chosen = eligible[:cap]
     if len(eligible) > cap:
@@ -125,4 +130,4 @@ def select(
         )
         for q, p in chosen
     )
-    return GcReport(decisions, skipped, cap, managed)
+    return GcReport(decisions, skipped, cap, managed, loaded)

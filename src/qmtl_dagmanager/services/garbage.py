@@ -12,7 +12,7 @@ from typing import Any
 from qmtl_dagmanager.core import gc
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
-from qmtl_dagmanager.ports import Archive, Clock, GraphStore, TopicAdmin
+from qmtl_dagmanager.ports import Archive, Clock, GraphStore, LoadGauge, TopicAdmin
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache
 
@@ -26,6 +26,7 @@ class GcRun:
     failed: list[dict[str, Any]]
     dry_run: bool
     ran_at: float
+    load: float | None = None  # the broker load metric read for this run, if configured
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -34,6 +35,8 @@ class GcRun:
                 "dry_run": self.dry_run,
                 "ran_at": self.ran_at,
                 "cap": self.report.cap,
+                "loaded": self.report.loaded,
+                "load": self.load,
                 "managed": self.report.managed,
                 "selected": len(self.report.decisions),
                 "skipped": dict(self.report.skipped),
@@ -53,12 +56,37 @@ class GcService:
     policies: Mapping[str, gc.GcPolicy] = field(default_factory=lambda: dict(gc.DEFAULT_POLICIES))
     limits: gc.GcLimits = field(default_factory=gc.GcLimits)
     cache: NodeCache | None = None
+    load: LoadGauge | None = None  # the broker load metric; None: never throttled
+    load_threshold: float = 0.8
+
+    async def _loaded(self) -> tuple[bool, float | None]:
+        """Whether the broker is too loaded for a full batch. A metric that cannot be read
+        counts as loaded: dropping topics is never urgent."""
+        if self.load is None:
+            return False, None
+        try:
+            value = await self.load.value()
+        except DagManagerError as e:
+            log.warning("gc: the broker load metric is unreadable, halving the batch: %s", e)
+            return True, None
+        return value > self.load_threshold, value
 
     async def collect(self, *, dry_run: bool = False) -> GcRun:
         now = self.clock.now()
+        loaded, load = await self._loaded()
         queues = await self.graph.queues()
         self.metrics.orphan_queues.set(sum(1 for q in queues if q.ref_count == 0 and q.managed))
-        report = gc.select([q.as_gc_queue() for q in queues], now, self.policies, self.limits)
+        report = gc.select(
+            [q.as_gc_queue() for q in queues], now, self.policies, self.limits, loaded=loaded
+        )
+        if loaded:
+            self.metrics.gc_throttled.inc()
+            log.info(
+                "gc: broker load %s over %s: per-run cap halved to %d",
+                load,
+                self.load_threshold,
+                report.cap,
+            )
         processed: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         existing = await self.topics.list_topics() if report.decisions and not dry_run else set()
@@ -77,7 +105,7 @@ class GcService:
         self.metrics.gc_last_run.set(now)
         if processed and not dry_run:
             log.info("gc collected %d queue(s); skipped %s", len(processed), dict(report.skipped))
-        return GcRun(report, processed, failed, dry_run, now)
+        return GcRun(report, processed, failed, dry_run, now, load)
 
     async def every(
         self,
