@@ -16,6 +16,7 @@ from qmtl_dagmanager.adapters.prometheus import PrometheusQuery
 from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdmin
+from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, EventTopics
 from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
@@ -68,6 +69,11 @@ class Container:
             max_inflight=s.diff_max_inflight,
             max_waiting=64 if shed_load else 1_000_000,
             max_wait=2.0 if shed_load else 24 * 3600.0,
+        )
+
+    def canary(self) -> CanaryService:
+        return CanaryService(
+            self.graph, self.controlbus, self.clock, self.metrics, self.settings.prometheus_url
         )
 
     def queues(self) -> QueueService:

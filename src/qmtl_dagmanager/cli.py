@@ -112,6 +112,7 @@ async def cmd_operator(settings: Settings, args: argparse.Namespace) -> int:
             container,
             namespaces=args.namespace or None,
             resync_seconds=args.resync,
+            sentinel_tick=args.sentinel_tick,
             liveness=args.liveness,
             election=election,
         )
@@ -279,6 +280,12 @@ def parser() -> argparse.ArgumentParser:
         help="watch this namespace (repeatable); default: all namespaces",
     )
     op.add_argument("--resync", type=float, default=300.0, help="resync period in seconds")
+    op.add_argument(
+        "--sentinel-tick",
+        type=float,
+        default=1.0,
+        help="seconds between VersionSentinel evaluations (pause and gate resolution)",
+    )
     op.add_argument(
         "--liveness",
         default="http://0.0.0.0:8080/healthz",

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class _SinceWeightChange(Collector):
+    """Seconds since each sentinel's weight last changed, computed when scraped."""
+
+    def __init__(self) -> None:
+        self.changed_at: dict[str, float] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "dagmanager_seconds_since_weight_change",
+            "Seconds since the canary weight of a sentinel last changed",
+            labels=["sentinel"],
+        )
+        now = time.time()
+        for sentinel, at in sorted(self.changed_at.items()):
+            g.add_metric([sentinel], max(0.0, now - at))
+        yield g
 
 
 class Metrics:
@@ -82,6 +105,26 @@ class Metrics:
         )
         self.node_cache = Gauge(
             "node_cache_entries", "Node records held in the sidecar's node cache", registry=r
+        )
+        self.version_weight = Gauge(
+            "dagmanager_active_version_weight",
+            "Traffic weight (0..1) of a strategy version",
+            ["sentinel", "version"],
+            registry=r,
+        )
+        self.since_weight_change = _SinceWeightChange()
+        r.register(self.since_weight_change)
+        self.canary_transitions = Counter(
+            "canary_transitions_total",
+            "VersionSentinel state transitions, by event and resulting phase",
+            ["event", "phase"],
+            registry=r,
+        )
+        self.gate_measurements = Counter(
+            "canary_gate_measurements_total",
+            "Analysis gate measurements, by result",
+            ["result"],
+            registry=r,
         )
         self.grpc_errors = Counter(
             "grpc_errors_total", "gRPC calls that ended in an error", ["method", "code"], registry=r

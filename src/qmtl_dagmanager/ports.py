@@ -64,6 +64,26 @@ class QueueDetail:
 
 
 @dataclass(frozen=True, slots=True)
+class SentinelRecord:
+    sentinel_id: str
+    version: str
+    weight: float | None
+    history: tuple[tuple[float, float], ...]  # (when, weight), oldest first
+    commit_hash: str
+    release_tag: str
+    has: int  # HAS edges to compute nodes
+
+
+def parse_history(raw: Sequence[str] | None) -> tuple[tuple[float, float], ...]:
+    """The stored weight history: entries "<epoch seconds>:<weight>"."""
+    out = []
+    for entry in raw or ():
+        when, _, weight = str(entry).partition(":")
+        out.append((float(when), float(weight)))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class SentinelWrite:
     """A VersionSentinel version boundary and the nodes it HAS."""
 
@@ -145,6 +165,15 @@ class GraphStore(Protocol):
     ) -> None: ...
 
     async def sentinel_weights(self, sentinel_id: str) -> dict[str, float]: ...
+
+    async def link_sentinel(self, sentinel: SentinelWrite, now: float) -> None:
+        """Create or update a version's sentinel node (commit hash and release tag when
+        given) and its HAS edges to the given compute nodes; the weight is left alone."""
+        ...
+
+    async def sentinel(self, sentinel_id: str, version: str) -> SentinelRecord | None:
+        """One version's sentinel node: weight, weight history, HAS edge count."""
+        ...
 
     async def strategy_nodes(self, strategy_id: str) -> set[NodeId]: ...
 

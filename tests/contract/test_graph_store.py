@@ -157,6 +157,20 @@ async def test_sentinel_weights_and_history(graph: GraphStore) -> None:
     assert c.sentinels == 2
 
 
+async def test_sentinel_links_and_records(graph: GraphStore) -> None:
+    p = await submit(graph, chain(3), Request("s1", world_id="w1"))
+    ids = tuple(n.node.node_id for n in p.nodes)
+    assert await graph.sentinel("s1-sentinel", "v2") is None
+    await graph.link_sentinel(SentinelWrite("s1-sentinel", "v2", ids, None, "abc123", "r2"), NOW)
+    await graph.link_sentinel(SentinelWrite("s1-sentinel", "v2", ids[:1]), NOW + 1)  # idempotent
+    await graph.set_sentinel_weight("s1-sentinel", "v2", 0.1, NOW + 2)
+    await graph.set_sentinel_weight("s1-sentinel", "v2", 0.5, NOW + 3)
+    rec = await graph.sentinel("s1-sentinel", "v2")
+    assert rec is not None
+    assert (rec.weight, rec.commit_hash, rec.release_tag, rec.has) == (0.5, "abc123", "r2", 3)
+    assert rec.history == ((NOW + 2, 0.1), (NOW + 3, 0.5))
+
+
 async def test_cross_context_reuse_is_detected_from_the_graph(graph: GraphStore) -> None:
     nodes = chain(2)
     await submit(graph, nodes, Request("s1", execution_domain="backtest", as_of="2024"))

@@ -11,6 +11,7 @@ from qmtl_dagmanager.client import GatewayClient
 from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.sidecar import app
 from tests.conftest import Stack
+from tests.integration.kube_harness import cluster  # noqa: F401  (the operator fixture)
 
 
 @dataclasses.dataclass

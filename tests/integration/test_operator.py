@@ -3,202 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
-import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
-import yaml
-from kubernetes import client, config
-
-from qmtl_dagmanager import bootstrap
-from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.core import identity
-from qmtl_dagmanager.kube import api, kubeapi, operator
-from qmtl_dagmanager.kube.lease import LeaderElection
 from tests.conftest import Stack, free_port
 from tests.gen import generate
+from tests.integration.kube_harness import Cluster, condition, spec_of, until
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-@dataclasses.dataclass
-class Cluster:
-    custom: client.CustomObjectsApi
-    core: client.CoreV1Api
-    namespace: str
-    container: bootstrap.Container
-
-    settings: Settings = dataclasses.field(default_factory=Settings)
-    _stop: asyncio.Event | None = None
-    _task: asyncio.Task[None] | None = None
-
-    async def start_operator(self) -> None:
-        """Run the operator in-process (a fresh container each time, as a restart would)."""
-        self.container = bootstrap.build(self.settings)
-        self._stop, ready = asyncio.Event(), asyncio.Event()
-        self._task = asyncio.create_task(
-            operator.run(
-                self.container,
-                namespaces=[self.namespace],
-                resync_seconds=2,
-                stop=self._stop,
-                ready=ready,
-                election=LeaderElection(kubeapi.coordination, self.namespace, duration=10),
-            )
-        )
-        await asyncio.wait_for(ready.wait(), 60)
-
-    async def stop_operator(self) -> None:
-        assert self._stop is not None and self._task is not None
-        self._stop.set()
-        with contextlib.suppress(asyncio.CancelledError):  # kopf ends its tasks by cancelling
-            await asyncio.wait_for(self._task, 30)
-        assert self._task.done()
-
-    async def ready(self, name: str, timeout: float = 60) -> dict[str, Any]:
-        """The resource, once its Ready condition is True."""
-        got: dict[str, Any] = await until(
-            lambda: condition(self.get(name), "Ready").get("status") == "True" and self.get(name),
-            timeout,
-            f"{name} Ready",
-        )
-        return got
-
-    async def all_deleted(self, timeout: float = 60) -> None:
-        """Every StrategyDAG of the namespace is gone (finalizers done)."""
-        await until(
-            lambda: (
-                not self.custom.list_namespaced_custom_object(
-                    api.GROUP, api.VERSION, self.namespace, api.PLURAL
-                )["items"]
-            ),
-            timeout,
-            "deletion",
-        )
-
-    def create(self, name: str, spec: dict[str, Any]) -> None:
-        body = {
-            "apiVersion": f"{api.GROUP}/{api.VERSION}",
-            "kind": api.KIND,
-            "metadata": {"name": name},
-            "spec": spec,
-        }
-        self.custom.create_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, body
-        )
-
-    def get(self, name: str) -> dict[str, Any]:
-        return dict(
-            self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
-            )
-        )
-
-    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name, {"spec": spec}
-        )
-
-    def delete(self, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
-        )
-
-    def events(self, name: str) -> list[str]:
-        evs = self.core.list_namespaced_event(
-            self.namespace, field_selector=f"involvedObject.name={name}"
-        )
-        return [f"{e.reason}: {e.message}" for e in evs.items]
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await asyncio.to_thread(predicate)
-        if last:
-            return last
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
-    for c in (obj.get("status") or {}).get("conditions") or []:
-        if c["type"] == kind:
-            return dict(c)
-    return {}
-
-
-@pytest.fixture
-async def cluster(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> AsyncIterator[Cluster]:
-    monkeypatch.setenv("KUBECONFIG", stack.kubeconfig)
-    api_client = config.new_client_from_config(config_file=stack.kubeconfig)
-    ext = client.ApiextensionsV1Api(api_client)
-    crd = yaml.safe_load((ROOT / "crds" / f"{api.PLURAL}.{api.GROUP}.yaml").read_text())
-    try:
-        ext.create_custom_resource_definition(crd)
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
-        ext.patch_custom_resource_definition(crd["metadata"]["name"], crd)
-    await until(
-        lambda: any(
-            c.type == "Established" and c.status == "True"
-            for c in ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions
-            or []
-        ),
-        what="CRD established",
-    )
-    core = client.CoreV1Api(api_client)
-    ns = f"op-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": ns}})
-    settings = dataclasses.replace(
-        Settings(),
-        neo4j_uri=stack.neo4j_uri,
-        neo4j_user=stack.neo4j_user,
-        neo4j_password=stack.neo4j_password,
-        kafka_bootstrap=stack.kafka_bootstrap,
-        archive_dir=str(tmp_path / "archive"),
-    )
-    cl = Cluster(client.CustomObjectsApi(api_client), core, ns, bootstrap.build(settings))
-    cl.settings = settings
-    await cl.start_operator()
-    try:
-        yield cl
-    finally:
-        for item in cl.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)[
-            "items"
-        ]:
-            with contextlib.suppress(client.ApiException):
-                cl.delete(item["metadata"]["name"])
-        with contextlib.suppress(AssertionError):
-            await cl.all_deleted(30)
-        await cl.stop_operator()
-        core.delete_namespace(ns)
-        api_client.close()
-
-
-def spec_of(doc: dict[str, Any], strategy: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "strategyId": strategy,
-        "worldId": "w1",
-        "dag": {"schemaVersion": "v1", "nodes": doc["nodes"], "meta": doc.get("meta", {})},
-        **extra,
-    }
 
 
 async def test_strategydag_lifecycle(cluster: Cluster) -> None:

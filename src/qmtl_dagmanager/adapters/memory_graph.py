@@ -18,7 +18,9 @@ from qmtl_dagmanager.ports import (
     GraphRead,
     QueueDetail,
     QueueRef,
+    SentinelRecord,
     SentinelWrite,
+    parse_history,
 )
 
 
@@ -165,6 +167,12 @@ class MemoryGraphStore:
     async def set_sentinel_weight(
         self, sentinel_id: str, version: str, weight: float, now: float
     ) -> None:
+        s = self._sentinel(sentinel_id, version, now)
+        if s.props["traffic_weight"] != weight:
+            s.props["traffic_weight"] = weight
+            s.props["weight_history"] = [*s.props["weight_history"], f"{now}:{weight}"]
+
+    def _sentinel(self, sentinel_id: str, version: str, now: float) -> _Sentinel:
         key = (sentinel_id, version)
         s = self.sentinels.get(key)
         if s is None:
@@ -179,9 +187,30 @@ class MemoryGraphStore:
                     "weight_history": [],
                 }
             )
-        if s.props["traffic_weight"] != weight:
-            s.props["traffic_weight"] = weight
-            s.props["weight_history"] = [*s.props["weight_history"], f"{now}:{weight}"]
+        return s
+
+    async def link_sentinel(self, sentinel: SentinelWrite, now: float) -> None:
+        s = self._sentinel(sentinel.sentinel_id, sentinel.version, now)
+        if sentinel.commit_hash:
+            s.props["commit_hash"] = sentinel.commit_hash
+        if sentinel.release_tag:
+            s.props["release_tag"] = sentinel.release_tag
+        s.has |= {n for n in sentinel.node_ids if n in self.nodes}
+
+    async def sentinel(self, sentinel_id: str, version: str) -> SentinelRecord | None:
+        s = self.sentinels.get((sentinel_id, version))
+        if s is None:
+            return None
+        w = s.props["traffic_weight"]
+        return SentinelRecord(
+            sentinel_id,
+            version,
+            None if w is None else float(w),
+            parse_history(s.props["weight_history"]),
+            str(s.props["commit_hash"] or ""),
+            str(s.props["release_tag"] or ""),
+            len(s.has),
+        )
 
     async def sentinel_weights(self, sentinel_id: str) -> dict[str, float]:
         return {

@@ -24,7 +24,9 @@ from qmtl_dagmanager.ports import (
     GraphRead,
     QueueDetail,
     QueueRef,
+    SentinelRecord,
     SentinelWrite,
+    parse_history,
 )
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,22 @@ WITH v
 UNWIND $ids AS id
 MATCH (n:ComputeNode {node_id: id})
 MERGE (v)-[:HAS]->(n)
+"""
+
+LINK_SENTINEL = """
+MERGE (v:VersionSentinel {sentinel_id: $sid, version: $version})
+ON CREATE SET v.created_at = $now, v.weight_history = [], v.commit_hash = '', v.release_tag = ''
+SET v.commit_hash = CASE $commit_hash WHEN '' THEN v.commit_hash ELSE $commit_hash END,
+    v.release_tag = CASE $release_tag WHEN '' THEN v.release_tag ELSE $release_tag END
+WITH v
+UNWIND $ids AS id
+MATCH (n:ComputeNode {node_id: id})
+MERGE (v)-[:HAS]->(n)
+"""
+
+SENTINEL = """
+MATCH (v:VersionSentinel {sentinel_id: $sid, version: $version})
+RETURN v {.*} AS v, COUNT { (v)-[:HAS]->() } AS has
 """
 
 RELEASE = """
@@ -407,6 +425,37 @@ class Neo4jGraphStore:
             ).consume()
 
         await self._write("sentinel weight", tx)
+
+    async def link_sentinel(self, sentinel: SentinelWrite, now: float) -> None:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> None:
+            await (
+                await t.run(
+                    LINK_SENTINEL,
+                    sid=sentinel.sentinel_id,
+                    version=sentinel.version,
+                    now=now,
+                    commit_hash=sentinel.commit_hash,
+                    release_tag=sentinel.release_tag,
+                    ids=list(sentinel.node_ids),
+                )
+            ).consume()
+
+        await self._write("sentinel link", tx)
+
+    async def sentinel(self, sentinel_id: str, version: str) -> SentinelRecord | None:
+        rows = await self._read("sentinel", SENTINEL, sid=sentinel_id, version=version)
+        if not rows:
+            return None
+        v, w = rows[0]["v"], rows[0]["v"].get("traffic_weight")
+        return SentinelRecord(
+            sentinel_id,
+            version,
+            None if w is None else float(w),
+            parse_history(v.get("weight_history")),
+            str(v.get("commit_hash") or ""),
+            str(v.get("release_tag") or ""),
+            int(rows[0]["has"]),
+        )
 
     async def sentinel_weights(self, sentinel_id: str) -> dict[str, float]:
         rows = await self._read(

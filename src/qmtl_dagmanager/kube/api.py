@@ -9,49 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUP = "qmtl.io"
-VERSION = "v1alpha1"
+from qmtl_dagmanager.kube.schema import (
+    CONDITION,
+    FREE,
+    GROUP,
+    VERSION,
+    F,
+    crd_document,
+    obj,
+    s,
+)
+
+__all__ = ["CONDITION", "GROUP", "KIND", "PLURAL", "VERSION", "StrategySpec", "crd"]
+
 KIND = "StrategyDAG"
 PLURAL = "strategydags"
 
-
-@dataclass(frozen=True)
-class F:
-    """A field: its schema and its documentation."""
-
-    schema: dict[str, Any]
-    doc: str
-    required: bool = False
-
-
-def s(doc: str, required: bool = False, **extra: Any) -> F:
-    return F({"type": "string", **extra}, doc, required)
-
-
-def obj(doc: str, fields: dict[str, F], required: bool = False, **extra: Any) -> F:
-    props = {k: {**v.schema, "description": v.doc} for k, v in fields.items()}
-    schema: dict[str, Any] = {"type": "object", "properties": props, **extra}
-    req = [k for k, v in fields.items() if v.required]
-    if req:
-        schema["required"] = req
-    return F(schema, doc, required)
-
-
-FREE = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-
-CONDITION = obj(
-    "A condition of the resource.",
-    {
-        "type": s("Ready, Progressing or Degraded.", True),
-        "status": s("True, False or Unknown.", True, enum=["True", "False", "Unknown"]),
-        "reason": s("A CamelCase reason, e.g. Reconciled, InvalidSpec, DependencyUnavailable."),
-        "message": s("Human-readable detail."),
-        "lastTransitionTime": s("When the status last changed.", format="date-time"),
-        "observedGeneration": F(
-            {"type": "integer", "format": "int64"}, "The generation this condition describes."
-        ),
-    },
-)
 
 SPEC = obj(
     "The desired state: a strategy's DAG and the context it runs in.",
@@ -142,61 +115,31 @@ STATUS = obj(
 
 def crd() -> dict[str, Any]:
     """The CustomResourceDefinition of StrategyDAG."""
-    spec_schema: dict[str, Any] = {**SPEC.schema, "description": SPEC.doc}
-    schema: dict[str, Any] = {
-        "type": "object",
-        "description": "A strategy's DAG, kept in the graph and in Kafka by the DAG Manager.",
-        "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
-            "spec": spec_schema,
-            "status": {**STATUS.schema, "description": STATUS.doc},
-        },
-        "required": ["spec"],
-    }
-    spec_schema["x-kubernetes-validations"] = [
-        {
-            "rule": "has(self.dag) != has(self.dagConfigMapRef)",
-            "message": "set exactly one of dag and dagConfigMapRef",
-        }
-    ]
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "plural": PLURAL,
-                "singular": "strategydag",
-                "kind": KIND,
-                "shortNames": ["sdag"],
-                "categories": ["qmtl"],
+    return crd_document(
+        kind=KIND,
+        plural=PLURAL,
+        short_names=["sdag"],
+        description="A strategy's DAG, kept in the graph and in Kafka by the DAG Manager.",
+        spec=SPEC,
+        status=STATUS,
+        columns=[
+            {
+                "name": "Ready",
+                "type": "string",
+                "jsonPath": ".status.conditions[?(@.type=='Ready')].status",
             },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "schema": {"openAPIV3Schema": schema},
-                    "additionalPrinterColumns": [
-                        {
-                            "name": "Ready",
-                            "type": "string",
-                            "jsonPath": ".status.conditions[?(@.type=='Ready')].status",
-                        },
-                        {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes.total"},
-                        {"name": "New", "type": "integer", "jsonPath": ".status.nodes.new"},
-                        {"name": "Version", "type": "string", "jsonPath": ".status.version"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                }
-            ],
-        },
-    }
+            {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes.total"},
+            {"name": "New", "type": "integer", "jsonPath": ".status.nodes.new"},
+            {"name": "Version", "type": "string", "jsonPath": ".status.version"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        validations=[
+            {
+                "rule": "has(self.dag) != has(self.dagConfigMapRef)",
+                "message": "set exactly one of dag and dagConfigMapRef",
+            }
+        ],
+    )
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ import orjson
 from aiohttp import web
 
 from qmtl_dagmanager import bootstrap
-from qmtl_dagmanager.kube import api
+from qmtl_dagmanager.kube import api, sentinel_api
 from qmtl_dagmanager.kube.kubeapi import kube_configuration, upsert_config_map
 from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
+from qmtl_dagmanager.kube.sentinel_reconciler import SentinelReconciler
 from qmtl_dagmanager.kube.strategy_reconciler import Reconciler
 from qmtl_dagmanager.services.garbage import GcRun
 from qmtl_dagmanager.services.strategies import StrategyService
@@ -27,6 +28,7 @@ from qmtl_dagmanager.services.strategies import StrategyService
 log = logging.getLogger(__name__)
 FINALIZER = "qmtl.io/strategy-cleanup"
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+SENTINELS = (api.GROUP, api.VERSION, sentinel_api.PLURAL)
 
 
 GC_REPORT = "qmtl-dagmanager-gc-report"
@@ -55,10 +57,11 @@ async def gc_timer(container: bootstrap.Container) -> None:
 
 
 def build_registry(
-    container: bootstrap.Container, resync_seconds: float = 300.0
+    container: bootstrap.Container, resync_seconds: float = 300.0, sentinel_tick: float = 1.0
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     rec = Reconciler(StrategyService(container.diffs(shed_load=False), container.graph))
+    sentinels = SentinelReconciler(container.canary(), container.clock, container.metrics)
 
     background: list[asyncio.Task[None]] = []
 
@@ -115,6 +118,16 @@ def build_registry(
     ) -> None:
         await rec.reconcile(body, spec, meta, patch, "resync")
 
+    @kopf.timer(*SENTINELS, interval=sentinel_tick, registry=registry)
+    async def sentinel_tick_(
+        body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, **_: Any
+    ) -> None:
+        await sentinels.reconcile(body, spec, meta, patch)
+
+    @kopf.on.delete(*SENTINELS, optional=True, registry=registry)
+    async def sentinel_deleted(meta: kopf.Meta, **_: Any) -> None:
+        sentinels.forget(str(meta.get("uid")))
+
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def on_delete(body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
         await rec.delete(body, spec)
@@ -142,6 +155,7 @@ async def run(
     *,
     namespaces: list[str] | None,
     resync_seconds: float = 300.0,
+    sentinel_tick: float = 1.0,
     liveness: str | None = None,
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
@@ -151,7 +165,7 @@ async def run(
     election, stand by until this instance holds the lease, act while it renews it, and
     raise LeadershipLost (after stopping kopf) if it is lost."""
     stop = stop or asyncio.Event()
-    registry = build_registry(container, resync_seconds)
+    registry = build_registry(container, resync_seconds, sentinel_tick)
     operator = functools.partial(
         kopf.operator,
         registry=registry,

@@ -11,7 +11,7 @@ from qmtl_dagmanager.services.diffs import DiffOutcome
 INLINE_TOPICS = 200
 
 
-def _condition(
+def condition(
     kind: str,
     ok: bool,
     reason: str,
@@ -44,7 +44,7 @@ def conditions(
 ) -> list[dict[str, Any]]:
     before = {c.get("type"): c for c in (old or {}).get("conditions", []) or []}
     return [
-        _condition(kind, *state, now, generation, before.get(kind))
+        condition(kind, *state, now, generation, before.get(kind))
         for kind, state in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded))
     ]
 
