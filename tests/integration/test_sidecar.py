@@ -16,6 +16,7 @@ from qmtl_dagmanager.client import DiffReply
 from qmtl_dagmanager.pb import dagmanager_pb2 as pb
 from tests.gen import dumps, generate
 from tests.integration.conftest import Running
+from tests.unit.dags import node
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -144,9 +145,17 @@ async def test_tag_queries_cleanup_stats_and_redo(sidecar: Running) -> None:
     graph = sidecar.sidecar.container.graph
     assert len(await graph.strategy_nodes(strategy)) == 40
     doc["meta"]["version"] = "hotfix-2"
-    redo = await sidecar.client.redo_diff(f"{strategy}-sentinel", dumps(doc))
+    fix = node("RawPriceFeed", tags=["BTC"], code=f"hotfix-{salt}")
+    redo = await sidecar.client.redo_diff(
+        f"{strategy}-sentinel", dumps({**doc, "nodes": [*doc["nodes"], fix]})
+    )
     assert redo.sentinel_id == f"{strategy}-sentinel" and redo.version == "hotfix-2"
-    assert dict(redo.queue_map) == reply.queue_map  # same context: nodes keep their topics
+    redone = dict(redo.queue_map)
+    new = {k: t for k, t in redone.items() if k.startswith(fix["node_id"])}
+    assert len(new) == 1 and next(iter(new.values())).endswith("_hotfix-2")  # its own topic
+    assert {k: t for k, t in redone.items() if k not in new} == reply.queue_map  # the rest reused
+    # back to the submitted DAG (the hotfix node is no longer referenced)
+    await sidecar.client.redo_diff(f"{strategy}-sentinel", dumps(doc))
     await sidecar.client.cleanup(strategy)
     assert await graph.strategy_nodes(strategy) == set()
     # the same bytes again after a cleanup: the cached answer is not trusted blindly
