@@ -16,6 +16,7 @@ from qmtl_dagmanager.core.dag import Sentinel
 from qmtl_dagmanager.core.gc import GcQueue
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan
+from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.core.topics import TopicSpec
 
 # --------------------------------------------------------------------------- graph
@@ -149,6 +150,10 @@ class GraphStore(Protocol):
     async def queues_by_tags(
         self, tags: Sequence[str], interval: int, match_mode: str
     ) -> list[QueueRef]: ...
+
+    async def queues_by_tag_queries(self, queries: Sequence[TagQuery]) -> list[list[QueueRef]]:
+        """Many tag queries in one read: per query, what `queues_by_tags` would answer."""
+        ...
 
     async def queues(self, topics: Sequence[str] | None = None) -> list[QueueDetail]:
         """Queues (all, or the named ones) with their reference counts."""

@@ -7,6 +7,7 @@ import pytest
 from qmtl_dagmanager.core import dag, plan
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import Action, Request
+from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.ports import GraphStore, SentinelWrite
 from tests.unit.dags import chain, encode, node
@@ -145,6 +146,17 @@ async def test_tag_queries(graph: GraphStore) -> None:
     glob = await submit(graph, [node(tags=["SOL"], code="g")], Request("s2"))
     got = await graph.queues_by_tags(["SOL"], 60, "any")
     assert [(q.topic, q.is_global) for q in got] == [(glob.nodes[0].topic, True)]
+    queries = [
+        TagQuery(("BTC", "ETH"), 60, "any"),
+        TagQuery(("BTC", "price"), 60, "all"),
+        TagQuery(("BTC",), 300, "any"),
+        TagQuery((), 60, "any"),
+        TagQuery(("SOL",), 60, "any"),
+        TagQuery(("nothing",), 60, "all"),
+    ]
+    one_by_one = [await graph.queues_by_tags(*q) for q in queries]
+    assert await graph.queues_by_tag_queries(queries) == one_by_one  # one read, same answers
+    assert await graph.queues_by_tag_queries([]) == []
 
 
 async def test_sentinel_weights_and_history(graph: GraphStore) -> None:

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmtl_dagmanager.adapters import graph_rows
+from qmtl_dagmanager.core import tag_match
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
+from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
     GraphCounts,
     GraphRead,
@@ -115,17 +117,15 @@ class MemoryGraphStore:
     async def queues_by_tags(
         self, tags: Sequence[str], interval: int, match_mode: str
     ) -> list[QueueRef]:
-        wanted = set(tags)
-        out: dict[str, bool] = {}
-        for q in self._queues.values():
-            node = self.nodes.get(q["node_id"])
-            if node is None or node["interval"] != interval:
-                continue
-            have = set(node["tags"])
-            hit = wanted <= have if match_mode == "all" else bool(wanted & have)
-            if hit and wanted:
-                out[q["base"]] = out.get(q["base"], False) or q["is_global"]
-        return [QueueRef(t, g) for t, g in sorted(out.items())]
+        return (await self.queues_by_tag_queries([TagQuery(tuple(tags), interval, match_mode)]))[0]
+
+    async def queues_by_tag_queries(self, queries: Sequence[TagQuery]) -> list[list[QueueRef]]:
+        candidates = [
+            TaggedQueue(q["base"], bool(q["is_global"]), node["interval"], frozenset(node["tags"]))
+            for q in self._queues.values()
+            if (node := self.nodes.get(q["node_id"])) is not None
+        ]
+        return [[QueueRef(t, g) for t, g in hit] for hit in tag_match.select(queries, candidates)]
 
     def _ref_count(self, topic: str) -> int:
         return sum(1 for refs in self.queue_refs.values() if topic in refs)

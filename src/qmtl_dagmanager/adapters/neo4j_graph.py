@@ -16,9 +16,11 @@ import orjson
 from neo4j import exceptions as neo4j_errors
 
 from qmtl_dagmanager.adapters import graph_rows
+from qmtl_dagmanager.core import tag_match
 from qmtl_dagmanager.core.errors import Conflict, InvalidSpec, Unavailable
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
+from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
     GraphCounts,
     GraphRead,
@@ -149,11 +151,10 @@ RETURN size(us) AS dropped
 """
 
 BY_TAGS = """
-MATCH (q:Queue) WHERE q.interval = $interval
+MATCH (q:Queue) WHERE q.interval IN $intervals
 MATCH (n:ComputeNode)-[:EMITS]->(q)
-WHERE CASE $mode WHEN 'all' THEN all(t IN $tags WHERE t IN n.tags)
-                 ELSE any(t IN $tags WHERE t IN n.tags) END
-RETURN q.base AS topic, q.is_global AS is_global
+WHERE any(t IN $tags WHERE t IN n.tags)
+RETURN q.base AS topic, q.is_global AS is_global, q.interval AS interval, n.tags AS tags
 """
 
 QUEUES = """
@@ -365,14 +366,26 @@ class Neo4jGraphStore:
     async def queues_by_tags(
         self, tags: Sequence[str], interval: int, match_mode: str
     ) -> list[QueueRef]:
+        return (await self.queues_by_tag_queries([TagQuery(tuple(tags), interval, match_mode)]))[0]
+
+    async def queues_by_tag_queries(self, queries: Sequence[TagQuery]) -> list[list[QueueRef]]:
+        """One read of every queue any query could select (each once), matched in Python."""
+        tags = sorted({t for q in queries for t in q.tags})
         if not tags:
-            return []
-        mode = "all" if match_mode == "all" else "any"
-        rows = await self._read("tag query", BY_TAGS, tags=list(tags), interval=interval, mode=mode)
-        out: dict[str, bool] = {}
-        for row in rows:
-            out[row["topic"]] = out.get(row["topic"], False) or bool(row["is_global"])
-        return [QueueRef(t, g) for t, g in sorted(out.items())]
+            return [[] for _ in queries]
+        rows = await self._read(
+            "tag query",
+            BY_TAGS,
+            intervals=sorted({q.interval for q in queries}),
+            tags=tags,
+        )
+        candidates = [
+            TaggedQueue(
+                r["topic"], bool(r["is_global"]), int(r["interval"]), frozenset(r["tags"] or ())
+            )
+            for r in rows
+        ]
+        return [[QueueRef(t, g) for t, g in hit] for hit in tag_match.select(queries, candidates)]
 
     async def queues(self, topics: Sequence[str] | None = None) -> list[QueueDetail]:
         rows = await self._read(

@@ -19,6 +19,7 @@ from qmtl_dagmanager.adapters.clock import SystemClock
 from qmtl_dagmanager.core import dag, plan
 from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Overloaded, Unavailable
 from qmtl_dagmanager.core.identity import NodeId
+from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
@@ -235,8 +236,10 @@ class DiffService:
 
     async def _publish(self, p: plan.Plan) -> None:
         groups = p.query_groups
-        sets = await asyncio.gather(
-            *(self.graph.queues_by_tags(g.tags, g.interval, g.match_mode) for g in groups)
+        if not groups:
+            return
+        sets = await self.graph.queues_by_tag_queries(
+            [TagQuery(g.tags, g.interval, g.match_mode) for g in groups]
         )
         for g, refs in zip(groups, sets, strict=True):
             await self.controlbus.queue_updated(
