@@ -100,9 +100,11 @@ async def main() -> None:
     e = stack_env()
     os.environ["KUBECONFIG"] = e["KUBECONFIG"]
     api_client = config.new_client_from_config(config_file=e["KUBECONFIG"])
-    crd = yaml.safe_load((ROOT / "crds" / f"{api.PLURAL}.{api.GROUP}.yaml").read_text())
-    with contextlib.suppress(client.ApiException):  # already there
-        client.ApiextensionsV1Api(api_client).create_custom_resource_definition(crd)
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        with contextlib.suppress(client.ApiException):  # already there
+            client.ApiextensionsV1Api(api_client).create_custom_resource_definition(
+                yaml.safe_load(path.read_text())
+            )
     core = client.CoreV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)
     ns = f"bench-{uuid.uuid4().hex[:6]}"

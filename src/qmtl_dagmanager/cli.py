@@ -22,7 +22,7 @@ import aiohttp
 import grpc
 import prometheus_client
 
-from qmtl_dagmanager import bootstrap, render
+from qmtl_dagmanager import bootstrap, logs, render
 from qmtl_dagmanager.client import ContractViolation, GatewayClient
 from qmtl_dagmanager.config import Settings, SettingsError, load
 from qmtl_dagmanager.core import dag
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load(args.config, os.environ)
         level = (args.log_level or settings.log_level).upper()
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure(level, settings.log_format)
         commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
             "server": lambda: cmd_server(settings),
             "operator": lambda: cmd_operator(settings, args),

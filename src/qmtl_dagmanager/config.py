@@ -51,6 +51,7 @@ class Settings:
     diff_max_inflight: int = 8
     resubmission_cache_nodes: int = 20_000  # 0 disables the resubmission cache
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one object per line)
 
     @property
     def embedded_graph(self) -> bool:
@@ -190,6 +191,7 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
         _nonneg,
     ),
     ("log_level", "QMTL_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
+    ("log_format", "QMTL_LOG_FORMAT", "log_format", _choice("text", "json")),
     ("max_nodes", "QMTL_MAX_NODES", "max_nodes", _nonneg),
     ("max_dag_bytes", "QMTL_MAX_DAG_BYTES", "max_bytes", _nonneg),
 )

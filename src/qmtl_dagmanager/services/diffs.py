@@ -19,7 +19,6 @@ from qmtl_dagmanager.adapters.clock import SystemClock
 from qmtl_dagmanager.core import dag, plan
 from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Overloaded, Unavailable
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
@@ -32,6 +31,7 @@ from qmtl_dagmanager.ports import (
 )
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
+from qmtl_dagmanager.services.queue_events import QueueEvents
 
 log = logging.getLogger(__name__)
 MAX_RENAME_ROUNDS = 3
@@ -65,6 +65,7 @@ class DiffService:
     _gaps: dict[str, bool] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _waiting: int = 0
+    _events: QueueEvents | None = None
 
     async def diff(
         self,
@@ -235,14 +236,6 @@ class DiffService:
         )
 
     async def _publish(self, p: plan.Plan) -> None:
-        groups = p.query_groups
-        if not groups:
-            return
-        sets = await self.graph.queues_by_tag_queries(
-            [TagQuery(g.tags, g.interval, g.match_mode) for g in groups]
-        )
-        for g, refs in zip(groups, sets, strict=True):
-            await self.controlbus.queue_updated(
-                g.tags, g.interval, [(r.topic, r.is_global) for r in refs], g.match_mode
-            )
-            self.metrics.events_published.labels("queue_updated").inc()
+        if self._events is None:
+            self._events = QueueEvents(self.graph, self.controlbus, self.metrics)
+        await self._events.publish(p.query_groups)

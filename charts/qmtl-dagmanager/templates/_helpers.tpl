@@ -1,0 +1,69 @@
+{{- define "qmtl.name" -}}qmtl-dagmanager{{- end -}}
+
+{{- define "qmtl.fullname" -}}
+{{- if contains "qmtl-dagmanager" .Release.Name -}}{{ .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else -}}{{ printf "%s-qmtl-dagmanager" .Release.Name | trunc 63 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "qmtl.labels" -}}
+app.kubernetes.io/name: {{ include "qmtl.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "qmtl.selector" -}}
+app.kubernetes.io/name: {{ include "qmtl.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "qmtl.serviceAccount" -}}
+{{- if .Values.serviceAccount.create -}}{{ default (include "qmtl.fullname" .) .Values.serviceAccount.name }}
+{{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
+{{- end -}}
+
+{{- define "qmtl.neo4jSecret" -}}
+{{- if .Values.neo4j.existingSecret -}}{{ .Values.neo4j.existingSecret }}
+{{- else -}}{{ include "qmtl.fullname" . }}-neo4j{{- end -}}
+{{- end -}}
+
+{{- define "qmtl.image" -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
+
+{{/* Environment shared by the operator and the sidecar snippet. */}}
+{{- define "qmtl.env" -}}
+- name: NEO4J_URI
+  value: {{ .Values.neo4j.uri | quote }}
+- name: NEO4J_USER
+  value: {{ .Values.neo4j.user | quote }}
+- name: NEO4J_DATABASE
+  value: {{ .Values.neo4j.database | quote }}
+- name: NEO4J_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "qmtl.neo4jSecret" . }}
+      key: {{ .Values.neo4j.existingSecretKey }}
+- name: KAFKA_BOOTSTRAP_SERVERS
+  value: {{ .Values.kafka.bootstrapServers | quote }}
+{{- with .Values.kafka.controlbusBootstrapServers }}
+- name: QMTL_CONTROLBUS_DSN
+  value: {{ . | quote }}
+{{- end }}
+- name: QMTL_TOPIC_PROFILE
+  value: {{ .Values.kafka.topicProfile | quote }}
+- name: QMTL_PROFILE
+  value: prod
+- name: QMTL_LOG_FORMAT
+  value: {{ .Values.operator.logFormat | quote }}
+- name: QMTL_LOG_LEVEL
+  value: {{ .Values.operator.logLevel | quote }}
+{{- range $k, $v := .Values.settings }}
+{{- if $v }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
