@@ -81,6 +81,9 @@ manifests: ## render manifests/install.yaml from the chart (builds helm once fro
 	    --set neo4j.existingSecret=qmtl-dagmanager-neo4j; } > manifests/install.yaml
 	@echo "manifests/install.yaml rendered"
 
+e2e-kind: $(STAMP) ## the end-to-end suite on a kind cluster (needs a Docker engine; see README)
+	bash hack/e2e-kind.sh
+
 run: $(STAMP) ## the main job: stack (or $$KUBECONFIG), CRDs, operator + sidecar, samples Ready and the canary promoted
 	$(PY) hack/run.py
 
@@ -88,4 +91,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: e2e-kind manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

@@ -43,7 +43,7 @@ class Stack:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "integration" in item.path.parts:
+        if "integration" in item.path.parts or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.integration)
         elif "unit" in item.path.parts:
             item.add_marker(pytest.mark.unit)
