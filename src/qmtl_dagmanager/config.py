@@ -52,6 +52,16 @@ class Settings:
     resubmission_cache_nodes: int = 20_000  # 0 disables the resubmission cache
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line)
+    # security (README: Security); secrets come from the environment only
+    grpc_tls_cert: str = ""  # PEM files, re-read when they change (no restart)
+    grpc_tls_key: str = ""
+    grpc_tls_client_ca: str = ""  # set: mutual TLS, clients need a certificate it signed
+    grpc_jwt_key: str = ""  # set: every call needs `authorization: Bearer <HS256 JWT>`
+    grpc_jwt_audience: str = ""
+    grpc_jwt_issuer: str = ""
+    http_admin_token: str = ""  # required by mutating HTTP endpoints (always off loopback)
+    queue_stats_per_second: int = 5
+    gc_trigger_interval_seconds: int = 10
 
     @property
     def embedded_graph(self) -> bool:
@@ -192,9 +202,30 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
     ),
     ("log_level", "QMTL_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
     ("log_format", "QMTL_LOG_FORMAT", "log_format", _choice("text", "json")),
+    ("grpc_tls_cert", "QMTL_GRPC_TLS_CERT", "grpc_tls_cert", _text),
+    ("grpc_tls_key", "QMTL_GRPC_TLS_KEY", "grpc_tls_key", _text),
+    ("grpc_tls_client_ca", "QMTL_GRPC_TLS_CLIENT_CA", "grpc_tls_client_ca", _text),
+    ("grpc_jwt_key", "QMTL_GRPC_JWT_KEY", "grpc_jwt_key", _text),
+    ("grpc_jwt_audience", "QMTL_GRPC_JWT_AUDIENCE", "grpc_jwt_audience", _text),
+    ("grpc_jwt_issuer", "QMTL_GRPC_JWT_ISSUER", "grpc_jwt_issuer", _text),
+    ("http_admin_token", "QMTL_HTTP_ADMIN_TOKEN", "http_admin_token", _text),
+    ("queue_stats_per_second", "QMTL_QUEUE_STATS_PER_SECOND", "queue_stats_per_second", _positive),
+    (
+        "gc_trigger_interval_seconds",
+        "QMTL_GC_TRIGGER_INTERVAL_SECONDS",
+        "gc_trigger_interval_seconds",
+        _nonneg,
+    ),
     ("max_nodes", "QMTL_MAX_NODES", "max_nodes", _nonneg),
     ("max_dag_bytes", "QMTL_MAX_DAG_BYTES", "max_bytes", _nonneg),
 )
+
+
+SECRETS = {
+    "neo4j_password": "NEO4J_PASSWORD",
+    "grpc_jwt_key": "QMTL_GRPC_JWT_KEY",
+    "http_admin_token": "QMTL_HTTP_ADMIN_TOKEN",
+}
 
 
 def load(path: Path | None, env: Mapping[str, str]) -> Settings:
@@ -211,6 +242,13 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
             doc = {}
         if not isinstance(doc, dict):
             raise SettingsError(f"{path}: expected a mapping of settings")
+        secret = sorted(k for k in doc if k in SECRETS)
+        if secret:
+            raise SettingsError(
+                f"{path}: {', '.join(secret)} must not be in a file: set "
+                + ", ".join(SECRETS[k] for k in secret)
+                + " in the environment (from a Kubernetes Secret in a cluster)"
+            )
         known = {k for k, _, _, _ in KEYS}
         unknown = sorted(str(k) for k in doc if k not in known)
         if unknown:
@@ -231,6 +269,16 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
     settings = dataclasses.replace(Settings(), limits=limits, **values)
     if settings.log_level:
         settings = dataclasses.replace(settings, log_level=settings.log_level.upper())
+    if bool(settings.grpc_tls_cert) != bool(settings.grpc_tls_key):
+        raise SettingsError("grpc_tls_cert and grpc_tls_key go together")
+    if settings.grpc_tls_client_ca and not settings.grpc_tls_cert:
+        raise SettingsError("grpc_tls_client_ca (mutual TLS) needs grpc_tls_cert and grpc_tls_key")
+    unauthenticated = not (settings.grpc_jwt_key or settings.grpc_tls_client_ca)
+    if settings.profile == "prod" and not loopback(settings.grpc_host) and unauthenticated:
+        raise SettingsError(
+            f"grpc_host {settings.grpc_host} is not loopback: profile prod needs "
+            "grpc_jwt_key (QMTL_GRPC_JWT_KEY) or mutual TLS (grpc_tls_client_ca)"
+        )
     if settings.gc_load_query and not settings.prometheus_url:
         raise SettingsError("gc_load_query needs prometheus_url (QMTL_PROMETHEUS_URL)")
     if settings.profile == "prod":
@@ -242,6 +290,10 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
         if missing:
             raise SettingsError(f"profile prod needs real backends: set {', '.join(missing)}")
     return settings
+
+
+def loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 def _parsed(parse: Callable[[Any], Any], raw: Any, where: str) -> Any:

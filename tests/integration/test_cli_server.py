@@ -57,13 +57,14 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int
         lines += [
             f"neo4j_dsn: {stack.neo4j_uri}",
             f"neo4j_user: {stack.neo4j_user}",
-            f"neo4j_password: {stack.neo4j_password}",
             f"kafka_dsn: {stack.kafka_bootstrap}",
             "profile: prod",
         ]
     config = tmp_path / "dagmanager.yml"
     config.write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
+    if request.param == "real":
+        env["NEO4J_PASSWORD"] = stack.neo4j_password  # secrets come from the environment only
     proc = subprocess.Popen(
         [*CLI, "--config", str(config), "server"],
         env=env,

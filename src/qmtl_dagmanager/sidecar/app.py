@@ -13,10 +13,16 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qmtl_dagmanager import bootstrap
-from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.config import Settings, loopback
 from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.sidecar import http_admin, servicers
 from qmtl_dagmanager.sidecar.errors import Guard
+from qmtl_dagmanager.sidecar.security import (
+    RateLimit,
+    ReloadingCredentials,
+    SecurityInterceptor,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 SERVICES = (
@@ -54,25 +60,49 @@ async def start(settings: Settings) -> Sidecar:
     guard = Guard(container.metrics)
     diffs, queues = container.diffs(), container.queues()
     server = grpc.aio.server(
+        interceptors=[
+            SecurityInterceptor(
+                settings.grpc_jwt_key, settings.grpc_jwt_audience, settings.grpc_jwt_issuer
+            )
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
-        ]
+        ],
     )
     pb_grpc.add_DiffServiceServicer_to_server(servicers.DiffServicer(diffs, guard), server)
     pb_grpc.add_TagQueryServicer_to_server(servicers.TagQueryServicer(queues, guard), server)
     pb_grpc.add_AdminServiceServicer_to_server(
-        servicers.AdminServicer(diffs, queues, guard), server
+        servicers.AdminServicer(
+            diffs, queues, guard, RateLimit(float(settings.queue_stats_per_second))
+        ),
+        server,
     )
     pb_grpc.add_HealthCheckServicer_to_server(servicers.HealthServicer(container.graph), server)
     std_health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(std_health, server)
-    grpc_port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if settings.grpc_tls_cert:
+        tls = ReloadingCredentials(
+            settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca
+        )
+        grpc_port = server.add_secure_port(address, tls.credentials())
+    else:
+        grpc_port = server.add_insecure_port(address)
+        if not loopback(settings.grpc_host):
+            log.warning("gRPC on %s without TLS: use it only inside a trusted network", address)
     await server.start()
     for name in ("", *SERVICES):
         await std_health.set(name, health_pb2.HealthCheckResponse.SERVING)
     runner = web.AppRunner(
-        http_admin.make_app(container.graph, container.garbage(), container.metrics),
+        http_admin.make_app(
+            container.graph,
+            container.garbage(),
+            container.metrics,
+            token=settings.http_admin_token,
+            open_mutations=loopback(settings.http_host),
+            gc_limit=RateLimit(1.0 / max(settings.gc_trigger_interval_seconds, 1e-3)),
+        ),
         access_log=None,
     )
     await runner.setup()
@@ -90,8 +120,8 @@ async def start(settings: Settings) -> Sidecar:
         grpc_port,
         settings.http_host,
         http_port,
-        "embedded" if settings.embedded_graph else settings.neo4j_uri,
-        "embedded" if settings.embedded_kafka else settings.kafka_bootstrap,
+        "embedded" if settings.embedded_graph else redact(settings.neo4j_uri),
+        "embedded" if settings.embedded_kafka else redact(settings.kafka_bootstrap),
     )
     return sidecar
 

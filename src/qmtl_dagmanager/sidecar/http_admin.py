@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 
@@ -12,11 +13,36 @@ from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import GraphStore
 from qmtl_dagmanager.services.garbage import GcService
+from qmtl_dagmanager.sidecar.security import RateLimit, audit_log
 
 log = logging.getLogger(__name__)
 
 
-def make_app(graph: GraphStore, gc: GcService, metrics: Metrics) -> web.Application:
+def make_app(
+    graph: GraphStore,
+    gc: GcService,
+    metrics: Metrics,
+    *,
+    token: str = "",
+    open_mutations: bool = True,
+    gc_limit: RateLimit | None = None,
+) -> web.Application:
+    """`token`: required as `Authorization: Bearer <token>` by mutating endpoints; without
+    one they are open only when the listener is on loopback (`open_mutations`)."""
+
+    def refused(request: web.Request) -> web.Response | None:
+        if not token:
+            if open_mutations:
+                return None
+            return web.json_response(
+                {"detail": "set http_admin_token: mutating endpoints off loopback need one"},
+                status=403,
+            )
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return web.json_response({"detail": "a valid bearer token is required"}, status=401)
+        return None
+
     async def status(_: web.Request) -> web.Response:
         ok = await graph.ping()
         return web.json_response(
@@ -28,6 +54,9 @@ def make_app(graph: GraphStore, gc: GcService, metrics: Metrics) -> web.Applicat
         )
 
     async def gc_trigger(request: web.Request) -> web.Response:
+        denied = refused(request)
+        if denied is not None:
+            return denied
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -39,16 +68,31 @@ def make_app(graph: GraphStore, gc: GcService, metrics: Metrics) -> web.Applicat
                 {"detail": [{"loc": ["body", "id"], "msg": "field required"}]}, status=422
             )
         dry_run = bool(body.get("dry_run", False))
+        if gc_limit is not None and not gc_limit.allow():
+            wait = max(1, round(1 / gc_limit.rate))
+            return web.json_response(
+                {"detail": f"GC triggers are limited to one per {wait} s"},
+                status=429,
+                headers={"Retry-After": str(wait)},
+            )
         try:
             run = await gc.collect(dry_run=dry_run)
         except DagManagerError as e:
             status_code = 503 if e.retryable else 409
             return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=status_code)
-        log.info(
-            "gc triggered (id=%s, dry_run=%s): %d processed",
+        audit_log.info(
+            "gc-trigger by %s: id=%s dry_run=%s outcome=OK dropped=%d",
+            request.remote,
             body["id"],
             dry_run,
             len(run.processed),
+            extra={
+                "audit": "gc-trigger",
+                "who": str(request.remote),
+                "outcome": "OK",
+                "dry_run": dry_run,
+                "queues": [p["queue"] for p in run.processed],
+            },
         )
         return web.json_response({"id": body["id"], **run.as_json()}, status=202)
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from qmtl_dagmanager.core import plan
-from qmtl_dagmanager.core.errors import InvalidSpec
+from qmtl_dagmanager.core.errors import InvalidSpec, Overloaded
 from qmtl_dagmanager.pb import dagmanager_pb2 as pb
 from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.ports import GraphStore
@@ -20,6 +20,7 @@ from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.sidecar import chunks
 from qmtl_dagmanager.sidecar.errors import Context, Guard
+from qmtl_dagmanager.sidecar.security import RateLimit
 
 SENTINEL_SUFFIX = "-sentinel"
 
@@ -78,10 +79,17 @@ class TagQueryServicer(pb_grpc.TagQueryServicer):
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
-    def __init__(self, diffs: DiffService, queues: QueueService, guard: Guard) -> None:
+    def __init__(
+        self,
+        diffs: DiffService,
+        queues: QueueService,
+        guard: Guard,
+        stats_limit: RateLimit | None = None,
+    ) -> None:
         self._diffs = diffs
         self._queues = queues
         self._guard = guard
+        self._stats_limit = stats_limit
 
     async def Cleanup(self, request: pb.CleanupRequest, context: Context) -> pb.CleanupResponse:
         async def body() -> pb.CleanupResponse:
@@ -92,6 +100,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     async def GetQueueStats(self, request: pb.QueueStatsRequest, context: Context) -> pb.QueueStats:
         async def body() -> pb.QueueStats:
+            if self._stats_limit is not None and not self._stats_limit.allow():
+                raise Overloaded(
+                    f"GetQueueStats is limited to {self._stats_limit.rate:g} calls per second"
+                )
             return pb.QueueStats(sizes=await self._queues.stats(request.filter))
 
         return await self._guard.unary(context, "GetQueueStats", body)
