@@ -81,6 +81,10 @@ manifests: ## render manifests/install.yaml from the chart (builds helm once fro
 	    --set neo4j.existingSecret=qmtl-dagmanager-neo4j; } > manifests/install.yaml
 	@echo "manifests/install.yaml rendered"
 
+fuzz: $(STAMP) ## a 10-minute coverage-guided campaign on the DAG parser (corpus in .fuzz/)
+	@mkdir -p .fuzz && cp -n tests/data/sample-dag.json .fuzz/ 2>/dev/null || true
+	$(PY) tests/fuzz/dag_parser.py -max_total_time=600 .fuzz
+
 e2e-kind: $(STAMP) ## the end-to-end suite on a kind cluster (needs a Docker engine; see README)
 	bash hack/e2e-kind.sh
 
@@ -91,4 +95,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: e2e-kind manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: fuzz e2e-kind manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

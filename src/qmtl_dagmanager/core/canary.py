@@ -381,6 +381,8 @@ def steps_from(raw: Sequence[Mapping[str, object]], where: str = "spec.steps") -
         raise InvalidSpec(f"{where}: at most {MAX_STEPS} steps", reason="TooManySteps")
     out = []
     for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise InvalidSpec(f"{where}[{i}]: expected an object", reason="InvalidField")
         weight = item.get("weight")
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
             raise InvalidSpec(
@@ -400,6 +402,8 @@ def gates_from(
     out: list[Gate] = []
     for i, item in enumerate(raw):
         at = f"{where}[{i}]"
+        if not isinstance(item, Mapping):
+            raise InvalidSpec(f"{at}: expected an object", reason="InvalidField")
         name = str(item.get("name") or "").strip()
         query = str(item.get("query") or "").strip()
         if not name or not query:

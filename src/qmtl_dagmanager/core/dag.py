@@ -38,6 +38,7 @@ class Limits:
     max_nodes: int = 50_000
     max_bytes: int = 64 * 1024 * 1024
     max_tags: int = 64
+    max_depth: int = 64  # nesting of a node's params (or config)
 
 
 class Node(NamedTuple):
@@ -325,6 +326,20 @@ def _inputs(raw: Mapping[str, Any], where: str) -> tuple[NodeId, ...]:
         raise _fail(str(e), "InvalidField", where, e.field) from None
 
 
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a JSON value nests more than `limit` levels (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return False
+
+
 def _node(
     raw: Mapping[str, Any],
     nid: NodeId,
@@ -356,6 +371,10 @@ def _node(
                 where,
                 "schema_compat_id",
             )
+    for key in ("params", "config"):
+        value = raw.get(key)
+        if isinstance(value, dict | list) and _deeper_than(value, limits.max_depth):
+            raise _fail(f"nested deeper than {limits.max_depth} levels", "FieldTooDeep", where, key)
     interval = _int_field(raw, "interval", where)
     period = _int_field(raw, "period", where)
     bucket = _int_field(raw, "bucket", where)

@@ -212,9 +212,13 @@ class SentinelSpec:
         url = str(spec.get("prometheusUrl") or "").strip()
         if url and not url.startswith(("http://", "https://")):
             raise InvalidSpec(f"spec.prometheusUrl: {url!r} is not an http(s) URL")
+        steps, gates = spec.get("steps") or [], spec.get("analysis") or []
+        for name, value in (("steps", steps), ("analysis", gates)):
+            if not isinstance(value, list):
+                raise InvalidSpec(f"spec.{name}: expected a list", reason="InvalidField")
         rollout = canary.Rollout(
-            canary.steps_from(list(spec.get("steps") or [])),
-            canary.gates_from(list(spec.get("analysis") or [])),
+            canary.steps_from(steps),
+            canary.gates_from(gates),
             canary.parse_duration(spec.get("rollbackWindow", 0), "spec.rollbackWindow"),
         )
         return cls(

@@ -19,15 +19,11 @@ from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.kube import api, status
 from qmtl_dagmanager.kube.kubeapi import read_config_map, upsert_config_map
 from qmtl_dagmanager.metrics import Metrics
-from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_document
+from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_text
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
-
-
-def _dumps(doc: Mapping[str, Any]) -> str:
-    return orjson.dumps(doc).decode()
 
 
 class Reconciler:
@@ -54,8 +50,7 @@ class Reconciler:
         if s.config_map is not None:
             name, key = s.config_map
             text = await asyncio.to_thread(read_config_map, namespace, name, key)
-        doc = dag_document(s, text)
-        return doc if isinstance(doc, str) else _dumps(doc)
+        return dag_text(s, text)
 
     async def _reconcile(
         self, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, trigger: str

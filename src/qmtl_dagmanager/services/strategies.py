@@ -9,6 +9,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from qmtl_dagmanager.core import dag
 from qmtl_dagmanager.core.errors import InvalidSpec
 from qmtl_dagmanager.core.plan import Request
@@ -39,6 +41,20 @@ def dag_document(spec: StrategySpec, config_map_text: str | None) -> dict[str, A
     if spec.version:
         doc["version"] = spec.version
     return doc
+
+
+def dag_text(spec: StrategySpec, config_map_text: str | None) -> str:
+    """The DAG as JSON text; a value JSON cannot carry (an integer beyond 64 bits, say) is
+    an invalid spec naming the field."""
+    doc = dag_document(spec, config_map_text)
+    if isinstance(doc, str):
+        return doc
+    try:
+        return orjson.dumps(doc).decode()
+    except (TypeError, orjson.JSONEncodeError) as e:
+        raise InvalidSpec(
+            f"spec.dag: not representable as JSON: {e}", reason="InvalidField"
+        ) from None
 
 
 @dataclass(frozen=True)
