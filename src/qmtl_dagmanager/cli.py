@@ -106,6 +106,8 @@ async def cmd_operator(settings: Settings, args: argparse.Namespace) -> int:
             kubeapi.coordination,
             args.lease_namespace or os.environ.get("POD_NAMESPACE") or "default",
             args.lease_name,
+            duration=args.lease_duration,
+            renew_every=args.lease_duration / 3,
         )
     try:
         await operator.run(
@@ -298,6 +300,12 @@ def parser() -> argparse.ArgumentParser:
         help="lease: one active instance (a coordination.k8s.io Lease); none: act at once",
     )
     op.add_argument("--lease-name", default="qmtl-dagmanager-operator", help="the Lease's name")
+    op.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        help="seconds without renewal before a standby takes over (renewed every third)",
+    )
     op.add_argument(
         "--lease-namespace", help="the Lease's namespace (default: $POD_NAMESPACE or default)"
     )

@@ -163,6 +163,12 @@ class GraphStore(Protocol):
         """Remove a dropped queue (and its EMITS edge); its compute node stays."""
         ...
 
+    async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
+        """Atomically reserve an unreferenced queue for one GC run: True for exactly one
+        claimant; False when it is referenced, gone, or claimed by another run less than
+        `stale_after` seconds ago (a crashed run's claim expires)."""
+        ...
+
     async def set_unmanaged(self, topics: Sequence[str]) -> None: ...
 
     async def set_sentinel_weight(

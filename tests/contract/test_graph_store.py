@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from qmtl_dagmanager.core import dag, plan
@@ -167,6 +169,21 @@ async def test_sentinel_weights_and_history(graph: GraphStore) -> None:
     assert await graph.sentinel_weights("s1-sentinel") == {"v1": 0.9, "v2": 0.1}
     c = await graph.counts()
     assert c.sentinels == 2
+
+
+async def test_gc_claims_are_exclusive(graph: GraphStore) -> None:
+    p = await submit(graph, chain(2), Request("claim", world_id="w1"))
+    a, b = (n.topic for n in p.nodes)
+    assert not await graph.claim_queue(a, "run1", NOW, 60)  # referenced
+    await graph.release("claim")
+    got = await asyncio.gather(*(graph.claim_queue(a, f"r{i}", NOW, 60) for i in range(5)))
+    assert sorted(got) == [False] * 4 + [True]  # exactly one of five concurrent runs
+    winner = f"r{got.index(True)}"
+    assert await graph.claim_queue(a, winner, NOW + 1, 60)  # its own claim holds
+    assert not await graph.claim_queue(a, "late", NOW + 30, 60)
+    assert await graph.claim_queue(a, "late", NOW + 61, 60)  # a crashed run's claim expires
+    assert not await graph.claim_queue("no-such-topic", "x", NOW, 60)
+    assert await graph.claim_queue(b, "other", NOW, 60)
 
 
 async def test_sentinel_links_and_records(graph: GraphStore) -> None:

@@ -33,6 +33,7 @@ class Cluster:
     container: bootstrap.Container
 
     settings: Settings = dataclasses.field(default_factory=Settings)
+    lease_duration: float = 10.0
     _stop: asyncio.Event | None = None
     _task: asyncio.Task[None] | None = None
 
@@ -48,7 +49,9 @@ class Cluster:
                 sentinel_tick=0.5,
                 stop=self._stop,
                 ready=ready,
-                election=LeaderElection(kubeapi.coordination, self.namespace, duration=10),
+                election=LeaderElection(
+                    kubeapi.coordination, self.namespace, duration=self.lease_duration
+                ),
             )
         )
         await asyncio.wait_for(ready.wait(), 60)

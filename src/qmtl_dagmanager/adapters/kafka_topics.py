@@ -37,6 +37,23 @@ BACKOFF_MAX = 4.0
 ATTEMPTS = 5
 
 
+# Errors that say the cluster could not be reached or answered in time, not that the request
+# is wrong: worth retrying, and reported as Kafka being unavailable.
+_TRANSIENT_CODES = {
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._MSG_TIMED_OUT,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NOT_CONTROLLER,
+    KafkaError.BROKER_NOT_AVAILABLE,
+}
+
+
+def _transient(err: KafkaError | None) -> bool:
+    return err is None or bool(err.retriable()) or err.code() in _TRANSIENT_CODES
+
+
 def _error(e: BaseException) -> KafkaError | None:
     if isinstance(e, KafkaException) and e.args and isinstance(e.args[0], KafkaError):
         return e.args[0]
@@ -115,7 +132,7 @@ class KafkaTopicAdmin:
                     err = _error(e)
                     if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                         verify.append(name)  # created concurrently, or metadata was stale
-                    elif (err is None or err.retriable()) and attempts[name] < ATTEMPTS:
+                    elif _transient(err) and attempts[name] < ATTEMPTS:
                         retry.append(name)
                     else:
                         results[name] = TopicResult(
@@ -123,7 +140,7 @@ class KafkaTopicAdmin:
                             TopicStatus.FAILED,
                             str(err or e),
                             attempts[name],
-                            retriable=err is None or err.retriable(),
+                            retriable=_transient(err),
                         )
                     continue
                 results[name] = TopicResult(name, TopicStatus.CREATED, "", attempts[name])

@@ -159,6 +159,16 @@ class MemoryGraphStore:
         if self._ref_count(topic) == 0:
             self._queues.pop(topic, None)
 
+    async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
+        q = self._queues.get(topic)
+        if q is None or self._ref_count(topic) > 0:
+            return False
+        claim = q.get("gc_claim")
+        if claim is not None and claim[0] != run and now - claim[1] < stale_after:
+            return False
+        q["gc_claim"] = (run, now)
+        return True
+
     async def set_unmanaged(self, topics: Sequence[str]) -> None:
         for t in topics:
             if t in self._queues:

@@ -165,6 +165,19 @@ RETURN q {.*} AS q, n.node_id AS node_id, n.tags AS tags,
 ORDER BY q.topic
 """
 
+# The first SET takes the node's write lock, so the WHERE below reads what a concurrent claim
+# committed: exactly one run wins.
+CLAIM_QUEUE = """
+MATCH (q:Queue {topic: $topic})
+SET q.gc_lock = true
+WITH q
+WHERE NOT (q)-[:USED_BY]->()
+  AND (q.gc_claim IS NULL OR q.gc_claim = $run OR q.gc_claim_at <= $stale)
+SET q.gc_claim = $run, q.gc_claim_at = $now
+REMOVE q.gc_lock
+RETURN q.topic AS topic
+"""
+
 FORGET_QUEUE = """
 MATCH (q:Queue {topic: $topic}) WHERE NOT (q)-[:USED_BY]->()
 DETACH DELETE q
@@ -417,6 +430,15 @@ class Neo4jGraphStore:
             await (await t.run(FORGET_QUEUE, topic=topic)).consume()
 
         await self._write("forget queue", tx)
+
+    async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> bool:
+            result = await t.run(
+                CLAIM_QUEUE, topic=topic, run=run, now=now, stale=now - stale_after
+            )
+            return await result.single() is not None
+
+        return await self._write("gc claim", tx)
 
     async def set_unmanaged(self, topics: Sequence[str]) -> None:
         async def tx(t: neo4j.AsyncManagedTransaction) -> None:

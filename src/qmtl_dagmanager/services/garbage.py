@@ -4,7 +4,9 @@ queues, delete the topic, forget the queue in the graph, announce it on the Cont
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache
 
 log = logging.getLogger(__name__)
+CLAIM_TTL = 3600.0  # a claim older than this was left by a crashed run: another may take it
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +93,17 @@ class GcService:
         processed: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         existing = await self.topics.list_topics() if report.decisions and not dry_run else set()
+        run_id = uuid.uuid4().hex
+        raced = 0
         for d in report.decisions:
             entry: dict[str, Any] = {"queue": d.topic, "action": d.action.value, "reason": d.reason}
             if dry_run:
                 processed.append(entry)
+                continue
+            # Claim just before acting: a diff may have referenced the queue meanwhile, or
+            # another GC run (another process) may be dropping it.
+            if not await self.graph.claim_queue(d.topic, run_id, now, CLAIM_TTL):
+                raced += 1
                 continue
             try:
                 await self._collect_one(d, entry, d.topic in existing)
@@ -102,6 +112,10 @@ class GcService:
                 failed.append({**entry, "error": e.message})
                 continue
             processed.append(entry)
+        if raced:
+            report = dataclasses.replace(
+                report, skipped={**report.skipped, "ReferencedOrClaimed": raced}
+            )
         self.metrics.gc_last_run.set(now)
         if processed and not dry_run:
             log.info("gc collected %d queue(s); skipped %s", len(processed), dict(report.skipped))
@@ -128,10 +142,6 @@ class GcService:
                 await after(run)
 
     async def _collect_one(self, d: gc.GcDecision, entry: dict[str, Any], in_kafka: bool) -> None:
-        # Re-check just before acting: a diff may have referenced the queue meanwhile.
-        current = await self.graph.queues([d.topic])
-        if not current or current[0].ref_count > 0:
-            raise _Skip(f"{d.topic} became referenced or vanished")
         if d.action is gc.GcAction.ARCHIVE and in_kafka:
             result = await self.archive.archive(d.topic)
             entry["archived"] = {"location": result.location, "messages": result.messages}
