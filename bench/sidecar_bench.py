@@ -149,13 +149,13 @@ async def main() -> None:
     cfg = ROOT / ".stack" / "bench-sidecar.yml"
     cfg.parent.mkdir(exist_ok=True)
     cfg.write_text(
-        f"neo4j_dsn: {e['NEO4J_URI']}\nneo4j_user: {e['NEO4J_USER']}\n"
-        f"neo4j_password: {e['NEO4J_PASSWORD']}\nkafka_dsn: "
+        f"neo4j_dsn: {e['NEO4J_URI']}\nneo4j_user: {e['NEO4J_USER']}\nkafka_dsn: "
         f"{e['KAFKA_BOOTSTRAP_SERVERS']}\ngrpc_port: {port}\nhttp_port: {http}\n"
         "gc_interval_seconds: 0\nlog_level: warning\nnode_ids: trust\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"]
+        [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"],
+        env={**os.environ, "NEO4J_PASSWORD": e["NEO4J_PASSWORD"]},  # secrets: environment only
     )
     client = GatewayClient(f"127.0.0.1:{port}")
     created: list[str] = []

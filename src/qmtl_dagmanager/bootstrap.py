@@ -67,7 +67,7 @@ class Container:
             cache=self.node_cache,
             resubmissions=self.resubmissions,
             max_inflight=s.diff_max_inflight,
-            max_waiting=64 if shed_load else 1_000_000,
+            max_waiting=s.diff_max_waiting if shed_load else 1_000_000,
             max_wait=2.0 if shed_load else 24 * 3600.0,
         )
 

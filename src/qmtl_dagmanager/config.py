@@ -49,6 +49,7 @@ class Settings:
     dry_run_strategy: str = "dryrun"
     node_cache_ttl_seconds: int = 60  # 0 disables the node cache
     diff_max_inflight: int = 8
+    diff_max_waiting: int = 256  # diffs that may wait (each at most 2 s) before shedding
     resubmission_cache_nodes: int = 20_000  # 0 disables the resubmission cache
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line)
@@ -194,6 +195,7 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
     ("dry_run_strategy", "QMTL_DRY_RUN_STRATEGY", "dry_run_strategy", _text),
     ("node_cache_ttl_seconds", "QMTL_NODE_CACHE_TTL", "node_cache_ttl_seconds", _nonneg),
     ("diff_max_inflight", "QMTL_DIFF_MAX_INFLIGHT", "diff_max_inflight", _positive),
+    ("diff_max_waiting", "QMTL_DIFF_MAX_WAITING", "diff_max_waiting", _nonneg),
     (
         "resubmission_cache_nodes",
         "QMTL_RESUBMISSION_CACHE_NODES",
