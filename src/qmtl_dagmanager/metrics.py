@@ -67,6 +67,11 @@ class Metrics:
         self.gc_collected = Counter(
             "gc_queues_collected_total", "Queues collected by GC", ["action"], registry=r
         )
+        self.queues_revived = Counter(
+            "queues_revived_total",
+            "Queues referenced again while a GC run was dropping them (kept, topic ensured)",
+            registry=r,
+        )
         self.gc_throttled = Counter(
             "gc_throttled_total", "GC runs whose batch was halved for broker load", registry=r
         )

@@ -17,7 +17,7 @@ from qmtl_dagmanager.core.gc import GcQueue
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan
 from qmtl_dagmanager.core.tag_match import TagQuery
-from qmtl_dagmanager.core.topics import TopicSpec
+from qmtl_dagmanager.core.topics import TopicSpec, recorded_spec
 
 # --------------------------------------------------------------------------- graph
 
@@ -53,6 +53,9 @@ class QueueDetail:
     replication: int
     retention_ms: int
     tags: tuple[str, ...] = ()  # the emitting node's tags
+
+    def spec(self) -> TopicSpec:
+        return recorded_spec(self.tag, self.partitions, self.replication, self.retention_ms)
 
     def as_gc_queue(self) -> GcQueue:
         return GcQueue(
@@ -138,9 +141,15 @@ class GraphStore(Protocol):
         strategy id) the fingerprint of the strategy's last write, in one query."""
         ...
 
-    async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:
+    async def apply(
+        self, plan: Plan, now: float, sentinel: SentinelWrite | None
+    ) -> tuple[str, ...]:
         """Write a plan in one transaction, idempotently: nodes, queues, EMITS, the strategy's
-        references (exactly the plan's nodes and queues) and the sentinel's HAS edges."""
+        references (exactly the plan's nodes and queues) and the sentinel's HAS edges.
+
+        Returns the referenced queues a GC run had claimed; their claim is cleared (that run
+        will not forget them) and the caller makes sure their topics exist. Raises QueueGone,
+        writing nothing, when a queue the plan reuses is no longer in the graph."""
         ...
 
     async def release(self, strategy_id: str) -> int:
@@ -159,8 +168,9 @@ class GraphStore(Protocol):
         """Queues (all, or the named ones) with their reference counts."""
         ...
 
-    async def forget_queue(self, topic: str) -> None:
-        """Remove a dropped queue (and its EMITS edge); its compute node stays."""
+    async def forget_queue(self, topic: str) -> bool:
+        """Remove a dropped queue (and its EMITS edge); its compute node stays. False when
+        the queue became referenced again (it stays, unclaimed); True when it is gone."""
         ...
 
     async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:

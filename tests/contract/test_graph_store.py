@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from qmtl_dagmanager.core import dag, plan
+from qmtl_dagmanager.core.errors import QueueGone
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import Action, Request
 from qmtl_dagmanager.core.tag_match import TagQuery
@@ -120,11 +121,12 @@ async def test_reference_counts_are_exact(graph: GraphStore) -> None:
 async def test_forget_queue_only_when_unreferenced(graph: GraphStore) -> None:
     p = await submit(graph, chain(2), Request("s1", world_id="w1"))
     topic = p.nodes[0].topic
-    await graph.forget_queue(topic)
+    assert not await graph.forget_queue(topic)  # referenced: it stays
     assert topic in {q.topic for q in await graph.queues()}
     await graph.release("s1")
-    await graph.forget_queue(topic)
+    assert await graph.forget_queue(topic)
     assert topic not in {q.topic for q in await graph.queues()}
+    assert await graph.forget_queue(topic)  # already gone
     assert (await graph.counts()).compute_nodes == 2
     await graph.set_unmanaged([p.nodes[1].topic])
     assert [q.managed for q in await graph.queues([p.nodes[1].topic])] == [False]
@@ -212,3 +214,32 @@ async def test_cross_context_reuse_is_detected_from_the_graph(graph: GraphStore)
 async def test_read_of_unknown_ids_is_empty(graph: GraphStore) -> None:
     read = await graph.read([NodeId("blake3:" + "0" * 64)], ["nope"])
     assert read.records == {} and read.owners == {}
+
+
+async def test_a_write_notices_queues_gc_claimed_or_dropped_since_the_read(
+    graph: GraphStore,
+) -> None:
+    nodes = chain(3)
+    p = await submit(graph, nodes, Request("first", world_id="w1"))
+    a, b, c = (n.topic for n in p.nodes)
+    await graph.release("first")
+    # a second strategy plans to reuse all three; meanwhile GC claims `a` and drops `b`
+    again = await diff(graph, nodes, Request("second", world_id="w1"))
+    assert {n.action for n in again.nodes} == {Action.REUSE}
+    assert await graph.claim_queue(a, "run", NOW, 60)
+    assert await graph.claim_queue(b, "run", NOW, 60) and await graph.forget_queue(b)
+    with pytest.raises(QueueGone) as gone:
+        await graph.apply(again, NOW + 1, SentinelWrite.from_plan(again, None))
+    assert gone.value.topics == (b,) and gone.value.reason == "QueueGone"
+    assert {q.topic: q.ref_count for q in await graph.queues()} == {a: 0, c: 0}  # nothing written
+    # planned again, `b` is created anew; `a` is referenced and its claim released
+    again = await diff(graph, nodes, Request("second", world_id="w1"))
+    assert [n.action for n in again.nodes].count(Action.CREATE) == 1
+    claimed = await graph.apply(again, NOW + 2, SentinelWrite.from_plan(again, None))
+    assert claimed == (a,)
+    assert not await graph.forget_queue(a)  # the run that claimed it cannot drop it now
+    assert {q.topic: q.ref_count for q in await graph.queues()} == {a: 1, b: 1, c: 1}
+    await graph.release("second")
+    assert await graph.claim_queue(a, "next-run", NOW + 3, 60)  # the old claim is gone
+    spec = (await graph.queues([a]))[0].spec()
+    assert spec.partitions >= 1 and spec.retention_ms > 0

@@ -12,6 +12,7 @@ from typing import Any
 
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core import tag_match
+from qmtl_dagmanager.core.errors import QueueGone
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
@@ -71,8 +72,23 @@ class MemoryGraphStore:
         owners = {t: self._queues[t]["node_id"] for t in topics if t in self._queues}
         return GraphRead(records, owners, self.fingerprints.get(strategy_id))
 
-    async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:
+    async def apply(
+        self, plan: Plan, now: float, sentinel: SentinelWrite | None
+    ) -> tuple[str, ...]:
         r = graph_rows.rows(plan, now)
+        created = {row["topic"] for row in r.queues}
+        gone = [
+            x["topic"]
+            for x in r.refs
+            if x["topic"] not in created and x["topic"] not in self._queues
+        ]
+        if gone:
+            raise QueueGone(gone)
+        claimed = tuple(
+            x["topic"]
+            for x in r.refs
+            if x["topic"] in self._queues and self._queues[x["topic"]].pop("gc_claim", None)
+        )
         for row in r.nodes:
             n = self.nodes.get(row["node_id"])
             if n is None:
@@ -106,6 +122,7 @@ class MemoryGraphStore:
                     }
                 )
             s.has |= set(sentinel.node_ids)
+        return claimed
 
     async def release(self, strategy_id: str) -> int:
         self.contexts.pop(strategy_id, None)
@@ -155,9 +172,12 @@ class MemoryGraphStore:
             )
         return out
 
-    async def forget_queue(self, topic: str) -> None:
+    async def forget_queue(self, topic: str) -> bool:
         if self._ref_count(topic) == 0:
             self._queues.pop(topic, None)
+            return True
+        self._queues[topic].pop("gc_claim", None)
+        return False
 
     async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
         q = self._queues.get(topic)

@@ -17,7 +17,7 @@ from neo4j import exceptions as neo4j_errors
 
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core import tag_match
-from qmtl_dagmanager.core.errors import Conflict, InvalidSpec, Unavailable
+from qmtl_dagmanager.core.errors import Conflict, InvalidSpec, QueueGone, Unavailable
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
@@ -115,6 +115,16 @@ MERGE (n)-[:USED_BY]->(s)
 MERGE (q)-[:USED_BY]->(s)
 """
 
+# After SET_REFS in the same transaction (its new USED_BY edges hold the queues' locks, so a
+# GC claim committed meanwhile is seen): referenced queues that are gone or claimed by GC.
+CHECK_REFS = """
+UNWIND $topics AS t
+OPTIONAL MATCH (q:Queue {topic: t})
+WITH t, q WHERE q IS NULL OR q.gc_claim IS NOT NULL
+FOREACH (_ IN CASE WHEN q IS NULL THEN [] ELSE [1] END | REMOVE q.gc_claim, q.gc_claim_at)
+RETURN t AS topic, q IS NULL AS gone
+"""
+
 MERGE_SENTINEL = """
 MERGE (v:VersionSentinel {sentinel_id: $sid, version: $version})
 ON CREATE SET v.created_at = $now, v.commit_hash = $commit_hash, v.release_tag = $release_tag,
@@ -178,9 +188,16 @@ REMOVE q.gc_lock
 RETURN q.topic AS topic
 """
 
+# The lock first (as in CLAIM_QUEUE): a diff referencing the queue concurrently either
+# commits before (the queue stays, its claim released) or sees it gone (and plans again).
 FORGET_QUEUE = """
-MATCH (q:Queue {topic: $topic}) WHERE NOT (q)-[:USED_BY]->()
-DETACH DELETE q
+MATCH (q:Queue {topic: $topic})
+SET q.gc_lock = true
+WITH q, COUNT { (q)-[:USED_BY]->() } AS refs
+REMOVE q.gc_lock
+FOREACH (_ IN CASE WHEN refs > 0 THEN [1] ELSE [] END | REMOVE q.gc_claim, q.gc_claim_at)
+FOREACH (_ IN CASE WHEN refs = 0 THEN [1] ELSE [] END | DETACH DELETE q)
+RETURN refs = 0 AS forgotten
 """
 
 SET_WEIGHT = """
@@ -329,14 +346,18 @@ class Neo4jGraphStore:
         owners = {t: NodeId(o) for t, o in rows[0]["owners"]}
         return GraphRead(records, owners, rows[0]["fingerprint"])
 
-    async def apply(self, plan: Plan, now: float, sentinel: SentinelWrite | None) -> None:
+    async def apply(
+        self, plan: Plan, now: float, sentinel: SentinelWrite | None
+    ) -> tuple[str, ...]:
         r = graph_rows.rows(plan, now)
         queue_rows = [
             {"node_id": q["node_id"], "props": {k: v for k, v in q.items() if k != "node_id"}}
             for q in r.queues
         ]
 
-        async def tx(t: neo4j.AsyncManagedTransaction) -> None:
+        topics = [x["topic"] for x in r.refs]
+
+        async def tx(t: neo4j.AsyncManagedTransaction) -> tuple[str, ...]:
             await (await t.run(MERGE_NODES, rows=r.nodes)).consume()
             res = await t.run(MERGE_QUEUES, rows=queue_rows)
             shared = [rec["shared"] async for rec in res]
@@ -350,9 +371,15 @@ class Neo4jGraphStore:
                     fingerprint=r.fingerprint,
                     refs=r.refs,
                     node_ids=[x["node_id"] for x in r.refs],
-                    topics=[x["topic"] for x in r.refs],
+                    topics=topics,
                 )
             ).consume()
+            checked = [
+                (rec["topic"], rec["gone"]) async for rec in await t.run(CHECK_REFS, topics=topics)
+            ]
+            gone = [topic for topic, g in checked if g]
+            if gone:
+                raise QueueGone(gone)  # the transaction rolls back: nothing written
             if sentinel is not None:
                 await (
                     await t.run(
@@ -366,8 +393,9 @@ class Neo4jGraphStore:
                         ids=list(sentinel.node_ids),
                     )
                 ).consume()
+            return tuple(topic for topic, _ in checked)
 
-        await self._write("plan write", tx)
+        return await self._write("plan write", tx)
 
     async def release(self, strategy_id: str) -> int:
         async def tx(t: neo4j.AsyncManagedTransaction) -> int:
@@ -425,11 +453,12 @@ class Neo4jGraphStore:
             )
         return out
 
-    async def forget_queue(self, topic: str) -> None:
-        async def tx(t: neo4j.AsyncManagedTransaction) -> None:
-            await (await t.run(FORGET_QUEUE, topic=topic)).consume()
+    async def forget_queue(self, topic: str) -> bool:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> bool:
+            row = await (await t.run(FORGET_QUEUE, topic=topic)).single()
+            return row is None or bool(row["forgotten"])
 
-        await self._write("forget queue", tx)
+        return await self._write("forget queue", tx)
 
     async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
         async def tx(t: neo4j.AsyncManagedTransaction) -> bool:

@@ -74,6 +74,20 @@ class Unavailable(DagManagerError):
         self.retry_after = retry_after
 
 
+class QueueGone(Unavailable):
+    """Queues a plan reuses were dropped by garbage collection after it was planned; nothing
+    was written. Planning again creates them."""
+
+    def __init__(self, topics: list[str]) -> None:
+        shown = ", ".join(topics[:5]) + (f" and {len(topics) - 5} more" if len(topics) > 5 else "")
+        super().__init__(
+            f"queue(s) dropped by garbage collection while the diff was planned: {shown}",
+            retry_after=0.1,
+            reason="QueueGone",
+        )
+        self.topics = tuple(topics)
+
+
 class Overloaded(Unavailable):
     """Too much work in flight: shed at once rather than queue it."""
 

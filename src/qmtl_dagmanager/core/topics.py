@@ -56,6 +56,17 @@ def _spec(kind: TopicType, partitions: int, replication: int, days: int) -> Topi
     )
 
 
+def recorded_spec(tag: str, partitions: int, replication: int, retention_ms: int) -> TopicSpec:
+    """The spec of a queue as the graph records it (to create its topic again)."""
+    kind = TopicType(tag) if tag in TopicType.__members__.values() else TopicType.INDICATOR
+    return TopicSpec(
+        kind,
+        max(partitions, 1),
+        max(replication, 1),
+        (("cleanup.policy", "delete"), ("retention.ms", str(retention_ms or -1))),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TopicCatalog:
     """Topic type → spec; the design's defaults unless configured otherwise."""

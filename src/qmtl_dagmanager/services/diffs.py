@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 from qmtl_dagmanager.adapters.clock import SystemClock
 from qmtl_dagmanager.core import dag, plan
-from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Overloaded, Unavailable
+from qmtl_dagmanager.core.errors import (
+    Conflict,
+    DagManagerError,
+    Overloaded,
+    QueueGone,
+    Unavailable,
+)
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
@@ -35,6 +41,7 @@ from qmtl_dagmanager.services.queue_events import QueueEvents
 
 log = logging.getLogger(__name__)
 MAX_RENAME_ROUNDS = 3
+PLAN_ATTEMPTS = 3  # plans of one diff when GC drops reused queues under it
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,18 @@ class DiffService:
         self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
     ) -> DiffOutcome:
         d = dag.parse(dag_json, limits=self.limits, ids=ids)
+        attempt = 1
+        while True:
+            try:
+                return await self._plan_and_write(d, request, dry)
+            except QueueGone as e:  # GC dropped a reused queue after we read the graph
+                self.cache.evict(n.node_id for n in d.nodes)
+                if attempt >= PLAN_ATTEMPTS:
+                    raise
+                attempt += 1
+                log.warning("diff %s: %s; planning again", request.strategy_id, e.message)
+
+    async def _plan_and_write(self, d: dag.Dag, request: plan.Request, dry: bool) -> DiffOutcome:
         p, fingerprint = await self._plan(d, request)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))
@@ -180,10 +199,12 @@ class DiffService:
         now = self.clock.now()
         sentinel = d.sentinels[0] if d.sentinels else None
         try:
-            await self.graph.apply(p, now, SentinelWrite.from_plan(p, sentinel))
+            reclaimed = await self.graph.apply(p, now, SentinelWrite.from_plan(p, sentinel))
         except DagManagerError:
             self.cache.evict(n.node_id for n in d.nodes)
             raise
+        if reclaimed:
+            await self._revive(request.strategy_id, reclaimed)
         self._remember(p)
         self._gaps[request.strategy_id] = sentinel is None
         self.metrics.sentinel_gap.set(sum(self._gaps.values()))
@@ -215,6 +236,22 @@ class DiffService:
                 n.node.node_id, n.node.schema_hash, n.node.schema_compat_id, queues
             )
         self.cache.put_many(fresh)
+
+    async def _revive(self, strategy_id: str, topics: tuple[str, ...]) -> None:
+        """Queues this diff references that a GC run had claimed: their claim is released,
+        and their topics exist again if the run deleted them already (it recreates them too,
+        when it finds them referenced; creating a topic twice is harmless)."""
+        details = await self.graph.queues(topics)
+        results = await self.topics.ensure({q.topic: q.spec() for q in details})
+        created = sorted(t for t, r in results.items() if r.status is TopicStatus.CREATED)
+        self.metrics.queues_revived.inc(len(topics))
+        log.warning(
+            "diff %s: %d queue(s) referenced again while GC was dropping them (claim released)%s",
+            strategy_id,
+            len(topics),
+            f"; topics created again: {', '.join(created[:5])}" if created else "",
+        )
+        self._raise_for_topics(results)
 
     def _raise_for_topics(self, results: dict[str, TopicResult]) -> None:
         bad = {t: r for t, r in results.items() if not r.ok}

@@ -106,10 +106,13 @@ class GcService:
                 raced += 1
                 continue
             try:
-                await self._collect_one(d, entry, d.topic in existing)
+                collected = await self._collect_one(d, entry, d.topic in existing)
             except DagManagerError as e:
                 log.warning("gc of %s failed: %s", d.topic, e.message)
                 failed.append({**entry, "error": e.message})
+                continue
+            if not collected:
+                raced += 1
                 continue
             processed.append(entry)
         if raced:
@@ -141,7 +144,9 @@ class GcService:
             if after is not None:
                 await after(run)
 
-    async def _collect_one(self, d: gc.GcDecision, entry: dict[str, Any], in_kafka: bool) -> None:
+    async def _collect_one(self, d: gc.GcDecision, entry: dict[str, Any], in_kafka: bool) -> bool:
+        """Drop one claimed queue: True when it is gone; False when a diff referenced it
+        after the claim (the queue stays, and its topic is created again if it was deleted)."""
         if d.action is gc.GcAction.ARCHIVE and in_kafka:
             result = await self.archive.archive(d.topic)
             entry["archived"] = {"location": result.location, "messages": result.messages}
@@ -149,12 +154,32 @@ class GcService:
             error = (await self.topics.delete([d.topic])).get(d.topic)
             if error:
                 raise _Skip(f"Kafka refused to delete {d.topic}: {error}")
-        await self.graph.forget_queue(d.topic)
+        if not await self.graph.forget_queue(d.topic):
+            await self._revive(d.topic)
+            return False
         if self.cache is not None:
             self.cache.evict_topic(d.topic)
         await self.controlbus.queue_lifecycle(d.topic, d.action.value, d.reason)
         self.metrics.gc_collected.labels(d.action.value).inc()
         self.metrics.events_published.labels("queue_lifecycle").inc()
+        return True
+
+    async def _revive(self, topic: str) -> None:
+        self.metrics.queues_revived.inc()
+        details = await self.graph.queues([topic])
+        results = await self.topics.ensure({q.topic: q.spec() for q in details})
+        result = results.get(topic)
+        if result is None or not result.ok:
+            why = result.message if result is not None else "no longer in the graph"
+            raise _Skip(
+                f"{topic} was referenced again while being dropped; ensuring its topic "
+                f"failed: {why}"
+            )
+        log.warning(
+            "gc: %s was referenced again while being dropped: kept (topic %s)",
+            topic,
+            result.status.value,
+        )
 
 
 class _Skip(DagManagerError):
