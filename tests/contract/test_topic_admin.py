@@ -109,3 +109,14 @@ async def test_delete_and_message_counts(
         "no-such-topic-either": None,
     }
     assert a not in await topic_admin.list_topics()
+
+
+async def test_created_again_right_after_deletion(topic_admin: TopicAdmin) -> None:
+    """GC drops a topic and a diff needs it back at once: the topic exists afterwards."""
+    wanted = {n: INDICATOR for n in names(3)}
+    for _ in range(3):
+        assert all(r.ok for r in (await topic_admin.ensure(wanted)).values())
+        assert set((await topic_admin.delete(list(wanted))).values()) == {None}
+        again = await topic_admin.ensure(wanted)
+        assert all(r.ok for r in again.values()), again
+        assert set(await topic_admin.describe(list(wanted))) == set(wanted)

@@ -35,6 +35,7 @@ T = TypeVar("T")
 BACKOFF_START = 0.5
 BACKOFF_MAX = 4.0
 ATTEMPTS = 5
+IN_FLUX = "reported as existing but cannot be described"
 
 
 # Errors that say the cluster could not be reached or answered in time, not that the request
@@ -101,6 +102,25 @@ class KafkaTopicAdmin:
             raise Unavailable(f"Kafka is unreachable: {e}", reason="KafkaUnavailable") from e
 
     async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+        results = await self._ensure(topics)
+        delay = BACKOFF_START
+        for _ in range(ATTEMPTS - 1):
+            # Reported as existing yet not describable: a deletion (or a creation) is still
+            # propagating, for example GC dropped the topic a moment ago. Ask again.
+            flux = [n for n, r in results.items() if r.message == IN_FLUX]
+            if not flux:
+                break
+            if self._listing is not None:
+                self._listing[2].difference_update(flux)
+            log.warning(
+                "%d topic(s) in flux (being deleted?), asking again in %.1f s", len(flux), delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+            results.update(await self._ensure({n: topics[n] for n in flux}))
+        return results
+
+    async def _ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
         if not topics:
             return {}
         brokers, existing = await self._names()
@@ -157,9 +177,7 @@ class KafkaTopicAdmin:
             for name in verify:
                 state = states.get(name)
                 if state is None:
-                    results[name] = TopicResult(
-                        name, TopicStatus.FAILED, "reported as existing but cannot be described"
-                    )
+                    results[name] = TopicResult(name, TopicStatus.FAILED, IN_FLUX, retriable=True)
                     continue
                 diffs = topic_rules.differences(specs[name], state)
                 results[name] = (
