@@ -37,6 +37,14 @@ class QueueRef:
     is_global: bool
 
 
+class Forgot(StrEnum):
+    """What forgetting a queue did."""
+
+    DROPPED = "dropped"
+    REFERENCED = "referenced"  # referenced again meanwhile: kept
+    ABSENT = "absent"  # already gone
+
+
 @dataclass(frozen=True, slots=True)
 class QueueDetail:
     """A queue as the graph records it."""
@@ -168,9 +176,10 @@ class GraphStore(Protocol):
         """Queues (all, or the named ones) with their reference counts."""
         ...
 
-    async def forget_queue(self, topic: str) -> bool:
-        """Remove a dropped queue (and its EMITS edge); its compute node stays. False when
-        the queue became referenced again (it stays, unclaimed); True when it is gone."""
+    async def forget_queue(self, topic: str) -> Forgot:
+        """Remove a dropped queue (and its EMITS edge); its compute node stays. REFERENCED
+        when it became referenced again (it stays, unclaimed); ABSENT when it was not there
+        (another run dropped it)."""
         ...
 
     async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:

@@ -207,3 +207,21 @@ async def test_dropped_between_a_diffs_read_and_its_write_the_diff_plans_again(
     assert {p.action.value for p in done.plan.nodes} == {"create"}  # the second plan
     await w.assert_whole(mine)
     assert w.dropped(mine) == sorted(mine)  # dropped once, then created anew
+
+
+async def test_concurrent_gc_runs_drop_each_queue_exactly_once(
+    graph: GraphStore, topic_admin: TopicAdmin
+) -> None:
+    w = world(graph, topic_admin)
+    for _ in range(3):
+        mine: list[str] = []
+        for _ in range(4):
+            mine += (await w.orphans())[1]
+            w.clock.advance(-30 * DAY)
+        w.clock.advance(30 * DAY)
+        runs = await asyncio.gather(*(w.gc().collect() for _ in range(3)))
+        dropped = [p["queue"] for r in runs for p in r.processed if p["queue"] in mine]
+        assert sorted(dropped) == sorted(mine)  # each once, by one of the runs
+        assert w.dropped(mine) == sorted(mine)  # and announced once
+        assert not set(mine) & {q.topic for q in await graph.queues()}
+        await w.eventually(lambda listed, mine=mine: not set(mine) & listed)

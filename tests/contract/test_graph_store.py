@@ -12,7 +12,7 @@ from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import Action, Request
 from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.core.topics import TopicCatalog
-from qmtl_dagmanager.ports import GraphStore, SentinelWrite
+from qmtl_dagmanager.ports import Forgot, GraphStore, SentinelWrite
 from tests.unit.dags import chain, encode, node
 
 CATALOG = TopicCatalog()
@@ -121,12 +121,12 @@ async def test_reference_counts_are_exact(graph: GraphStore) -> None:
 async def test_forget_queue_only_when_unreferenced(graph: GraphStore) -> None:
     p = await submit(graph, chain(2), Request("s1", world_id="w1"))
     topic = p.nodes[0].topic
-    assert not await graph.forget_queue(topic)  # referenced: it stays
+    assert await graph.forget_queue(topic) is Forgot.REFERENCED  # it stays
     assert topic in {q.topic for q in await graph.queues()}
     await graph.release("s1")
-    assert await graph.forget_queue(topic)
+    assert await graph.forget_queue(topic) is Forgot.DROPPED
     assert topic not in {q.topic for q in await graph.queues()}
-    assert await graph.forget_queue(topic)  # already gone
+    assert await graph.forget_queue(topic) is Forgot.ABSENT  # already gone
     assert (await graph.counts()).compute_nodes == 2
     await graph.set_unmanaged([p.nodes[1].topic])
     assert [q.managed for q in await graph.queues([p.nodes[1].topic])] == [False]
@@ -227,7 +227,8 @@ async def test_a_write_notices_queues_gc_claimed_or_dropped_since_the_read(
     again = await diff(graph, nodes, Request("second", world_id="w1"))
     assert {n.action for n in again.nodes} == {Action.REUSE}
     assert await graph.claim_queue(a, "run", NOW, 60)
-    assert await graph.claim_queue(b, "run", NOW, 60) and await graph.forget_queue(b)
+    assert await graph.claim_queue(b, "run", NOW, 60)
+    assert await graph.forget_queue(b) is Forgot.DROPPED
     with pytest.raises(QueueGone) as gone:
         await graph.apply(again, NOW + 1, SentinelWrite.from_plan(again, None))
     assert gone.value.topics == (b,) and gone.value.reason == "QueueGone"
@@ -237,7 +238,7 @@ async def test_a_write_notices_queues_gc_claimed_or_dropped_since_the_read(
     assert [n.action for n in again.nodes].count(Action.CREATE) == 1
     claimed = await graph.apply(again, NOW + 2, SentinelWrite.from_plan(again, None))
     assert claimed == (a,)
-    assert not await graph.forget_queue(a)  # the run that claimed it cannot drop it now
+    assert await graph.forget_queue(a) is Forgot.REFERENCED  # its claimant cannot drop it
     assert {q.topic: q.ref_count for q in await graph.queues()} == {a: 1, b: 1, c: 1}
     await graph.release("second")
     assert await graph.claim_queue(a, "next-run", NOW + 3, 60)  # the old claim is gone

@@ -17,6 +17,7 @@ from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
+    Forgot,
     GraphCounts,
     GraphRead,
     QueueDetail,
@@ -172,12 +173,14 @@ class MemoryGraphStore:
             )
         return out
 
-    async def forget_queue(self, topic: str) -> bool:
+    async def forget_queue(self, topic: str) -> Forgot:
+        if topic not in self._queues:
+            return Forgot.ABSENT
         if self._ref_count(topic) == 0:
-            self._queues.pop(topic, None)
-            return True
+            del self._queues[topic]
+            return Forgot.DROPPED
         self._queues[topic].pop("gc_claim", None)
-        return False
+        return Forgot.REFERENCED
 
     async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
         q = self._queues.get(topic)

@@ -22,6 +22,7 @@ from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
+    Forgot,
     GraphCounts,
     GraphRead,
     QueueDetail,
@@ -175,16 +176,21 @@ RETURN q {.*} AS q, n.node_id AS node_id, n.tags AS tags,
 ORDER BY q.topic
 """
 
-# The first SET takes the node's write lock, so the WHERE below reads what a concurrent claim
-# committed: exactly one run wins.
+# The first SET takes the node's write lock, so what follows reads what a concurrent claim or
+# forget committed: exactly one run wins, and a queue deleted meanwhile (the index no longer
+# finds it) is not claimed.
 CLAIM_QUEUE = """
 MATCH (q:Queue {topic: $topic})
 SET q.gc_lock = true
 WITH q
-WHERE NOT (q)-[:USED_BY]->()
+OPTIONAL MATCH (current:Queue {topic: $topic})
+WITH q, current
+REMOVE q.gc_lock
+WITH q, current
+WHERE current IS NOT NULL AND elementId(current) = elementId(q)
+  AND NOT (q)-[:USED_BY]->()
   AND (q.gc_claim IS NULL OR q.gc_claim = $run OR q.gc_claim_at <= $stale)
 SET q.gc_claim = $run, q.gc_claim_at = $now
-REMOVE q.gc_lock
 RETURN q.topic AS topic
 """
 
@@ -453,10 +459,12 @@ class Neo4jGraphStore:
             )
         return out
 
-    async def forget_queue(self, topic: str) -> bool:
-        async def tx(t: neo4j.AsyncManagedTransaction) -> bool:
+    async def forget_queue(self, topic: str) -> Forgot:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> Forgot:
             row = await (await t.run(FORGET_QUEUE, topic=topic)).single()
-            return row is None or bool(row["forgotten"])
+            if row is None:
+                return Forgot.ABSENT
+            return Forgot.DROPPED if row["forgotten"] else Forgot.REFERENCED
 
         return await self._write("forget queue", tx)
 

@@ -14,7 +14,7 @@ from typing import Any
 from qmtl_dagmanager.core import gc
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
-from qmtl_dagmanager.ports import Archive, Clock, GraphStore, LoadGauge, TopicAdmin
+from qmtl_dagmanager.ports import Archive, Clock, Forgot, GraphStore, LoadGauge, TopicAdmin
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache
 
@@ -154,8 +154,11 @@ class GcService:
             error = (await self.topics.delete([d.topic])).get(d.topic)
             if error:
                 raise _Skip(f"Kafka refused to delete {d.topic}: {error}")
-        if not await self.graph.forget_queue(d.topic):
+        forgot = await self.graph.forget_queue(d.topic)
+        if forgot is Forgot.REFERENCED:
             await self._revive(d.topic)
+            return False
+        if forgot is Forgot.ABSENT:  # another run dropped it first: not ours to announce
             return False
         if self.cache is not None:
             self.cache.evict_topic(d.topic)
