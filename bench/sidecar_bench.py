@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.gen import dumps, generate  # noqa: E402
 
-from bench.common import free_port, stack_env  # noqa: E402
+from bench.common import free_port, open_loop, stack_env  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -84,7 +84,6 @@ async def load(
     latencies: list[float] = []
     errors = 0
     rss: list[float] = []
-    tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int) -> None:
         nonlocal errors
@@ -95,22 +94,7 @@ async def load(
         except grpc.aio.AioRpcError:
             errors += 1
 
-    start = time.perf_counter()
-    i = 0
-    next_sample = start
-    while time.perf_counter() - start < seconds:
-        due = start + i / rate
-        now = time.perf_counter()
-        if due > now:
-            await asyncio.sleep(due - now)
-        t = asyncio.create_task(one(i))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-        i += 1
-        if time.perf_counter() >= next_sample:
-            rss.append(rss_mb(pid))
-            next_sample += 1.0
-    await asyncio.gather(*tasks)
+    await open_loop(rate, seconds, one, lambda _: rss.append(rss_mb(pid)))
     return latencies, errors, rss
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.gen import dumps, generate  # noqa: E402
 
-from bench.common import free_port, stack_env  # noqa: E402
+from bench.common import free_port, open_loop, stack_env  # noqa: E402
 from bench.sidecar_bench import pct, rss_mb, wait_serving  # noqa: E402
 
 
@@ -44,7 +44,6 @@ async def soak(
     latencies: list[float] = []
     errors: dict[str, int] = {}
     samples: list[tuple[float, float]] = []
-    tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int) -> None:
         strategy = f"soak-{run}-{i % 20}"
@@ -60,29 +59,16 @@ async def soak(
         except grpc.aio.AioRpcError as e:
             errors[e.code().name] = errors.get(e.code().name, 0) + 1
 
-    start = time.perf_counter()
-    i, next_sample, last_report = 0, start, start
-    while time.perf_counter() - start < seconds:
-        due = start + i / rate
-        now = time.perf_counter()
-        if due > now:
-            await asyncio.sleep(due - now)
-        t = asyncio.create_task(one(i))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-        i += 1
-        now = time.perf_counter()
-        if now >= next_sample:
-            samples.append((now - start, rss_mb(pid)))
-            next_sample += 1.0
-        if now - last_report >= 60:
-            last_report = now
+    def sample(elapsed: float) -> None:
+        samples.append((elapsed, rss_mb(pid)))
+        if int(elapsed) % 60 == 0 and elapsed >= 60:
             print(
-                f"  {(now - start) / 60:4.1f} min: {len(latencies)} done, errors {errors}, "
+                f"  {elapsed / 60:4.1f} min: {len(latencies)} done, errors {errors}, "
                 f"RSS {samples[-1][1]:.0f} MB",
                 flush=True,
             )
-    await asyncio.gather(*tasks)
+
+    await open_loop(rate, seconds, one, sample)
     return latencies, errors, samples
 
 
