@@ -69,7 +69,7 @@ class Metrics:
         )
         self.queues_revived = Counter(
             "queues_revived_total",
-            "Queues referenced again while a GC run was dropping them (kept, topic ensured)",
+            "Queues a diff took back from a GC run that had claimed them (kept, topic ensured)",
             registry=r,
         )
         self.gc_throttled = Counter(

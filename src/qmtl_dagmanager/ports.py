@@ -17,7 +17,7 @@ from qmtl_dagmanager.core.gc import GcQueue
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan
 from qmtl_dagmanager.core.tag_match import TagQuery
-from qmtl_dagmanager.core.topics import TopicSpec, recorded_spec
+from qmtl_dagmanager.core.topics import TopicSpec
 
 # --------------------------------------------------------------------------- graph
 
@@ -61,9 +61,6 @@ class QueueDetail:
     replication: int
     retention_ms: int
     tags: tuple[str, ...] = ()  # the emitting node's tags
-
-    def spec(self) -> TopicSpec:
-        return recorded_spec(self.tag, self.partitions, self.replication, self.retention_ms)
 
     def as_gc_queue(self) -> GcQueue:
         return GcQueue(

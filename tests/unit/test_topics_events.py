@@ -64,3 +64,10 @@ def test_sentinel_weight_and_envelope() -> None:
     )
     assert env["specversion"] == "1.0" and env["data"]["ts"] == "2026-01-01T00:00:00Z"
     assert env["data"]["idempotency_key"]
+
+
+def test_catalog_spec_for_a_recorded_tag() -> None:
+    catalog = topics.TopicCatalog()
+    for kind in topics.TopicType:
+        assert catalog.spec_for_tag(kind.value) == catalog.specs[kind]
+    assert catalog.spec_for_tag("") == catalog.specs[topics.TopicType.INDICATOR]

@@ -56,17 +56,6 @@ def _spec(kind: TopicType, partitions: int, replication: int, days: int) -> Topi
     )
 
 
-def recorded_spec(tag: str, partitions: int, replication: int, retention_ms: int) -> TopicSpec:
-    """The spec of a queue as the graph records it (to create its topic again)."""
-    kind = TopicType(tag) if tag in TopicType.__members__.values() else TopicType.INDICATOR
-    return TopicSpec(
-        kind,
-        max(partitions, 1),
-        max(replication, 1),
-        (("cleanup.policy", "delete"), ("retention.ms", str(retention_ms or -1))),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class TopicCatalog:
     """Topic type → spec; the design's defaults unless configured otherwise."""
@@ -81,6 +70,11 @@ class TopicCatalog:
 
     def spec_for(self, node_type: str) -> TopicSpec:
         return self.specs[topic_type(node_type)]
+
+    def spec_for_tag(self, tag: str) -> TopicSpec:
+        """The spec for a queue's recorded tag (its topic type); an unknown tag: indicator."""
+        known = tag in {t.value for t in TopicType}
+        return self.specs[TopicType(tag) if known else TopicType.INDICATOR]
 
     def capped(self, max_replication: int) -> TopicCatalog:
         """The same catalog with replication limited to what the cluster has (e.g. 1 broker)."""

@@ -38,6 +38,7 @@ from qmtl_dagmanager.ports import (
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queue_events import QueueEvents
+from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
 
 log = logging.getLogger(__name__)
 MAX_RENAME_ROUNDS = 3
@@ -241,8 +242,7 @@ class DiffService:
         """Queues this diff references that a GC run had claimed: their claim is released,
         and their topics exist again if the run deleted them already (it recreates them too,
         when it finds them referenced; creating a topic twice is harmless)."""
-        details = await self.graph.queues(topics)
-        results = await self.topics.ensure({q.topic: q.spec() for q in details})
+        results = await ensure_queue_topics(self.graph, self.topics, self.catalog, topics)
         created = sorted(t for t, r in results.items() if r.status is TopicStatus.CREATED)
         self.metrics.queues_revived.inc(len(topics))
         log.warning(

@@ -13,10 +13,12 @@ from typing import Any
 
 from qmtl_dagmanager.core import gc
 from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Archive, Clock, Forgot, GraphStore, LoadGauge, TopicAdmin
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache
+from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
 
 log = logging.getLogger(__name__)
 CLAIM_TTL = 3600.0  # a claim older than this was left by a crashed run: another may take it
@@ -59,6 +61,7 @@ class GcService:
     policies: Mapping[str, gc.GcPolicy] = field(default_factory=lambda: dict(gc.DEFAULT_POLICIES))
     limits: gc.GcLimits = field(default_factory=gc.GcLimits)
     cache: NodeCache | None = None
+    catalog: TopicCatalog = field(default_factory=TopicCatalog)  # specs of revived queues
     load: LoadGauge | None = None  # the broker load metric; None: never throttled
     load_threshold: float = 0.8
 
@@ -168,9 +171,9 @@ class GcService:
         return True
 
     async def _revive(self, topic: str) -> None:
-        self.metrics.queues_revived.inc()
-        details = await self.graph.queues([topic])
-        results = await self.topics.ensure({q.topic: q.spec() for q in details})
+        """The diff that took the queue back counted it (`queues_revived_total`) and ensured
+        its topic, possibly before this run deleted it: ensure it again."""
+        results = await ensure_queue_topics(self.graph, self.topics, self.catalog, [topic])
         result = results.get(topic)
         if result is None or not result.ok:
             why = result.message if result is not None else "no longer in the graph"
