@@ -85,11 +85,11 @@ class MemoryGraphStore:
         ]
         if gone:
             raise QueueGone(gone)
-        claimed = tuple(
-            x["topic"]
-            for x in r.refs
-            if x["topic"] in self._queues and self._queues[x["topic"]].pop("gc_claim", None)
-        )
+        claimed: list[str] = []  # referenced queues a GC run had claimed: released
+        for x in r.refs:
+            q = self._queues.get(x["topic"])
+            if q is not None and q.pop("gc_claim", None) is not None:
+                claimed.append(x["topic"])
         for row in r.nodes:
             n = self.nodes.get(row["node_id"])
             if n is None:
@@ -123,7 +123,7 @@ class MemoryGraphStore:
                     }
                 )
             s.has |= set(sentinel.node_ids)
-        return claimed
+        return tuple(claimed)
 
     async def release(self, strategy_id: str) -> int:
         self.contexts.pop(strategy_id, None)
