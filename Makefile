@@ -69,7 +69,17 @@ bench: $(STAMP) ## benchmarks of the real code paths (figures go to README: Perf
 	$(PY) bench/core_bench.py
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
 	$(PY) bench/adapters_bench.py
+	$(PY) bench/topics_bench.py
 	$(PY) bench/sidecar_bench.py
+	$(PY) bench/writers_bench.py
+
+bench-scale: $(STAMP) ## growth: diff latency against stored nodes (embedded, Neo4j + Kafka), docs/scale.svg
+	$(STACK) status >/dev/null 2>&1 || $(STACK) up
+	$(PY) bench/scale_bench.py
+
+bench-writers: $(STAMP) ## soak: 3 sidecar processes + the operator on one graph and Kafka, invariants checked
+	$(STACK) status >/dev/null 2>&1 || $(STACK) up
+	$(PY) bench/writers_bench.py
 
 HELM = $$(bash hack/stack/build-helm.sh)
 
@@ -95,4 +105,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: fuzz e2e-kind manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: bench-scale bench-writers fuzz e2e-kind manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

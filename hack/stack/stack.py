@@ -20,6 +20,7 @@ import base64
 import contextlib
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -143,6 +144,21 @@ def running_pid(name: str) -> int | None:
     return pid
 
 
+OPEN_FILES = 262_144  # Kafka keeps a file open per partition segment: 50k topics and more
+
+
+def _more_files(pid: int) -> None:
+    """Raise a server's open-file limit just after its start, before it opens its data (the
+    hard limit too when allowed, as root; else up to the hard limit)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in ((OPEN_FILES, max(hard, OPEN_FILES)), (hard, hard)):
+        try:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
+            return
+        except (ValueError, OSError):
+            continue
+
+
 def start(
     name: str, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> int:
@@ -157,6 +173,7 @@ def start(
             env={**os.environ, **(env or {})},
             start_new_session=True,  # its own process group: `down` signals exactly it
         )
+    _more_files(p.pid)
     starttime = proc_starttime(p.pid)
     record = {"argv": argv, "cwd": str(cwd) if cwd else None, "env": env or {}}
     pid_file(name).write_text(json.dumps({"pid": p.pid, "starttime": starttime, **record}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 
 from qmtl_dagmanager.adapters.archive import DirectoryStore, KafkaArchive, MemoryArchive
@@ -14,6 +16,7 @@ from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.adapters.prometheus import PrometheusQuery
 from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdmin
 from qmtl_dagmanager.services.canary import CanaryService
@@ -21,7 +24,10 @@ from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, Ev
 from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
+from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queues import QueueService
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +42,7 @@ class Container:
     metrics: Metrics
     node_cache: NodeCache
     resubmissions: ResubmissionCache
+    events: QueueEvents  # the process's QueueUpdated publisher (the graph's outbox)
 
     async def start(self) -> None:
         """Prepare what the services need: the graph schema and the event topics."""
@@ -66,6 +73,7 @@ class Container:
             namespaces=s.enable_topic_namespace,
             cache=self.node_cache,
             resubmissions=self.resubmissions,
+            events=self.events,
             max_inflight=s.diff_max_inflight,
             max_waiting=s.diff_max_waiting if shed_load else 1_000_000,
             max_wait=2.0 if shed_load else 24 * 3600.0,
@@ -88,6 +96,8 @@ class Container:
             self.clock,
             self.metrics,
             cache=self.node_cache,
+            policies=self.settings.gc_policies,
+            intent_grace=float(self.settings.gc_intent_grace_seconds),
             load=(
                 PrometheusQuery(self.settings.prometheus_url, self.settings.gc_load_query)
                 if self.settings.gc_load_query
@@ -96,7 +106,14 @@ class Container:
             load_threshold=self.settings.gc_load_threshold,
         )
 
-    async def close(self) -> None:
+    async def close(self, drain: float = 5.0) -> None:
+        """Publish what this process marked in the outbox (bounded), then close; anything
+        left is published by another process's poller."""
+        try:
+            await asyncio.wait_for(self.events.drain(), drain)
+        except (TimeoutError, DagManagerError) as e:
+            why = str(e) or f"not drained in {drain:g} s"
+            log.warning("QueueUpdated groups left in the outbox at shutdown: %s", why)
         await self.bus.close()
         await self.topics.close()
         await self.graph.close()
@@ -122,7 +139,7 @@ def build(settings: Settings) -> Container:
     if settings.embedded_kafka:
         topics, bus, archive = (
             MemoryTopicAdmin(profile=settings.topic_profile),
-            MemoryEventBus(),
+            MemoryEventBus(history=100),
             MemoryArchive(),
         )
     else:
@@ -130,6 +147,8 @@ def build(settings: Settings) -> Container:
         bus = KafkaEventBus(settings.controlbus_bootstrap or settings.kafka_bootstrap)
         archive = KafkaArchive(settings.kafka_bootstrap, DirectoryStore(settings.archive_dir))
     event_topics = EventTopics(settings.queue_topic, settings.sentinel_weight_topic)
+    controlbus = ControlBus(bus, clock, event_topics)
+    metrics = Metrics()
     return Container(
         settings,
         graph,
@@ -137,8 +156,9 @@ def build(settings: Settings) -> Container:
         bus,
         archive,
         clock,
-        ControlBus(bus, clock, event_topics),
-        Metrics(),
+        controlbus,
+        metrics,
         NodeCache(clock, ttl=settings.node_cache_ttl_seconds),
         ResubmissionCache(settings.resubmission_cache_nodes),
+        QueueEvents(graph, controlbus, metrics, clock),
     )

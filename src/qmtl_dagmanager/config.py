@@ -15,6 +15,7 @@ import yaml
 
 from qmtl_dagmanager.adapters.topic_rules import Profile
 from qmtl_dagmanager.core.dag import IdMode, Limits
+from qmtl_dagmanager.core.gc import DEFAULT_POLICIES, GcAction, GcPolicy
 
 
 class SettingsError(ValueError):
@@ -42,6 +43,9 @@ class Settings:
     http_port: int = 8001
     gc_interval_seconds: int = 3600  # 0 disables the timer (GC still runs on a trigger)
     gc_dry_run: bool = False  # decide and report, but drop nothing
+    # tag → policy; the mapping given is merged over the defaults (core.gc.DEFAULT_POLICIES)
+    gc_policies: Mapping[str, GcPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    gc_intent_grace_seconds: int = 600  # a created topic no queue owns after this is swept
     prometheus_url: str = ""  # a Prometheus-compatible HTTP API (GC load metric, gates)
     gc_load_query: str = ""  # PromQL for the broker load; empty: GC is never throttled
     gc_load_threshold: float = 0.8  # above it (or unreadable) the per-run GC cap is halved
@@ -156,6 +160,53 @@ def _url(v: Any) -> str:
     return text
 
 
+POLICY_FIELDS = ("ttl_seconds", "grace_seconds", "action")
+
+
+def _policy(v: Any) -> GcPolicy:
+    """`{ttl_seconds, grace_seconds, action}`; in the environment also the short form
+    `ttl_seconds=…,grace_seconds=…,action=…`."""
+    if isinstance(v, str):
+        try:
+            v = dict(part.split("=", 1) for part in v.replace(" ", "").split(",") if part)
+        except ValueError:
+            raise ValueError(
+                "expected ttl_seconds=<n>,grace_seconds=<n>,action=drop|archive"
+            ) from None
+    if not isinstance(v, dict):
+        raise ValueError("expected a mapping with ttl_seconds, grace_seconds and action")
+    unknown = sorted(str(k) for k in v if k not in POLICY_FIELDS)
+    missing = [k for k in POLICY_FIELDS if k not in v]
+    if unknown or missing:
+        raise ValueError(
+            "expected exactly ttl_seconds, grace_seconds and action"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+        )
+    return GcPolicy(
+        float(_nonneg(v["ttl_seconds"])),
+        float(_nonneg(v["grace_seconds"])),
+        GcAction(_choice("drop", "archive")(v["action"])),
+    )
+
+
+def _policies(v: Any) -> dict[str, GcPolicy]:
+    if isinstance(v, str):
+        try:
+            v = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ValueError("expected a YAML/JSON mapping of tag to policy") from None
+    if not isinstance(v, dict):
+        raise ValueError("expected a mapping of tag to {ttl_seconds, grace_seconds, action}")
+    out = dict(DEFAULT_POLICIES)
+    for tag, raw in v.items():
+        try:
+            out[_text(tag)] = _policy(raw)
+        except ValueError as e:
+            raise ValueError(f"tag {tag}: {e}") from None
+    return out
+
+
 def _archive(v: Any) -> str:
     text = _text(v)
     if text.startswith("s3://"):
@@ -189,6 +240,13 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
     ("gc_interval_seconds", "QMTL_GC_INTERVAL_SECONDS", "gc_interval_seconds", _nonneg),
     ("gc_archive_bucket", "QMTL_ARCHIVE_DIR", "archive_dir", _archive),
     ("gc_dry_run", "QMTL_GC_DRY_RUN", "gc_dry_run", _bool),
+    ("gc_policies", "QMTL_GC_POLICIES", "gc_policies", _policies),
+    (
+        "gc_intent_grace_seconds",
+        "QMTL_GC_INTENT_GRACE_SECONDS",
+        "gc_intent_grace_seconds",
+        _positive,
+    ),
     ("prometheus_url", "QMTL_PROMETHEUS_URL", "prometheus_url", _url),
     ("gc_load_query", "QMTL_GC_LOAD_QUERY", "gc_load_query", _text),
     ("gc_load_threshold", "QMTL_GC_LOAD_THRESHOLD", "gc_load_threshold", _float),
@@ -264,6 +322,13 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
         raw = env.get(var)
         if raw is not None and raw.strip() != "":
             values[name] = _parsed(parse, raw, f"environment variable {var}")
+    policy_prefix = "QMTL_GC_POLICY_"
+    for var in sorted(env):
+        if var.startswith(policy_prefix) and env[var].strip():
+            tag = var.removeprefix(policy_prefix).lower()
+            policies = dict(values.get("gc_policies", DEFAULT_POLICIES))
+            policies[tag] = _parsed(_policy, env[var], f"environment variable {var}")
+            values["gc_policies"] = policies
     limits = Limits(
         max_nodes=values.pop("max_nodes", Limits().max_nodes),
         max_bytes=values.pop("max_bytes", Limits().max_bytes),

@@ -72,11 +72,40 @@ class Metrics:
             "Queues a diff took back from a GC run that had claimed them (kept, topic ensured)",
             registry=r,
         )
+        self.diff_replans = Counter(
+            "diff_replans_total",
+            "Diffs planned again because another writer changed what they read "
+            "(GraphChanged, QueueGone) or a GC run was deleting names they need (QueueBusy)",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_refusals_avoided = Counter(
+            "node_cache_refusals_avoided_total",
+            "Plans that would have refused a cross-context reuse on cached node records and "
+            "were made again from fresh graph data",
+            registry=r,
+        )
+        self.gc_unowned_topics = Counter(
+            "gc_unowned_topics_total",
+            "Topics the product created that no queue ever owned (a crash, a re-plan, a lost "
+            "race), deleted by GC's intent sweep",
+            registry=r,
+        )
         self.gc_throttled = Counter(
             "gc_throttled_total", "GC runs whose batch was halved for broker load", registry=r
         )
         self.events_published = Counter(
             "controlbus_events_total", "ControlBus events published", ["type"], registry=r
+        )
+        self.queue_events_pending = Gauge(
+            "queue_events_pending",
+            "QueueUpdated groups changed by a graph write and not yet published (the outbox)",
+            registry=r,
+        )
+        self.queue_events_republished = Counter(
+            "queue_events_republished_total",
+            "QueueUpdated groups that changed while being published: published again",
+            registry=r,
         )
         self.chunk_acks = Counter("diff_chunk_acks_total", "AckChunk calls received", registry=r)
         self.drift_detected = Counter(

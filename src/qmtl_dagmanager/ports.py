@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from qmtl_dagmanager.core.dag import Sentinel
 from qmtl_dagmanager.core.gc import GcQueue
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Plan
+from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup
 from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.core.topics import TopicSpec
 
@@ -35,6 +35,46 @@ class GraphRead:
 class QueueRef:
     topic: str
     is_global: bool
+
+
+DELETING_TTL = 30.0  # a GC deletion mark older than this was left by a run that died
+# A swept intent is kept this long as a tombstone holding its generation, so that a diff that
+# recorded the intent before the sweep still learns, when it writes, that its topic was
+# deleted. Far longer than any diff takes.
+TOMBSTONE_TTL = 3600.0
+
+
+EVENT_CLAIM_TTL = 30.0  # a publisher's claim on an outbox group older than this: it died
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """A QueueUpdated group in the outbox: its queue set changed and is not yet published.
+    `marks` are the outbox marks (one per write that changed it) this publication covers;
+    settling removes exactly these, so a write after the claim keeps the group pending."""
+
+    group: QueryGroup
+    marks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Intents:
+    """What recording creation intents found: the names a sweep is deleting right now
+    (nothing recorded for those) and, for every name recorded, the intent's sweep generation.
+    A sweep that deletes a name's topic moves its generation on; `apply` given the generations
+    refuses (QueueBusy) a created name whose generation moved: its topic was deleted after
+    this diff created it."""
+
+    busy: tuple[str, ...] = ()
+    generations: Mapping[str, int] = field(default_factory=dict)
+
+
+class Intent(StrEnum):
+    """What claiming a creation intent found."""
+
+    CLAIMED = "claimed"
+    ADOPTED = "adopted"
+    KEPT = "kept"
 
 
 class Forgot(StrEnum):
@@ -147,14 +187,83 @@ class GraphStore(Protocol):
         ...
 
     async def apply(
-        self, plan: Plan, now: float, sentinel: SentinelWrite | None
+        self,
+        plan: Plan,
+        now: float,
+        sentinel: SentinelWrite | None,
+        intents: Mapping[str, int] | None = None,
     ) -> tuple[str, ...]:
-        """Write a plan in one transaction, idempotently: nodes, queues, EMITS, the strategy's
-        references (exactly the plan's nodes and queues) and the sentinel's HAS edges.
+        """Write a plan in one transaction, idempotently and only if the graph still holds
+        what the plan was made from: nodes, queues, EMITS, the strategy's references (exactly
+        the plan's nodes and queues), the sentinel's HAS edges and the plan's query groups in
+        the QueueUpdated outbox (see `claim_events`). The creation intents of
+        the plan's topics are settled (the queues own them now); `intents` are the
+        generations `record_intents` returned for them.
+
+        Each reused queue must still be emitted by its node for the plan's compute key; each
+        created queue's topic name must be free, or already that very (node, compute key)'s
+        queue (another writer created it first: taken as it is). At most one queue exists per
+        (node, compute key) and one owner per topic name, whatever writers race.
 
         Returns the referenced queues a GC run had claimed; their claim is cleared (that run
-        will not forget them) and the caller makes sure their topics exist. Raises QueueGone,
-        writing nothing, when a queue the plan reuses is no longer in the graph."""
+        will not delete them) and the caller makes sure their topics exist. Raises, writing
+        nothing: QueueGone when a reused queue is no longer in the graph; QueueBusy when a
+        queue or created name is being deleted by a live GC run, or a sweep deleted a created
+        name's topic since its intent was recorded; StaleRead when another
+        writer changed what the plan read."""
+        ...
+
+    async def claim_events(self, owner: str, now: float, limit: int) -> list[PendingEvent]:
+        """The outbox: pending QueueUpdated groups (oldest first) that no live publisher has
+        claimed, now claimed by `owner` (a claim older than EVENT_CLAIM_TTL is a dead
+        publisher's). `apply` marks the plan's query groups in its own transaction."""
+        ...
+
+    async def settle_events(self, owner: str, published: Sequence[PendingEvent]) -> int:
+        """After publishing: the published marks are removed and the claims released; groups
+        written again meanwhile stay pending. Returns how many stay pending."""
+        ...
+
+    async def release_events(self, owner: str, events: Sequence[PendingEvent]) -> None:
+        """Publishing failed: release the claims, the groups stay pending."""
+        ...
+
+    async def pending_events(self) -> int:
+        """How many groups are waiting for publication."""
+        ...
+
+    async def record_intents(self, topics: Sequence[str], now: float, owner: str) -> Intents:
+        """Before creating topics: note that they are about to be created, so a topic whose
+        queue is never written (a crash, a re-plan, a lost race) is found and collected."""
+        ...
+
+    async def stale_intents(self, before: float, limit: int) -> list[str]:
+        """Names whose creation intent is older than `before` (oldest first); tombstones of
+        swept intents are not."""
+        ...
+
+    async def claim_intent(self, topic: str, run: str, now: float, before: float) -> Intent:
+        """Take one stale intent for a sweep: CLAIMED when it is still older than `before`
+        and no queue owns the name (its generation moves on; the caller deletes the topic,
+        then `drop_intent`);
+        ADOPTED when a queue owns it now (the intent is removed: nothing to delete); KEPT
+        when it was refreshed, is being swept by another live run, or is gone."""
+        ...
+
+    async def drop_intent(self, topic: str, run: str, now: float) -> None:
+        """The topic of an intent this run claimed is deleted: the intent becomes a tombstone
+        (keeping its generation) until `purge_tombstones`, or a diff records it again."""
+        ...
+
+    async def purge_tombstones(self, before: float) -> int:
+        """Forget tombstones of intents swept before `before`; returns how many."""
+        ...
+
+    async def mark_deleting(self, topic: str, run: str, now: float) -> bool:
+        """Just before a GC run deletes a claimed queue's topic: True when the queue is still
+        claimed by `run` and unreferenced; from then on a diff referencing it waits (QueueBusy)
+        until the run forgets it, or takes it over once the mark is `DELETING_TTL` old (the
+        run died). False, with the claim released, when it was referenced meanwhile."""
         ...
 
     async def release(self, strategy_id: str) -> int:

@@ -12,13 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from qmtl_dagmanager.adapters.archive import MemoryArchive
 from qmtl_dagmanager.adapters.clock import ManualClock
 from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
+from qmtl_dagmanager.core.errors import QueueBusy
 from qmtl_dagmanager.core.gc import DAY, GcLimits
 from qmtl_dagmanager.core.plan import Request
 from qmtl_dagmanager.metrics import Metrics
-from qmtl_dagmanager.ports import GraphStore, TopicAdmin
+from qmtl_dagmanager.ports import DELETING_TTL, GraphStore, TopicAdmin
+from qmtl_dagmanager.services import diffs as diffs_module
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.diffs import DiffOutcome, DiffService
 from qmtl_dagmanager.services.garbage import CLAIM_TTL, GcService
@@ -116,17 +120,39 @@ async def test_referenced_after_the_claim_the_queue_and_its_topic_stay(
     nodes, mine = await w.orphans()
     got: list[DiffOutcome] = []
 
-    async def diff_after(topic: str, *_: Any) -> None:
-        if not got:  # the first queue is claimed, its topic deleted: a diff references all three
+    async def diff_first(topic: str, *_: Any) -> None:
+        if not got:  # the first queue is claimed, not yet marked: a diff references all three
             got.append(await w.reference(nodes))
 
-    racing = w.gc(Hooked(graph, forget_queue=diff_after))  # after the topic is deleted
+    racing = w.gc(Hooked(graph, mark_deleting=diff_first))
     run = await racing.collect()
     assert [p["queue"] for p in run.processed if p["queue"] in mine] == []
     assert run.report.skipped.get("ReferencedOrClaimed") == 3
-    await w.assert_whole(mine)  # the deleted topic was created again
+    assert {p.action.value for p in got[0].plan.nodes} == {"reuse"}
+    await w.assert_whole(mine)  # no topic was deleted
     assert w.dropped(mine) == []  # nothing announced as dropped
     assert w.metrics.queues_revived._value.get() >= 1
+
+
+async def test_a_diff_arriving_while_a_topic_is_deleted_waits_and_answers_existing_topics(
+    graph: GraphStore, topic_admin: TopicAdmin
+) -> None:
+    w = world(graph, topic_admin)
+    nodes, mine = await w.orphans()
+    started: list[asyncio.Task[DiffOutcome]] = []
+
+    async def diff_now(topic: str, *_: Any) -> None:
+        if not started:  # the first topic is deleted, its queue not yet forgotten
+            started.append(asyncio.ensure_future(w.reference(nodes)))
+            await asyncio.sleep(0.2)  # the diff reads the graph and is refused: busy
+
+    run = await w.gc(Hooked(graph, forget_queue=diff_now)).collect()
+    assert run.processed and run.processed[0]["queue"] in mine  # dropped first
+    done = await started[0]  # it waited for the run, then planned again
+    assert sorted(p.topic for p in done.plan.nodes) == sorted(mine)
+    await w.assert_whole(mine)  # every topic it answered with exists
+    assert len(w.dropped(mine)) == len(set(w.dropped(mine)))  # each announced at most once
+    assert w.metrics.diff_replans.labels("QueueBusy")._value.get() >= 1
 
 
 async def test_a_gc_run_killed_after_deleting_a_topic_is_repaired_by_the_next_diff(
@@ -144,7 +170,12 @@ async def test_a_gc_run_killed_after_deleting_a_topic_is_repaired_by_the_next_di
         victim = str(k)
     assert victim in mine
     await w.eventually(lambda listed: victim not in listed)  # the topic is really gone
-    # the next diff referencing it finds the claim, releases it and creates the topic again
+    # while the dead run's deletion mark is fresh, a diff waits for it, then gives up
+    with pytest.raises(QueueBusy):
+        await w.reference(nodes, _impatient(w.diffs()))
+    # once it is DELETING_TTL old, the next diff takes the queue over: the claim is released
+    # and the topic is created again before the answer
+    w.clock.advance(DELETING_TTL + 1)
     done = await w.reference(nodes)
     assert {p.action.value for p in done.plan.nodes} == {"reuse"}
     await w.assert_whole(mine)
@@ -175,6 +206,18 @@ async def test_a_gc_run_killed_after_claiming_resumes_once_the_claim_expires(
     assert w.dropped(mine) == sorted(mine)
     await w.eventually(lambda listed: not set(mine) & listed)
     assert not set(mine) & {q.topic for q in await graph.queues()}
+
+
+def _impatient(diffs: DiffService) -> DiffService:
+    diffs_module.BUSY_WAIT = 0.0  # restored by the fixture below
+    return diffs
+
+
+@pytest.fixture(autouse=True)
+def _busy_wait() -> Any:
+    saved = diffs_module.BUSY_WAIT
+    yield
+    diffs_module.BUSY_WAIT = saved
 
 
 class _Dying:

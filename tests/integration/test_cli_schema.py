@@ -48,6 +48,9 @@ def test_schema_commands(stack: Stack, tmp_path: Path) -> None:
         "compute_node_tags",
         "compute_node_buffering_since",
         "queue_interval",
+        "queue_slot",
+        "topic_intent",
+        "topic_intent_at",
     }
     for _ in range(2):  # idempotent
         r = dagmanager(stack, "neo4j-init")
@@ -62,8 +65,9 @@ def test_schema_commands(stack: Stack, tmp_path: Path) -> None:
     r = dagmanager(stack, "export-schema", "--out", str(out))
     assert r.returncode == 0, r.stderr
     text = out.read_text()
-    assert text.count("CREATE CONSTRAINT") == 5 and text.count("CREATE INDEX") == 3
+    assert text.count("CREATE CONSTRAINT") == 8 and text.count("CREATE INDEX") == 6
     assert "REQUIRE n.node_id IS UNIQUE" in text
+    assert "REQUIRE q.slot IS UNIQUE" in text  # one queue per (node, compute key)
 
 
 def test_neo4j_commands_need_a_uri() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from qmtl_dagmanager.adapters.topic_rules import Profile
 from qmtl_dagmanager.config import SettingsError, load
+from qmtl_dagmanager.core.gc import DEFAULT_POLICIES, GcAction
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -47,6 +48,12 @@ def test_yaml_then_environment(tmp_path: Path) -> None:
         ("gc_archive_bucket: s3://bucket\n", "S3"),
         ("- a\n- b\n", "mapping"),
         ("a: [\n", "YAML"),
+        ("gc_policies: [1]\n", "gc_policies"),
+        ("gc_policies:\n  raw: {ttl_seconds: 5, grace_seconds: 1}\n", "missing: action"),
+        ("gc_policies:\n  raw: {ttl_seconds: 5, grace_seconds: 1, action: x}\n", "tag raw"),
+        ("gc_policies:\n  raw: {ttl_seconds: -1, grace_seconds: 1, action: drop}\n", "raw"),
+        ("gc_policies:\n  raw: {ttl: 5, grace_seconds: 1, action: drop}\n", "unknown: ttl"),
+        ("gc_intent_grace_seconds: 0\n", "gc_intent_grace_seconds"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -59,3 +66,24 @@ def test_bad_environment_value_names_the_variable() -> None:
         load(None, {"QMTL_HTTP_PORT": "eighty"})
     with pytest.raises(SettingsError, match="no such file"):
         load(Path("/nonexistent/dagmanager.yml"), {})
+
+
+def test_gc_policies_merge_over_the_defaults(tmp_path: Path) -> None:
+    s = load(
+        write(
+            tmp_path,
+            "gc_policies:\n  raw: {ttl_seconds: 5, grace_seconds: 1, action: drop}\n"
+            "gc_intent_grace_seconds: 30\n",
+        ),
+        {"QMTL_GC_POLICY_INDICATOR": "ttl_seconds=60,grace_seconds=10,action=archive"},
+    )
+    assert (s.gc_policies["raw"].ttl, s.gc_policies["raw"].grace) == (5.0, 1.0)
+    assert s.gc_policies["indicator"].action is GcAction.ARCHIVE
+    assert s.gc_policies["sentinel"] == DEFAULT_POLICIES["sentinel"]
+    assert s.gc_intent_grace_seconds == 30
+    assert load(None, {}).gc_policies == dict(DEFAULT_POLICIES)
+
+
+def test_bad_gc_policy_variable_is_named() -> None:
+    with pytest.raises(SettingsError, match="QMTL_GC_POLICY_RAW"):
+        load(None, {"QMTL_GC_POLICY_RAW": "ttl_seconds=5"})

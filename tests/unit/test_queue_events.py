@@ -1,54 +1,89 @@
-"""Group commit of QueueUpdated events: concurrent diffs share flushes, every caller's groups
-are published by a flush that began after its request, and a failure reaches every waiter."""
+"""QueueUpdated through the graph's outbox (embedded twin): diffs answer without waiting for
+publication, a burst of diffs on one group is published a few times, not once per diff, the
+last event of a group always carries its current set, and a failed publication loses
+nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from qmtl_dagmanager.adapters.clock import ManualClock
 from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.core.errors import Unavailable
-from qmtl_dagmanager.core.plan import QueryGroup, Request
+from qmtl_dagmanager.core.plan import Request
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.diffs import DiffService
-from qmtl_dagmanager.services.queue_events import QueueEvents
 from tests.unit.dags import encode, node
 
 
-async def test_concurrent_diffs_share_flushes_and_the_last_event_has_every_queue() -> None:
+def btc_events(bus: MemoryEventBus) -> list[dict[str, Any]]:
+    return [
+        e.value["data"]
+        for e in bus.read("queue")
+        if e.value["type"] == "queue_updated" and e.value["data"]["tags"] == ["BTC"]
+    ]
+
+
+async def test_a_burst_of_diffs_is_coalesced_and_the_last_event_has_every_queue() -> None:
     graph, bus, clock = MemoryGraphStore(), MemoryEventBus(), ManualClock(time.time())
     diffs = DiffService(graph, MemoryTopicAdmin(), ControlBus(bus, clock), clock, Metrics())
     docs = [encode([node("RawPriceFeed", tags=["BTC"], code=f"c{i}")]) for i in range(20)]
     outcomes = await asyncio.gather(
         *(diffs.diff(Request(f"s{i}", world_id="w"), d) for i, d in enumerate(docs))
     )
-    assert diffs._events is not None and diffs._events.flushes < 20  # shared
-    events = [e.value["data"] for e in bus.read("queue") if e.value["type"] == "queue_updated"]
-    btc = [e for e in events if e["tags"] == ["BTC"]]
-    assert len(btc) == diffs._events.flushes  # one per flush, not one per diff
+    await diffs.queue_events().settled()
+    btc = btc_events(bus)
+    assert 1 <= len(btc) < 20  # coalesced: groups go out per round, not per diff
     mine = {o.plan.nodes[0].topic.removeprefix("w.live.") for o in outcomes}
     assert {q["queue"] for q in btc[-1]["queues"]} == mine
+    assert await graph.pending_events() == 0
 
 
-async def test_a_failed_flush_fails_every_waiter_and_the_next_one_runs() -> None:
-    class Broken(MemoryGraphStore):
-        fail = True
+async def test_the_answer_does_not_wait_for_publication() -> None:
+    class Slow(MemoryEventBus):
+        gate = asyncio.Event()
 
-        async def queues_by_tag_queries(self, queries):  # type: ignore[no-untyped-def]
-            await asyncio.sleep(0.01)
-            if self.fail:
-                raise Unavailable("graph down")
-            return await super().queues_by_tag_queries(queries)
+        async def publish(self, topic: str, key: str, event: Any) -> None:
+            await self.gate.wait()
+            await super().publish(topic, key, event)
 
-    graph = Broken()
-    events = QueueEvents(graph, ControlBus(MemoryEventBus(), ManualClock(0)), Metrics())
-    g = QueryGroup(("BTC",), 60, "any")
-    results = await asyncio.gather(*(events.publish([g]) for _ in range(3)), return_exceptions=True)
-    assert all(isinstance(r, Unavailable) for r in results)
-    graph.fail = False
-    await events.publish([g])
-    assert not events._running and events.flushes == 2  # drained; one shared failed flush
+    graph, bus, clock = MemoryGraphStore(), Slow(), ManualClock(time.time())
+    diffs = DiffService(graph, MemoryTopicAdmin(), ControlBus(bus, clock), clock, Metrics())
+    doc = encode([node("RawPriceFeed", tags=["BTC"], code="slow")])
+    await asyncio.wait_for(diffs.diff(Request("s", world_id="w"), doc), 5)  # answered
+    assert btc_events(bus) == [] and await graph.pending_events() == 1
+    Slow.gate.set()
+    await diffs.queue_events().settled()
+    assert len(btc_events(bus)) == 1 and await graph.pending_events() == 0
+
+
+async def test_a_failed_publication_is_retried_and_loses_nothing() -> None:
+    class Flaky(MemoryEventBus):
+        failures = 3
+
+        async def publish(self, topic: str, key: str, event: Any) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise Unavailable("Kafka down", reason="KafkaUnavailable")
+            await super().publish(topic, key, event)
+
+    graph, bus, clock = MemoryGraphStore(), Flaky(), ManualClock(time.time())
+    metrics = Metrics()
+    diffs = DiffService(graph, MemoryTopicAdmin(), ControlBus(bus, clock), clock, metrics)
+    first = await diffs.diff(
+        Request("a", world_id="w"), encode([node("RawPriceFeed", tags=["BTC"], code="f1")])
+    )
+    second = await diffs.diff(
+        Request("b", world_id="w"), encode([node("RawPriceFeed", tags=["BTC"], code="f2")])
+    )
+    await asyncio.wait_for(diffs.queue_events().settled(), 30)
+    assert bus.failures == 0
+    last = btc_events(bus)[-1]
+    want = {o.plan.nodes[0].topic.removeprefix("w.live.") for o in (first, second)}
+    assert {q["queue"] for q in last["queues"]} == want
+    assert await graph.pending_events() == 0

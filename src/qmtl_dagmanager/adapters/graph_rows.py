@@ -15,18 +15,32 @@ class Rows:
     strategy_id: str
     nodes: list[dict[str, Any]]  # nodes to create or change (a plain reuse writes nothing)
     queues: list[dict[str, Any]]  # queues to create (action CREATE)
-    refs: list[dict[str, Any]]  # {node_id, topic}: what the strategy references
+    refs: list[dict[str, Any]]  # {node_id, topic, slot, create}: what the strategy references
     context: dict[str, str]  # the compute context of this diff, kept on the Strategy
     fingerprint: str  # of the plan, kept on the Strategy
+
+
+def slot(node_id: str, compute_key: str) -> str:
+    """The key a queue is unique by: one queue per (node, compute key)."""
+    return f"{node_id}|{compute_key}"
 
 
 def rows(plan: Plan, now: float) -> Rows:
     nodes: list[dict[str, Any]] = []
     queues: list[dict[str, Any]] = []
     refs: list[dict[str, Any]] = []
-    for p in plan.nodes:
+    # Rows in node-id order: concurrent writers then lock shared nodes in one order, which
+    # keeps deadlocks (and the retries they cost) rare.
+    for p in sorted(plan.nodes, key=lambda p: p.node.node_id):
         n = p.node
-        refs.append({"node_id": n.node_id, "topic": p.topic})
+        refs.append(
+            {
+                "node_id": n.node_id,
+                "topic": p.topic,
+                "slot": slot(n.node_id, p.compute_key),
+                "create": p.action is Action.CREATE,
+            }
+        )
         if p.action is Action.REUSE:
             continue
         nodes.append(
@@ -63,6 +77,7 @@ def rows(plan: Plan, now: float) -> Rows:
                     "retention_ms": p.spec.retention_ms,
                     "ttl": p.spec.retention_ms // 1000,
                     "compute_key": p.compute_key,
+                    "slot": slot(n.node_id, p.compute_key),
                 }
             )
     return Rows(plan.strategy_id, nodes, queues, refs, plan.context.as_dict(), plan.fingerprint())

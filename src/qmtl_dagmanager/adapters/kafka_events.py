@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -95,10 +96,9 @@ def read_events(bootstrap: str, topic: str, *, timeout: float = 10.0) -> list[Pu
         todo = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, 0) for p in todo])
         out: list[Published] = []
-        loop_deadline = timeout
-        while todo and loop_deadline > 0:
+        deadline = time.monotonic() + timeout  # for the whole read, however long the topic
+        while todo and time.monotonic() < deadline:
             msg = consumer.poll(0.2)
-            loop_deadline -= 0.2
             if msg is None:
                 continue
             err = msg.error()

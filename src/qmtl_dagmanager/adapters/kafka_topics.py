@@ -2,7 +2,14 @@
 
 `ensure` creates many topics in one batched request with one result per topic. Each topic goes
 CREATE → VERIFY (describe partitions, replication, retention, cleanup policy) → WAIT (until the
-metadata shows it) → BACKOFF (0.5 s doubling to 4 s, 5 attempts) on retriable errors.
+metadata shows it) → BACKOFF (0.5 s doubling to 4 s, 5 attempts) on retriable errors. `delete`
+returns once the broker no longer describes the topics, so that WAIT after a re-creation under
+the same name sees the new topic, never the old one.
+
+Existence is only ever decided by the controller: every topic of a batch is sent to
+CreateTopics, and only "already exists" leads to VERIFY. A cached listing (which may still
+show a topic another process deleted a moment ago) is used for collision checks alone. Every
+admin error is typed: unknown topics are absent, the rest is Unavailable or a FAILED result.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ T = TypeVar("T")
 BACKOFF_START = 0.5
 BACKOFF_MAX = 4.0
 ATTEMPTS = 5
+# A topic reported as existing but not describable is usually a deletion finishing (KRaft
+# takes a few hundred ms): ask again soon, over about 3 s in all.
+FLUX_BACKOFF_START = 0.1
+FLUX_ATTEMPTS = 6
 IN_FLUX = "reported as existing but cannot be described"
 
 
@@ -55,6 +66,16 @@ def _transient(err: KafkaError | None) -> bool:
     return err is None or bool(err.retriable()) or err.code() in _TRANSIENT_CODES
 
 
+def _unknown(err: KafkaError | None) -> bool:
+    """The topic (or partition) does not exist, or no longer does."""
+    return err is not None and err.code() in (
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.UNKNOWN_TOPIC_ID,
+    )
+
+
 def _error(e: BaseException) -> KafkaError | None:
     if isinstance(e, KafkaException) and e.args and isinstance(e.args[0], KafkaError):
         return e.args[0]
@@ -73,6 +94,7 @@ class KafkaTopicAdmin:
         self._timeout = timeout
         self._profile = profile
         self._listing: tuple[float, int, set[str]] | None = None
+        self._refresh: asyncio.Task[None] | None = None
         self.listing_ttl = 5.0
         self._admin = AdminClient(
             {
@@ -87,13 +109,27 @@ class KafkaTopicAdmin:
 
     async def _names(self) -> tuple[int, set[str]]:
         """Broker count and topic names for collision checks, from a full metadata listing
-        taken at most every `listing_ttl` seconds (it grows with the cluster); names this
-        admin created since are added as it goes."""
+        (it grows with the cluster). Only the first call waits for one; after that a listing
+        older than `listing_ttl` seconds is refreshed in the background while the current one
+        serves (names this admin created since are added as it goes; the broker itself
+        refuses a `.`/`_` collision, reported as COLLISION)."""
         now = asyncio.get_running_loop().time()
-        if self._listing is None or now - self._listing[0] > self.listing_ttl:
+        if self._listing is None:
             md = await self._metadata()
             self._listing = (now, len(md.brokers), set(md.topics))
+        elif now - self._listing[0] > self.listing_ttl and (
+            self._refresh is None or self._refresh.done()
+        ):
+            self._refresh = asyncio.get_running_loop().create_task(self._relist())
         return self._listing[1], self._listing[2]
+
+    async def _relist(self) -> None:
+        try:
+            md = await self._metadata()
+        except Unavailable as e:
+            log.debug("topic listing refresh failed: %s", e)
+            return
+        self._listing = (asyncio.get_running_loop().time(), len(md.brokers), set(md.topics))
 
     async def _metadata(self) -> ClusterMetadata:
         try:
@@ -103,8 +139,8 @@ class KafkaTopicAdmin:
 
     async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
         results = await self._ensure(topics)
-        delay = BACKOFF_START
-        for _ in range(ATTEMPTS - 1):
+        delay = FLUX_BACKOFF_START
+        for _ in range(FLUX_ATTEMPTS - 1):
             # Reported as existing yet not describable: a deletion (or a creation) is still
             # propagating, for example GC dropped the topic a moment ago. Ask again.
             flux = [n for n, r in results.items() if r.message == IN_FLUX]
@@ -125,8 +161,8 @@ class KafkaTopicAdmin:
             return {}
         brokers, existing = await self._names()
         specs, results = topic_rules.admit(topics, existing, brokers, self._profile)
-        verify = [n for n in specs if n in existing]
-        create = [n for n in specs if n not in existing]
+        verify: list[str] = []
+        create = list(specs)  # the controller decides what exists, never the listing
         attempts = dict.fromkeys(create, 0)
         delay = BACKOFF_START
         while create:
@@ -152,6 +188,12 @@ class KafkaTopicAdmin:
                     err = _error(e)
                     if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                         verify.append(name)  # created concurrently, or metadata was stale
+                    elif (
+                        err is not None
+                        and err.code() == KafkaError.TOPIC_EXCEPTION
+                        and "collides" in err.str()
+                    ):
+                        results[name] = TopicResult(name, TopicStatus.COLLISION, err.str())
                     elif _transient(err) and attempts[name] < ATTEMPTS:
                         retry.append(name)
                     else:
@@ -194,10 +236,27 @@ class KafkaTopicAdmin:
     async def _wait_visible(self, names: list[str]) -> None:
         """WAIT: until the broker describes every created topic (bounded). Only these
         topics are asked for: a full metadata listing grows with the cluster."""
+        pending = await self._until_described(names, present=True, max_delay=1.0)
+        if pending:  # the controller created them; the broker is behind (a backlog)
+            log.warning(
+                "%d created topic(s) not yet described by the broker after %g s (it is "
+                "still applying earlier creations or deletions), e.g. %s",
+                len(pending),
+                self._timeout,
+                pending[0],
+            )
+
+    async def _until_described(
+        self, names: list[str], *, present: bool, max_delay: float
+    ) -> list[str]:
+        """Ask the broker about `names` until it describes each (`present`) or no longer
+        knows each (not `present`), for at most the admin's timeout, backing off from 50 ms
+        to `max_delay`; returns the names still not so. Waiting for presence, any error
+        counts as not yet; waiting for absence, only "unknown topic" counts as gone."""
         pending = list(names)
         delay = 0.05
         deadline = asyncio.get_running_loop().time() + self._timeout
-        while pending and asyncio.get_running_loop().time() < deadline:
+        while pending:
             futures = self._admin.describe_topics(
                 TopicCollection(pending), request_timeout=self._timeout
             )
@@ -205,12 +264,18 @@ class KafkaTopicAdmin:
             for name, fut in futures.items():
                 try:
                     await self._wait(fut)
-                except (KafkaException, TimeoutError):
+                except (KafkaException, TimeoutError) as e:
+                    if present or not _unknown(_error(e)):
+                        still.append(name)
+                    continue
+                if not present:
                     still.append(name)
             pending = still
-            if pending:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            if not pending or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+        return pending
 
     async def describe(self, topics: Sequence[str]) -> dict[str, TopicState]:
         if not topics:
@@ -223,12 +288,8 @@ class KafkaTopicAdmin:
         for name, fut in descs.items():
             try:
                 d = await self._wait(fut)
-            except KafkaException as e:
-                err = _error(e)
-                if err is not None and err.code() in (
-                    KafkaError.UNKNOWN_TOPIC_OR_PART,
-                    KafkaError._UNKNOWN_TOPIC,
-                ):
+            except (KafkaException, TimeoutError) as e:
+                if _unknown(_error(e)):
                     continue
                 raise Unavailable(f"describing {name}: {e}", reason="KafkaUnavailable") from e
             rf = len(d.partitions[0].replicas) if d.partitions else 0
@@ -238,7 +299,14 @@ class KafkaTopicAdmin:
         resources = [ConfigResource(ResourceType.TOPIC, n) for n in found]
         configs = self._admin.describe_configs(resources, request_timeout=self._timeout)
         for res, fut in configs.items():
-            entries = await self._wait(fut)
+            try:
+                entries = await self._wait(fut)
+            except (KafkaException, TimeoutError) as e:
+                if _unknown(_error(e)):
+                    continue  # deleted between the two calls: absent
+                raise Unavailable(
+                    f"describing the configuration of {res.name}: {e}", reason="KafkaUnavailable"
+                ) from e
             partitions, rf = found[res.name]
             out[res.name] = TopicState(
                 res.name, partitions, rf, {k: str(v.value) for k, v in entries.items()}
@@ -249,6 +317,9 @@ class KafkaTopicAdmin:
         return set((await self._metadata()).topics)
 
     async def delete(self, topics: Sequence[str]) -> dict[str, str | None]:
+        """Delete, then wait until the broker no longer describes each deleted topic: a
+        topic created again under the same name right after would otherwise be reported
+        visible by a broker that still shows the old one."""
         if not topics:
             return {}
         out: dict[str, str | None] = {}
@@ -261,10 +332,13 @@ class KafkaTopicAdmin:
             try:
                 await self._wait(fut)
                 out[name] = None
-            except KafkaException as e:
+            except (KafkaException, TimeoutError) as e:
                 err = _error(e)
-                missing = err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
-                out[name] = None if missing else str(err or e)
+                out[name] = None if _unknown(err) else str(err or e) or "timed out"
+        deleted = [n for n, error in out.items() if error is None]
+        lingering = await self._until_described(deleted, present=False, max_delay=0.5)
+        for name in lingering:
+            out[name] = f"deleted, but still described after {self._timeout:g} s"
         return out
 
     async def message_counts(self, topics: Sequence[str]) -> dict[str, int]:
@@ -282,9 +356,18 @@ class KafkaTopicAdmin:
         )
         counts = {t: 0 for t in topics if t in md.topics}
         for tp in parts:
-            low = await self._wait(lows[tp])
-            high = await self._wait(highs[tp])
-            counts[tp.topic] += max(0, high.offset - low.offset)
+            try:
+                low = await self._wait(lows[tp])
+                high = await self._wait(highs[tp])
+            except (KafkaException, TimeoutError) as e:
+                if _unknown(_error(e)):
+                    counts.pop(tp.topic, None)  # deleted meanwhile: absent
+                    continue
+                raise Unavailable(
+                    f"reading offsets of {tp.topic}: {e}", reason="KafkaUnavailable"
+                ) from e
+            if tp.topic in counts:
+                counts[tp.topic] += max(0, high.offset - low.offset)
         return counts
 
     async def broker_count(self) -> int:

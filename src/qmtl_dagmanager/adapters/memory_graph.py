@@ -6,26 +6,46 @@ await inside it), idempotent, and never deletes a referenced compute node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core import tag_match
-from qmtl_dagmanager.core.errors import QueueGone
+from qmtl_dagmanager.core.errors import QueueBusy, QueueGone, StaleRead
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
+from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
+    DELETING_TTL,
+    EVENT_CLAIM_TTL,
     Forgot,
     GraphCounts,
     GraphRead,
+    Intent,
+    Intents,
+    PendingEvent,
     QueueDetail,
     QueueRef,
     SentinelRecord,
     SentinelWrite,
     parse_history,
 )
+
+
+def _swept_since(
+    intent: dict[str, Any] | None, topic: str, recorded: Mapping[str, int] | None
+) -> bool:
+    """A sweep deleted the topic after the diff recorded its intent (generation moved)."""
+    if intent is None or recorded is None or topic not in recorded:
+        return False
+    return bool(intent["gen"] != recorded[topic])
+
+
+def _sweeping(intent: dict[str, Any] | None, now: float) -> bool:
+    """A sweep is deleting this name now (a sweep mark older than DELETING_TTL is a dead
+    run's)."""
+    return intent is not None and "sweep" in intent and now - intent["sweep_at"] < DELETING_TTL
 
 
 @dataclass
@@ -38,6 +58,17 @@ class MemoryGraphStore:
     def __init__(self) -> None:
         self.nodes: dict[NodeId, dict[str, Any]] = {}
         self._queues: dict[str, dict[str, Any]] = {}  # includes "node_id": the EMITS edge
+        self._emits: dict[NodeId, list[str]] = {}  # node → its queues' topics (an index)
+        self._slots: dict[str, str] = {}  # (node, compute key) slot → its one queue's topic
+        self._users: dict[str, int] = {}  # topic → strategies referencing the queue
+        self._intents: dict[str, dict[str, Any]] = {}  # topic → creation intent
+        # (tag, interval) → topics of queues whose node has that tag: tag queries and
+        # QueueUpdated sets read only the queues they select
+        self._by_tag: dict[tuple[str, int], set[str]] = {}
+        # the QueueUpdated outbox: pending groups (oldest first) → their marks; claims
+        self._marks: dict[QueryGroup, list[str]] = {}
+        self._claims: dict[QueryGroup, tuple[str, float]] = {}
+        self._mark_seq = 0
         self.node_refs: dict[str, set[NodeId]] = {}  # strategy → nodes it USES
         self.queue_refs: dict[str, set[str]] = {}  # strategy → queues it USES
         self.sentinels: dict[tuple[str, str], _Sentinel] = {}
@@ -61,35 +92,76 @@ class MemoryGraphStore:
         self, node_ids: Sequence[NodeId], topics: Sequence[str], strategy_id: str = ""
     ) -> GraphRead:
         records: dict[NodeId, NodeRecord] = {}
-        by_node: dict[NodeId, list[QueueRecord]] = {}
-        for q in self._queues.values():
-            by_node.setdefault(q["node_id"], []).append(QueueRecord(q["topic"], q["compute_key"]))
         for nid in node_ids:
             n = self.nodes.get(nid)
             if n is not None:
+                queues = (self._queues[t] for t in self._emits.get(nid, ()))
                 records[nid] = NodeRecord(
-                    nid, n["schema_hash"], n["schema_compat_id"], tuple(by_node.get(nid, ()))
+                    nid,
+                    n["schema_hash"],
+                    n["schema_compat_id"],
+                    tuple(
+                        QueueRecord(q["topic"], q["compute_key"])
+                        for q in queues
+                        if not q.get("superseded")
+                    ),
                 )
         owners = {t: self._queues[t]["node_id"] for t in topics if t in self._queues}
         return GraphRead(records, owners, self.fingerprints.get(strategy_id))
 
-    async def apply(
-        self, plan: Plan, now: float, sentinel: SentinelWrite | None
-    ) -> tuple[str, ...]:
-        r = graph_rows.rows(plan, now)
-        created = {row["topic"] for row in r.queues}
-        gone = [
-            x["topic"]
-            for x in r.refs
-            if x["topic"] not in created and x["topic"] not in self._queues
-        ]
+    def _check(
+        self, r: graph_rows.Rows, now: float, intents: Mapping[str, int] | None
+    ) -> tuple[list[str], set[str]]:
+        """What a write of `r` may do: raises (writing nothing) when the graph no longer
+        holds what the plan read; returns the referenced queues to take back from GC and the
+        created names another writer already created for the same (node, compute key)."""
+        gone: list[str] = []
+        busy: list[str] = []
+        stale: list[str] = []
+        reclaim: list[str] = []
+        adopted: set[str] = set()
+        for x in r.refs:
+            topic, slot = x["topic"], x["slot"]
+            q = self._queues.get(topic)
+            if x["create"]:
+                if q is None:
+                    held = self._slots.get(slot)
+                    if held is not None:
+                        stale.append(f"node {x['node_id']} has queue {held} for this context")
+                    elif _sweeping(intent := self._intents.get(topic), now) or _swept_since(
+                        intent, topic, intents
+                    ):
+                        busy.append(topic)
+                    continue
+                adopted.add(topic)
+            if q is None:
+                gone.append(topic)
+            elif q["slot"] != slot:
+                stale.append(f"{topic} is not node {x['node_id']}'s queue for this context")
+            elif "gc_deleting_at" in q and now - q["gc_deleting_at"] < DELETING_TTL:
+                busy.append(topic)
+            elif "gc_claim" in q:
+                reclaim.append(topic)
         if gone:
             raise QueueGone(gone)
-        claimed: list[str] = []  # referenced queues a GC run had claimed: released
-        for x in r.refs:
-            q = self._queues.get(x["topic"])
-            if q is not None and q.pop("gc_claim", None) is not None:
-                claimed.append(x["topic"])
+        if busy:
+            raise QueueBusy(busy)
+        if stale:
+            raise StaleRead("; ".join(stale[:3]))
+        return reclaim, adopted
+
+    async def apply(
+        self,
+        plan: Plan,
+        now: float,
+        sentinel: SentinelWrite | None,
+        intents: Mapping[str, int] | None = None,
+    ) -> tuple[str, ...]:
+        r = graph_rows.rows(plan, now)
+        reclaim, adopted = self._check(r, now, intents)
+        for topic in reclaim:  # referenced again: the GC run's claim (and mark) are void
+            self._queues[topic].pop("gc_claim", None)
+            self._queues[topic].pop("gc_deleting_at", None)
         for row in r.nodes:
             n = self.nodes.get(row["node_id"])
             if n is None:
@@ -102,11 +174,22 @@ class MemoryGraphStore:
                 n["schema_hash"] = row["schema_hash"]
                 n["buffering_since"] = now
         for row in r.queues:
-            self._queues.setdefault(row["topic"], {**row, "managed": True})
+            if row["topic"] not in adopted:
+                self._queues[row["topic"]] = {**row, "managed": True}
+                self._emits.setdefault(row["node_id"], []).append(row["topic"])
+                self._slots[row["slot"]] = row["topic"]
+                self._index(row["topic"], row["node_id"], add=True)
+            self._intents.pop(row["topic"], None)
+        for g in plan.query_groups:
+            self._mark_seq += 1
+            self._marks.setdefault(g, []).append(str(self._mark_seq))
         self.contexts[r.strategy_id] = dict(r.context)
         self.fingerprints[r.strategy_id] = r.fingerprint
+        self._unreference(r.strategy_id)
         self.node_refs[r.strategy_id] = {ref["node_id"] for ref in r.refs}
-        self.queue_refs[r.strategy_id] = {ref["topic"] for ref in r.refs}
+        self.queue_refs[r.strategy_id] = topics = {ref["topic"] for ref in r.refs}
+        for t in topics:
+            self._users[t] = self._users.get(t, 0) + 1
         if sentinel is not None:
             key = (sentinel.sentinel_id, sentinel.version)
             s = self.sentinels.get(key)
@@ -123,30 +206,152 @@ class MemoryGraphStore:
                     }
                 )
             s.has |= set(sentinel.node_ids)
-        return tuple(claimed)
+        return tuple(reclaim)
+
+    def _unreference(self, strategy_id: str) -> int:
+        topics = self.queue_refs.pop(strategy_id, set())
+        for t in topics:
+            left = self._users.get(t, 0) - 1
+            if left > 0:
+                self._users[t] = left
+            else:
+                self._users.pop(t, None)
+        return len(topics)
 
     async def release(self, strategy_id: str) -> int:
         self.contexts.pop(strategy_id, None)
         self.fingerprints.pop(strategy_id, None)
         dropped = len(self.node_refs.pop(strategy_id, set()))
-        dropped += len(self.queue_refs.pop(strategy_id, set()))
-        return dropped
+        return dropped + self._unreference(strategy_id)
+
+    async def record_intents(self, topics: Sequence[str], now: float, owner: str) -> Intents:
+        busy = tuple(t for t in topics if _sweeping(self._intents.get(t), now))
+        gens: dict[str, int] = {}
+        for t in topics:
+            if t in busy:
+                continue
+            i = self._intents.setdefault(t, {"gen": 0})
+            for k in ("sweep", "sweep_at", "deleted_at"):
+                i.pop(k, None)
+            i["at"], i["owner"] = now, owner
+            gens[t] = i["gen"]
+        return Intents(busy, gens)
+
+    async def stale_intents(self, before: float, limit: int) -> list[str]:
+        old = sorted(
+            (i["at"], t)
+            for t, i in self._intents.items()
+            if i["at"] <= before and "deleted_at" not in i
+        )
+        return [t for _, t in old[:limit]]
+
+    async def claim_intent(self, topic: str, run: str, now: float, before: float) -> Intent:
+        i = self._intents.get(topic)
+        if (
+            i is None
+            or "deleted_at" in i
+            or i["at"] > before
+            or (_sweeping(i, now) and i["sweep"] != run)
+        ):
+            return Intent.KEPT
+        if topic in self._queues:
+            del self._intents[topic]
+            return Intent.ADOPTED
+        i["sweep"], i["sweep_at"] = run, now
+        i["gen"] += 1
+        return Intent.CLAIMED
+
+    async def drop_intent(self, topic: str, run: str, now: float) -> None:
+        i = self._intents.get(topic)
+        if i is not None and i.get("sweep") == run:
+            i.pop("sweep")
+            i.pop("sweep_at")
+            i["deleted_at"] = now
+
+    async def purge_tombstones(self, before: float) -> int:
+        dead = [t for t, i in self._intents.items() if i.get("deleted_at", before + 1) <= before]
+        for t in dead:
+            del self._intents[t]
+        return len(dead)
+
+    async def mark_deleting(self, topic: str, run: str, now: float) -> bool:
+        q = self._queues.get(topic)
+        if q is None or q.get("gc_claim", ("",))[0] != run:
+            return False
+        if self._users.get(topic):
+            q.pop("gc_claim", None)
+            return False
+        q["gc_deleting_at"] = now
+        return True
 
     async def queues_by_tags(
         self, tags: Sequence[str], interval: int, match_mode: str
     ) -> list[QueueRef]:
         return (await self.queues_by_tag_queries([TagQuery(tuple(tags), interval, match_mode)]))[0]
 
+    def _index(self, topic: str, node_id: NodeId, *, add: bool) -> None:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        for tag in node["tags"]:
+            key = (tag, node["interval"])
+            if add:
+                self._by_tag.setdefault(key, set()).add(topic)
+            elif key in self._by_tag:
+                self._by_tag[key].discard(topic)
+                if not self._by_tag[key]:
+                    del self._by_tag[key]
+
     async def queues_by_tag_queries(self, queries: Sequence[TagQuery]) -> list[list[QueueRef]]:
+        topics: set[str] = set()
+        for query in queries:
+            for tag in query.tags:
+                topics |= self._by_tag.get((tag, query.interval), set())
         candidates = [
             TaggedQueue(q["base"], bool(q["is_global"]), node["interval"], frozenset(node["tags"]))
-            for q in self._queues.values()
-            if (node := self.nodes.get(q["node_id"])) is not None
+            for t in topics
+            if (q := self._queues.get(t)) is not None
+            and (node := self.nodes.get(q["node_id"])) is not None
         ]
         return [[QueueRef(t, g) for t, g in hit] for hit in tag_match.select(queries, candidates)]
 
+    async def claim_events(self, owner: str, now: float, limit: int) -> list[PendingEvent]:
+        out: list[PendingEvent] = []
+        for g, marks in self._marks.items():
+            claim = self._claims.get(g)
+            if claim is not None and claim[0] != owner and now - claim[1] < EVENT_CLAIM_TTL:
+                continue
+            self._claims[g] = (owner, now)
+            out.append(PendingEvent(g, tuple(marks)))
+            if len(out) >= limit:
+                break
+        return out
+
+    async def settle_events(self, owner: str, published: Sequence[PendingEvent]) -> int:
+        pending = 0
+        for p in published:
+            if self._claims.get(p.group, ("",))[0] != owner:
+                continue
+            del self._claims[p.group]
+            done = set(p.marks)
+            left = [m for m in self._marks.get(p.group, []) if m not in done]
+            if left:
+                self._marks[p.group] = left
+                pending += 1
+            else:
+                self._marks.pop(p.group, None)
+        return pending
+
+    async def release_events(self, owner: str, events: Sequence[PendingEvent]) -> None:
+        for p in events:
+            if self._claims.get(p.group, ("",))[0] == owner:
+                del self._claims[p.group]
+
+    async def pending_events(self) -> int:
+        return len(self._marks)
+
     def _ref_count(self, topic: str) -> int:
-        return sum(1 for refs in self.queue_refs.values() if topic in refs)
+        return self._users.get(topic, 0)
 
     async def queues(self, topics: Sequence[str] | None = None) -> list[QueueDetail]:
         names = list(self._queues) if topics is None else [t for t in topics if t in self._queues]
@@ -177,9 +382,14 @@ class MemoryGraphStore:
         if topic not in self._queues:
             return Forgot.ABSENT
         if self._ref_count(topic) == 0:
-            del self._queues[topic]
+            q = self._queues.pop(topic)
+            self._emits[q["node_id"]].remove(topic)
+            self._index(topic, q["node_id"], add=False)
+            if self._slots.get(q["slot"]) == topic:
+                del self._slots[q["slot"]]
             return Forgot.DROPPED
         self._queues[topic].pop("gc_claim", None)
+        self._queues[topic].pop("gc_deleting_at", None)
         return Forgot.REFERENCED
 
     async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
@@ -190,6 +400,7 @@ class MemoryGraphStore:
         if claim is not None and claim[0] != run and now - claim[1] < stale_after:
             return False
         q["gc_claim"] = (run, now)
+        q.pop("gc_deleting_at", None)
         return True
 
     async def set_unmanaged(self, topics: Sequence[str]) -> None:

@@ -8,7 +8,7 @@ query; a plan is written in one managed (retried) transaction of batched UNWIND 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import neo4j
@@ -17,14 +17,26 @@ from neo4j import exceptions as neo4j_errors
 
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core import tag_match
-from qmtl_dagmanager.core.errors import Conflict, InvalidSpec, QueueGone, Unavailable
+from qmtl_dagmanager.core.errors import (
+    Conflict,
+    InvalidSpec,
+    QueueBusy,
+    QueueGone,
+    StaleRead,
+    Unavailable,
+)
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueueRecord
+from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
+    DELETING_TTL,
+    EVENT_CLAIM_TTL,
     Forgot,
     GraphCounts,
     GraphRead,
+    Intent,
+    Intents,
+    PendingEvent,
     QueueDetail,
     QueueRef,
     SentinelRecord,
@@ -41,18 +53,43 @@ CONSTRAINTS = {
     "version_sentinel_key": "FOR (s:VersionSentinel) REQUIRE (s.sentinel_id, s.version) IS UNIQUE",
     "strategy_id": "FOR (s:Strategy) REQUIRE s.strategy_id IS UNIQUE",
     "artifact_path": "FOR (a:Artifact) REQUIRE a.path IS UNIQUE",
+    # one queue per (node, compute key): `slot` is "<node_id>|<compute_key>"
+    "queue_slot": "FOR (q:Queue) REQUIRE q.slot IS UNIQUE",
+    "topic_intent": "FOR (i:TopicIntent) REQUIRE i.topic IS UNIQUE",
+    "queue_event_claim_key": "FOR (c:QueueEventClaim) REQUIRE c.key IS UNIQUE",
 }
 INDEXES = {
     "compute_node_tags": "FOR (n:ComputeNode) ON (n.tags)",
     "compute_node_buffering_since": "FOR (n:ComputeNode) ON (n.buffering_since)",
     "queue_interval": "FOR (q:Queue) ON (q.interval)",
+    "topic_intent_at": "FOR (i:TopicIntent) ON (i.at)",
+    "topic_intent_deleted_at": "FOR (i:TopicIntent) ON (i.deleted_at)",
+    "queue_event_mark_key": "FOR (m:QueueEventMark) ON (m.key)",
 }
+
+# Graphs written before queues had a `slot`: give each (node, compute key) one queue (the most
+# referenced, then the oldest); any other queue of the same pair is marked superseded (its own
+# slot), so plans stop choosing it and GC collects it once nothing references it.
+MIGRATE_SLOTS = """
+MATCH (n:ComputeNode)-[:EMITS]->(q:Queue) WHERE q.slot IS NULL
+WITH n.node_id + '|' + coalesce(q.compute_key, '') AS slot, q,
+     COUNT { (q)-[:USED_BY]->() } AS refs
+ORDER BY refs DESC, q.created_at ASC, q.topic ASC
+WITH slot, collect(q) AS qs
+OPTIONAL MATCH (held:Queue {slot: slot})
+WITH slot, qs, held IS NOT NULL AS taken
+UNWIND range(0, size(qs) - 1) AS i
+WITH slot, qs[i] AS q, (i > 0 OR taken) AS dup
+SET q.slot = CASE WHEN dup THEN slot + '|superseded:' + q.topic ELSE slot END,
+    q.superseded = CASE WHEN dup THEN true ELSE null END
+RETURN count(q) AS migrated, sum(CASE WHEN dup THEN 1 ELSE 0 END) AS superseded
+"""
 
 READ = """
 CALL () {
   UNWIND $ids AS id
   MATCH (n:ComputeNode {node_id: id})
-  OPTIONAL MATCH (n)-[:EMITS]->(q:Queue)
+  OPTIONAL MATCH (n)-[:EMITS]->(q:Queue) WHERE q.superseded IS NULL
   WITH n, collect([q.topic, q.compute_key]) AS qs
   RETURN collect([n.node_id, n.schema_hash, n.schema_compat_id, qs]) AS nodes
 }
@@ -84,17 +121,20 @@ FOREACH (_ IN CASE WHEN r.buffer AND n.schema_hash <> r.schema_hash THEN [1] ELS
   SET n.schema_hash = r.schema_hash, n.buffering_since = r.created_at)
 """
 
+# A created queue's name must be free or already this (node, compute key)'s queue; the slot
+# constraint refuses a second queue for one pair. Returns names some other pair holds.
 MERGE_QUEUES = """
 UNWIND $rows AS r
 MATCH (n:ComputeNode {node_id: r.node_id})
 MERGE (q:Queue {topic: r.props.topic})
 ON CREATE SET q += r.props, q.managed = true
-MERGE (n)-[:EMITS]->(q)
-WITH q
-MATCH (o:ComputeNode)-[:EMITS]->(q)
-WITH q, count(o) AS owners
-WHERE owners > 1
-RETURN collect(q.topic) AS shared
+WITH n, q, r
+CALL (n, q, r) {
+  WITH n, q, r WHERE q.slot = r.props.slot
+  MERGE (n)-[:EMITS]->(q)
+}
+WITH q, r WHERE q.slot IS NULL OR q.slot <> r.props.slot
+RETURN collect(q.topic) AS foreign
 """
 
 SET_REFS = """
@@ -117,14 +157,163 @@ MERGE (q)-[:USED_BY]->(s)
 """
 
 # After SET_REFS in the same transaction (its new USED_BY edges hold the queues' locks, so a
-# GC claim committed meanwhile is seen): referenced queues that are gone or claimed by GC.
+# GC claim or deletion mark committed meanwhile is seen): each referenced queue must still be
+# the plan's (node, compute key) queue and not being deleted. A claim is released (its run
+# will not delete the topic); a deletion mark older than $cutoff was left by a dead run.
 CHECK_REFS = """
-UNWIND $topics AS t
-OPTIONAL MATCH (q:Queue {topic: t})
-WITH t, q WHERE q IS NULL OR q.gc_claim IS NOT NULL
-FOREACH (_ IN CASE WHEN q IS NULL THEN [] ELSE [1] END | REMOVE q.gc_claim, q.gc_claim_at)
-RETURN t AS topic, q IS NULL AS gone
+UNWIND $refs AS r
+OPTIONAL MATCH (q:Queue {topic: r.topic})
+WITH r, q,
+  CASE WHEN q IS NULL THEN 'gone'
+       WHEN q.slot IS NULL OR q.slot <> r.slot THEN 'stale'
+       WHEN q.gc_deleting_at IS NOT NULL AND q.gc_deleting_at > $cutoff THEN 'busy'
+       WHEN q.gc_claim IS NOT NULL THEN 'reclaim'
+       ELSE 'ok' END AS state
+FOREACH (_ IN CASE WHEN state = 'reclaim' THEN [1] ELSE [] END |
+  REMOVE q.gc_claim, q.gc_claim_at, q.gc_deleting_at)
+WITH r, state WHERE state <> 'ok'
+RETURN r.topic AS topic, r.node_id AS node_id, state
 """
+
+# The intents of the names this write creates are settled, unless a live sweep is deleting
+# one of those names right now, or a sweep deleted its topic since this diff recorded the
+# intent (its generation moved on; c.gen is null when the caller recorded none): the write
+# is then refused (busy).
+SETTLE_INTENTS = """
+UNWIND $created AS c
+MATCH (i:TopicIntent {topic: c.topic})
+SET i.lock = true
+WITH i, c
+REMOVE i.lock
+WITH i, c, (i.sweep IS NOT NULL AND i.sweep_at > $cutoff)
+  OR (c.gen IS NOT NULL AND coalesce(i.gen, 0) <> c.gen) AS busy
+FOREACH (_ IN CASE WHEN busy THEN [] ELSE [1] END | DELETE i)
+WITH c, busy WHERE busy
+RETURN collect(c.topic) AS busy
+"""
+
+RECORD_INTENTS = """
+UNWIND $topics AS t
+MERGE (i:TopicIntent {topic: t})
+ON CREATE SET i.at = $now, i.owner = $owner, i.gen = 0
+SET i.lock = true
+WITH i, t
+REMOVE i.lock
+WITH i, t, (i.sweep IS NOT NULL AND i.sweep_at > $cutoff) AS busy
+FOREACH (_ IN CASE WHEN busy THEN [] ELSE [1] END |
+  SET i.at = $now, i.owner = $owner, i.gen = coalesce(i.gen, 0)
+  REMOVE i.sweep, i.sweep_at, i.deleted_at)
+RETURN t AS topic, busy, i.gen AS gen
+"""
+
+STALE_INTENTS = """
+MATCH (i:TopicIntent) WHERE i.at <= $before AND i.deleted_at IS NULL
+RETURN i.topic AS topic ORDER BY i.at LIMIT $limit
+"""
+
+RECORD_ATTEMPTS = 5
+
+PURGE_TOMBSTONES = """
+MATCH (i:TopicIntent) WHERE i.deleted_at <= $before
+DELETE i
+RETURN count(*) AS purged
+"""
+
+# Lock, then re-find (as in CLAIM_QUEUE): a write that settled the intent meanwhile wins.
+CLAIM_INTENT = """
+MATCH (i:TopicIntent {topic: $topic})
+SET i.lock = true
+WITH i
+OPTIONAL MATCH (current:TopicIntent {topic: $topic})
+WITH i, current
+REMOVE i.lock
+WITH i, current
+WHERE current IS NOT NULL AND elementId(current) = elementId(i) AND i.at <= $before
+  AND i.deleted_at IS NULL AND (i.sweep IS NULL OR i.sweep = $run OR i.sweep_at <= $cutoff)
+OPTIONAL MATCH (q:Queue {topic: $topic})
+WITH i, q IS NOT NULL AS owned
+FOREACH (_ IN CASE WHEN owned THEN [1] ELSE [] END | DELETE i)
+FOREACH (_ IN CASE WHEN owned THEN [] ELSE [1] END |
+  SET i.sweep = $run, i.sweep_at = $now, i.gen = coalesce(i.gen, 0) + 1)
+RETURN owned
+"""
+
+# The topic is deleted: a tombstone keeps the generation for diffs that recorded before.
+DROP_INTENT = """
+MATCH (i:TopicIntent {topic: $topic}) WHERE i.sweep = $run
+SET i.deleted_at = $now
+REMOVE i.sweep, i.sweep_at
+"""
+
+MARK_DELETING = """
+MATCH (q:Queue {topic: $topic})
+SET q.gc_lock = true
+WITH q
+OPTIONAL MATCH (current:Queue {topic: $topic})
+WITH q, current
+REMOVE q.gc_lock
+WITH q WHERE current IS NOT NULL AND elementId(current) = elementId(q) AND q.gc_claim = $run
+WITH q, EXISTS { (q)-[:USED_BY]->() } AS referenced
+FOREACH (_ IN CASE WHEN referenced THEN [1] ELSE [] END | REMOVE q.gc_claim, q.gc_claim_at)
+FOREACH (_ IN CASE WHEN referenced THEN [] ELSE [1] END | SET q.gc_deleting_at = $now)
+RETURN NOT referenced AS marked
+"""
+
+# The QueueUpdated outbox. A write adds one mark per group it changed: a new node, so
+# concurrent writers never wait on one another for it. Publishers take a group's claim node
+# (the lock first, then the check: one live publisher per group) and remove exactly the marks
+# they published; a mark added meanwhile keeps the group pending.
+MARK_EVENTS = """
+UNWIND $groups AS g
+CREATE (:QueueEventMark {key: g.key, tags: g.tags, interval: g.interval,
+  match_mode: g.match_mode, at: $now})
+"""
+
+# The marks are read again once the claim is held (the first read may include marks another
+# publisher removed meanwhile); a claim that finds none is given back at once.
+CLAIM_EVENTS = """
+MATCH (m:QueueEventMark)
+WITH m.key AS key, min(m.at) AS first
+ORDER BY first LIMIT $limit
+MERGE (c:QueueEventClaim {key: key})
+SET c.lock = true
+WITH key, c
+REMOVE c.lock
+WITH key, c WHERE c.owner IS NULL OR c.owner = $owner OR c.at <= $stale
+SET c.owner = $owner, c.at = $now
+WITH key, c
+OPTIONAL MATCH (m:QueueEventMark {key: key})
+WITH c, collect(m) AS marks
+FOREACH (_ IN CASE WHEN size(marks) = 0 THEN [1] ELSE [] END | REMOVE c.owner, c.at)
+WITH marks WHERE size(marks) > 0
+WITH marks, head(marks) AS m
+RETURN m.tags AS tags, m.interval AS interval, m.match_mode AS match_mode,
+  [x IN marks | elementId(x)] AS marks
+"""
+
+SETTLE_EVENTS = """
+UNWIND $keys AS k
+MATCH (c:QueueEventClaim {key: k}) WHERE c.owner = $owner
+SET c.lock = true
+WITH c
+REMOVE c.lock, c.owner, c.at
+WITH collect(c.key) AS mine
+CALL (mine) {
+  MATCH (m:QueueEventMark) WHERE elementId(m) IN $marks AND m.key IN mine
+  DELETE m
+}
+UNWIND mine AS k
+WITH k WHERE EXISTS { MATCH (:QueueEventMark {key: k}) }
+RETURN count(k) AS pending
+"""
+
+RELEASE_EVENTS = """
+UNWIND $keys AS k
+MATCH (c:QueueEventClaim {key: k}) WHERE c.owner = $owner
+REMOVE c.owner, c.at
+"""
+
+PENDING_EVENTS = "MATCH (m:QueueEventMark) RETURN count(DISTINCT m.key) AS n"
 
 MERGE_SENTINEL = """
 MERGE (v:VersionSentinel {sentinel_id: $sid, version: $version})
@@ -191,6 +380,7 @@ WHERE current IS NOT NULL AND elementId(current) = elementId(q)
   AND NOT (q)-[:USED_BY]->()
   AND (q.gc_claim IS NULL OR q.gc_claim = $run OR q.gc_claim_at <= $stale)
 SET q.gc_claim = $run, q.gc_claim_at = $now
+REMOVE q.gc_deleting_at
 RETURN q.topic AS topic
 """
 
@@ -201,7 +391,8 @@ MATCH (q:Queue {topic: $topic})
 SET q.gc_lock = true
 WITH q, COUNT { (q)-[:USED_BY]->() } AS refs
 REMOVE q.gc_lock
-FOREACH (_ IN CASE WHEN refs > 0 THEN [1] ELSE [] END | REMOVE q.gc_claim, q.gc_claim_at)
+FOREACH (_ IN CASE WHEN refs > 0 THEN [1] ELSE [] END |
+  REMOVE q.gc_claim, q.gc_claim_at, q.gc_deleting_at)
 FOREACH (_ IN CASE WHEN refs = 0 THEN [1] ELSE [] END | DETACH DELETE q)
 RETURN refs = 0 AS forgotten
 """
@@ -225,6 +416,23 @@ RETURN nodes, queues, sentinels, strategies, rels
 """
 
 
+def _raise_for(checked: list[tuple[str, str, str]]) -> None:
+    """Refuse a write whose referenced queues changed since the plan read them."""
+    gone = [topic for topic, _, state in checked if state == "gone"]
+    if gone:
+        raise QueueGone(gone)
+    busy = [topic for topic, _, state in checked if state == "busy"]
+    if busy:
+        raise QueueBusy(busy)
+    stale = [
+        f"{topic} is not node {nid}'s queue for this context"
+        for topic, nid, state in checked
+        if state == "stale"
+    ]
+    if stale:
+        raise StaleRead("; ".join(stale[:3]))
+
+
 class Neo4jGraphStore:
     def __init__(
         self,
@@ -243,6 +451,12 @@ class Neo4jGraphStore:
             connection_timeout=connect_timeout,
             connection_acquisition_timeout=connect_timeout,
             max_transaction_retry_time=max_retry_time,
+            # Writers that touch shared nodes deadlock now and then (Neo4j aborts one; the
+            # driver retries it). The default first delay of 1 s would blow the Gateway's
+            # 0.1 s budget: retry after 20 ms, doubling, with jitter against lock-step.
+            initial_retry_delay=0.02,
+            retry_delay_multiplier=2.0,
+            retry_delay_jitter_factor=0.5,
             notifications_min_severity=neo4j.NotificationMinimumSeverity.WARNING,
             # an empty graph has no EMITS or compute_key yet: not worth a warning per query
             notifications_disabled_classifications=[
@@ -274,6 +488,10 @@ class Neo4jGraphStore:
         except neo4j_errors.ConstraintError as e:
             raise Conflict(f"graph constraint violated ({what}): {e.message}") from e
         except neo4j_errors.ClientError as e:
+            if e.code == "Neo.ClientError.Statement.EntityNotFound":
+                # a node this statement matched was deleted by another writer's transaction
+                # before it could be locked (GC forgetting a queue): the read is stale
+                raise StaleRead(f"{what}: {e.message}") from e
             raise InvalidSpec(f"Neo4j rejected {what}: {e.message}", reason="GraphRejected") from e
 
     async def _write(
@@ -309,6 +527,7 @@ class Neo4jGraphStore:
         ] + [f"CREATE INDEX {name} IF NOT EXISTS {body}" for name, body in INDEXES.items()]
 
     async def init_schema(self) -> None:
+        await self._migrate_slots()
         for stmt in self.schema_statements():
             await self._call(
                 "schema init",
@@ -317,6 +536,23 @@ class Neo4jGraphStore:
                 ),
             )
         log.info("neo4j schema ready: %d constraints, %d indexes", len(CONSTRAINTS), len(INDEXES))
+
+    async def _migrate_slots(self) -> None:
+        """Give queues written before `slot` existed their slot (idempotent: a graph that has
+        them all reads nothing)."""
+
+        async def tx(t: neo4j.AsyncManagedTransaction) -> tuple[int, int]:
+            row = await (await t.run(MIGRATE_SLOTS)).single()
+            return (int(row["migrated"]), int(row["superseded"] or 0)) if row else (0, 0)
+
+        migrated, superseded = await self._write("slot migration", tx)
+        if migrated:
+            log.info(
+                "neo4j migration: %d queue(s) given a (node, compute key) slot; %d duplicate(s)"
+                " marked superseded",
+                migrated,
+                superseded,
+            )
 
     async def rollback_schema(self) -> None:
         stmts = [f"DROP CONSTRAINT {n} IF EXISTS" for n in CONSTRAINTS] + [
@@ -353,22 +589,34 @@ class Neo4jGraphStore:
         return GraphRead(records, owners, rows[0]["fingerprint"])
 
     async def apply(
-        self, plan: Plan, now: float, sentinel: SentinelWrite | None
+        self,
+        plan: Plan,
+        now: float,
+        sentinel: SentinelWrite | None,
+        intents: Mapping[str, int] | None = None,
     ) -> tuple[str, ...]:
         r = graph_rows.rows(plan, now)
         queue_rows = [
             {"node_id": q["node_id"], "props": {k: v for k, v in q.items() if k != "node_id"}}
             for q in r.queues
         ]
-
         topics = [x["topic"] for x in r.refs]
+        created = [
+            {"topic": t, "gen": None if intents is None else intents.get(t)}
+            for t in sorted(x["topic"] for x in r.refs if x["create"])
+        ]
+        cutoff = now - DELETING_TTL
+        groups = [
+            {"key": g.key, "tags": list(g.tags), "interval": g.interval, "match_mode": g.match_mode}
+            for g in sorted(plan.query_groups, key=lambda g: g.key)  # one lock order
+        ]
 
         async def tx(t: neo4j.AsyncManagedTransaction) -> tuple[str, ...]:
             await (await t.run(MERGE_NODES, rows=r.nodes)).consume()
             res = await t.run(MERGE_QUEUES, rows=queue_rows)
-            shared = [rec["shared"] async for rec in res]
-            if shared and shared[0]:
-                raise Conflict(f"queues already emitted by another node: {shared[0][:5]}")
+            foreign = [rec["foreign"] async for rec in res]
+            if foreign and foreign[0]:
+                raise StaleRead(f"queue(s) {', '.join(foreign[0][:3])} belong to another node")
             await (
                 await t.run(
                     SET_REFS,
@@ -381,11 +629,14 @@ class Neo4jGraphStore:
                 )
             ).consume()
             checked = [
-                (rec["topic"], rec["gone"]) async for rec in await t.run(CHECK_REFS, topics=topics)
+                (rec["topic"], rec["node_id"], rec["state"])
+                async for rec in await t.run(CHECK_REFS, refs=r.refs, cutoff=cutoff)
             ]
-            gone = [topic for topic, g in checked if g]
-            if gone:
-                raise QueueGone(gone)  # the transaction rolls back: nothing written
+            _raise_for(checked)
+            if created:
+                row = await (await t.run(SETTLE_INTENTS, created=created, cutoff=cutoff)).single()
+                if row is not None and row["busy"]:
+                    raise QueueBusy(list(row["busy"]))
             if sentinel is not None:
                 await (
                     await t.run(
@@ -399,9 +650,126 @@ class Neo4jGraphStore:
                         ids=list(sentinel.node_ids),
                     )
                 ).consume()
-            return tuple(topic for topic, _ in checked)
+            if groups:  # last: the outbox locks are held for the shortest time
+                await (await t.run(MARK_EVENTS, groups=groups, now=now)).consume()
+            return tuple(topic for topic, _, state in checked if state == "reclaim")
 
-        return await self._write("plan write", tx)
+        try:
+            return await self._write("plan write", tx)
+        except Conflict as e:
+            if isinstance(e.__cause__, neo4j_errors.ConstraintError):
+                # another writer created a queue for one of the plan's (node, compute key)
+                # pairs, or took a name, between the plan's read and this write
+                raise StaleRead(e.message) from e
+            raise
+
+    async def claim_events(self, owner: str, now: float, limit: int) -> list[PendingEvent]:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> list[PendingEvent]:
+            res = await t.run(
+                CLAIM_EVENTS, owner=owner, now=now, stale=now - EVENT_CLAIM_TTL, limit=limit
+            )
+            return [
+                PendingEvent(
+                    QueryGroup(tuple(r["tags"]), int(r["interval"]), r["match_mode"]),
+                    tuple(r["marks"]),
+                )
+                async for r in res
+            ]
+
+        return await self._write("outbox claim", tx)
+
+    async def settle_events(self, owner: str, published: Sequence[PendingEvent]) -> int:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> int:
+            row = await (await t.run(SETTLE_EVENTS, owner=owner, keys=keys, marks=marks)).single()
+            return int(row["pending"]) if row is not None else 0
+
+        keys = sorted({p.group.key for p in published})
+        marks = [m for p in published for m in p.marks]
+        return await self._write("outbox settle", tx) if keys else 0
+
+    async def release_events(self, owner: str, events: Sequence[PendingEvent]) -> None:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> None:
+            await (await t.run(RELEASE_EVENTS, owner=owner, keys=keys)).consume()
+
+        keys = sorted(p.group.key for p in events)
+        if keys:
+            await self._write("outbox release", tx)
+
+    async def pending_events(self) -> int:
+        rows = await self._read("outbox size", PENDING_EVENTS)
+        return int(rows[0]["n"]) if rows else 0
+
+    async def record_intents(self, topics: Sequence[str], now: float, owner: str) -> Intents:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> list[tuple[str, bool, int | None]]:
+            res = await t.run(
+                RECORD_INTENTS,
+                topics=pending,  # sorted: one lock order for every writer
+                now=now,
+                owner=owner,
+                cutoff=now - DELETING_TTL,
+            )
+            return [(r["topic"], r["busy"], r["gen"]) async for r in res]
+
+        busy: list[str] = []
+        gens: dict[str, int] = {}
+        pending = sorted(set(topics))
+        for _ in range(RECORD_ATTEMPTS):
+            if not pending:
+                break
+            rows = await self._write("creation intents", tx)
+            busy += [topic for topic, b, _ in rows if b]
+            gens |= {topic: gen for topic, b, gen in rows if not b and gen is not None}
+            # no generation: a write settled (deleted) the intent this MERGE had matched
+            # before it got the lock; record it again in a new transaction
+            pending = sorted(topic for topic, b, gen in rows if not b and gen is None)
+        if pending:
+            raise Unavailable(
+                f"creation intents of {', '.join(pending[:3])} kept vanishing while recorded",
+                reason="Neo4jUnavailable",
+            )
+        return Intents(tuple(busy), gens)
+
+    async def stale_intents(self, before: float, limit: int) -> list[str]:
+        rows = await self._read("stale intents", STALE_INTENTS, before=before, limit=limit)
+        return [r["topic"] for r in rows]
+
+    async def claim_intent(self, topic: str, run: str, now: float, before: float) -> Intent:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> Intent:
+            row = await (
+                await t.run(
+                    CLAIM_INTENT,
+                    topic=topic,
+                    run=run,
+                    now=now,
+                    before=before,
+                    cutoff=now - DELETING_TTL,
+                )
+            ).single()
+            if row is None:
+                return Intent.KEPT
+            return Intent.ADOPTED if row["owned"] else Intent.CLAIMED
+
+        return await self._write("intent claim", tx)
+
+    async def drop_intent(self, topic: str, run: str, now: float) -> None:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> None:
+            await (await t.run(DROP_INTENT, topic=topic, run=run, now=now)).consume()
+
+        await self._write("intent drop", tx)
+
+    async def purge_tombstones(self, before: float) -> int:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> int:
+            row = await (await t.run(PURGE_TOMBSTONES, before=before)).single()
+            return int(row["purged"]) if row is not None else 0
+
+        return await self._write("intent tombstones", tx)
+
+    async def mark_deleting(self, topic: str, run: str, now: float) -> bool:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> bool:
+            row = await (await t.run(MARK_DELETING, topic=topic, run=run, now=now)).single()
+            return row is not None and bool(row["marked"])
+
+        return await self._write("gc deletion mark", tx)
 
     async def release(self, strategy_id: str) -> int:
         async def tx(t: neo4j.AsyncManagedTransaction) -> int:

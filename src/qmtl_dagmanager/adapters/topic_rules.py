@@ -19,6 +19,9 @@ class Profile(StrEnum):
     PRODUCTION = "production"  # refuse a replication factor the cluster cannot hold
 
 
+_CAPPED_WARNED: set[int] = set()  # broker counts the capping warning was logged for
+
+
 def collision_key(name: str) -> str:
     """Kafka's metric names treat `.` and `_` alike; people treat case alike."""
     return name.lower().replace(".", "_")
@@ -58,7 +61,7 @@ def admit(
     wanted: Mapping[str, TopicSpec], existing: Iterable[str], brokers: int, profile: Profile
 ) -> tuple[dict[str, TopicSpec], dict[str, TopicResult]]:
     """Split a batch into the specs to create or verify and the topics refused outright
-    (collisions, replication the profile refuses). Capping is logged once per batch."""
+    (collisions, replication the profile refuses). Capping is a warning once per process."""
     clashes = collisions(wanted, existing)
     specs: dict[str, TopicSpec] = {}
     refused: dict[str, TopicResult] = {}
@@ -76,7 +79,11 @@ def admit(
         capped += effective.replication_factor < spec.replication_factor
         specs[name] = effective
     if capped:
-        log.warning(
+        # once per process and broker count at WARNING (it is a setting, not an event)
+        level = logging.DEBUG if brokers in _CAPPED_WARNED else logging.WARNING
+        _CAPPED_WARNED.add(brokers)
+        log.log(
+            level,
             "%d topic(s): replication factor capped to %d broker(s) (development profile)",
             capped,
             brokers,

@@ -79,13 +79,40 @@ class QueueGone(Unavailable):
     was written. Planning again creates them."""
 
     def __init__(self, topics: list[str]) -> None:
-        shown = ", ".join(topics[:5]) + (f" and {len(topics) - 5} more" if len(topics) > 5 else "")
         super().__init__(
-            f"queue(s) dropped by garbage collection while the diff was planned: {shown}",
+            f"queue(s) dropped by garbage collection while the diff was planned: {_shown(topics)}",
             retry_after=0.1,
             reason="QueueGone",
         )
         self.topics = tuple(topics)
+
+
+class QueueBusy(Unavailable):
+    """Queues or topic names a plan needs are being deleted by a garbage-collection run right
+    now; nothing was written. Planning again once the run has finished gives a correct answer
+    (the diff does so itself, for a bounded time)."""
+
+    def __init__(self, topics: list[str]) -> None:
+        super().__init__(
+            f"topic(s) being deleted by garbage collection: {_shown(topics)}",
+            retry_after=0.2,
+            reason="QueueBusy",
+        )
+        self.topics = tuple(topics)
+
+
+class StaleRead(Unavailable):
+    """What a plan read of the graph changed before its write (another writer got there
+    first): nothing was written. Planning again from fresh graph data gives a correct answer."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"the graph changed under the diff: {what}", retry_after=0.1, reason="GraphChanged"
+        )
+
+
+def _shown(topics: list[str]) -> str:
+    return ", ".join(topics[:5]) + (f" and {len(topics) - 5} more" if len(topics) > 5 else "")
 
 
 class Overloaded(Unavailable):

@@ -7,6 +7,7 @@ owners of topic names that may collide (`taken`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -98,6 +99,11 @@ class QueryGroup:
     tags: tuple[str, ...]
     interval: int
     match_mode: str
+
+    @property
+    def key(self) -> str:
+        """A stable, unambiguous text key (the graph's QueueUpdated outbox is keyed by it)."""
+        return json.dumps([self.match_mode, self.interval, list(self.tags)], separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,22 @@
-"""The Diff use case: parse → read the graph (one query) → plan → create topics (one batch)
-→ write the graph (one transaction) → publish QueueUpdated events.
+"""The Diff use case: parse → read the graph (one query) → plan → record creation intents →
+create topics (one batch) → write the graph (one transaction, conditional on what the plan
+read; it also marks the changed QueueUpdated groups in the graph's outbox) → answer. The
+events are published off the response path (`queue_events`).
 
-Order and failure: topics are created before the graph is written. If the write fails, the
-new topics stay as unmanaged leftovers that a retry of the same diff adopts ("exists with the
-same configuration" is success), and the graph is unchanged: no partial graph writes.
+Order and failure: topics are created before the graph is written, and their names are
+recorded as creation intents before that. If the write fails or the diff plans again with other
+names, a retry of the same diff adopts the topics ("exists with the same configuration" is
+success) or, if no queue ever owns them, GC's intent sweep deletes them. The graph is unchanged:
+no partial graph writes.
+
+Many writers (a sidecar per Gateway pod, the operator) share one graph. The node cache is a
+hint: the write checks in its transaction that every reused queue is still the node's queue for
+the compute key and that every created name is free, and refuses otherwise (StaleRead,
+QueueGone, QueueBusy). The diff then evicts the cache entries and plans again from fresh graph
+data. A sweep that deleted a created name's topic between the intent and the write (a diff
+slower than `gc_intent_grace_seconds`) moved the intent's generation on: the write is refused
+(QueueBusy) and the next plan creates the topic again. A cross-context refusal is only ever
+decided on fresh graph data.
 """
 
 from __future__ import annotations
@@ -11,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from qmtl_dagmanager.adapters.clock import SystemClock
@@ -21,7 +35,9 @@ from qmtl_dagmanager.core.errors import (
     Conflict,
     DagManagerError,
     Overloaded,
+    QueueBusy,
     QueueGone,
+    StaleRead,
     Unavailable,
 )
 from qmtl_dagmanager.core.identity import NodeId
@@ -42,7 +58,13 @@ from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
 
 log = logging.getLogger(__name__)
 MAX_RENAME_ROUNDS = 3
-PLAN_ATTEMPTS = 3  # plans of one diff when GC drops reused queues under it
+# Plans of one diff when other writers change what it read. Each lost race means another
+# writer committed, so the next fresh read is closer to settled; under heavy churn (GC with
+# short policies, cleanups, several writers on one node pool) a few rounds can be needed.
+PLAN_ATTEMPTS = 8
+REPLAN_JITTER = 0.02  # seconds, times the attempt: writers that collided do not collide again
+CONFIRM_READS = 2  # fresh reads that must agree before a cross-context refusal
+BUSY_WAIT = 5.0  # seconds a diff waits for a GC run deleting names it needs
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +95,9 @@ class DiffService:
     _gaps: dict[str, bool] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _waiting: int = 0
-    _events: QueueEvents | None = None
+    events: QueueEvents | None = None  # the process's publisher; one of its own if None
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _counts_stale: bool = False
 
     async def diff(
         self,
@@ -120,31 +144,54 @@ class DiffService:
         finally:
             self._slots.release()
 
-    async def _plan(self, d: dag.Dag, request: plan.Request) -> tuple[plan.Plan, str | None]:
-        """Plan with the node records (from the cache, else one graph query that also
-        returns the strategy's fingerprint), then look up who owns the names of new topics."""
+    async def _plan(
+        self, d: dag.Dag, request: plan.Request, *, fresh: bool = False
+    ) -> tuple[plan.Plan, str | None]:
+        """Plan with the node records (from the cache unless `fresh`, else one graph query
+        that also returns the strategy's fingerprint), then look up who owns the names of new
+        topics. A plan that would refuse a cross-context reuse is made again from records and
+        owners read together in one query: a refusal is never decided on cached records, nor
+        on two reads another writer committed between."""
         ids = [n.node_id for n in d.nodes]
-        records = self.cache.get_many(ids)
-        missing = [nid for nid in ids if nid not in records]
+        records = {} if fresh else self.cache.get_many(ids)
+        cached = bool(records)
+        missing = [nid for nid in ids if nid not in records] if records else ids
         read = await self.graph.read(missing, [], request.strategy_id)
         self.cache.put_many(read.records)
         records.update(read.records)
         owners: dict[str, NodeId] = {}
         looked_up: set[str] = set()
-        for _ in range(MAX_RENAME_ROUNDS):
+        confirmations = 0
+        rounds = 0
+        while True:
             p = plan.plan(d, request, records, owners, self.catalog, namespaces=self.namespaces)
-            fresh = [c.topic for c in p.creates if c.topic not in looked_up]
-            if not fresh:
+            if p.violations:
+                self.cache.evict(v.node_id for v in p.violations)
+                if confirmations >= CONFIRM_READS:
+                    return p, read.fingerprint  # refused on one consistent read
+                confirmations += 1
+                if cached:
+                    self.metrics.cache_refusals_avoided.inc()
+                    cached = False
+                looked_up |= {v.topic for v in p.violations}
+                read = await self.graph.read(ids, sorted(looked_up), request.strategy_id)
+                self.cache.put_many(read.records)
+                records, owners = dict(read.records), dict(read.owners)
+                continue
+            fresh_names = [c.topic for c in p.creates if c.topic not in looked_up]
+            if not fresh_names:
                 return p, read.fingerprint
-            looked_up |= set(fresh)
-            extra = await self.graph.read([], fresh)
+            rounds += 1
+            if rounds > MAX_RENAME_ROUNDS:
+                raise Conflict(
+                    f"could not find free topic names for {request.strategy_id} after "
+                    f"{MAX_RENAME_ROUNDS} rounds"
+                )
+            looked_up |= set(fresh_names)
+            extra = await self.graph.read([], fresh_names)
             if not extra.owners:
                 return p, read.fingerprint
             owners |= extra.owners
-        raise Conflict(
-            f"could not find free topic names for {request.strategy_id} after "
-            f"{MAX_RENAME_ROUNDS} rounds"
-        )
 
     async def _diff(
         self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
@@ -167,19 +214,36 @@ class DiffService:
         self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
     ) -> DiffOutcome:
         d = dag.parse(dag_json, limits=self.limits, ids=ids)
-        attempt = 1
+        attempt, fresh = 1, False
+        waited, delay = 0.0, 0.05
         while True:
             try:
-                return await self._plan_and_write(d, request, dry)
-            except QueueGone as e:  # GC dropped a reused queue after we read the graph
+                return await self._plan_and_write(d, request, dry, fresh)
+            except QueueBusy as e:  # a GC run is deleting names we need: wait, plan again
                 self.cache.evict(n.node_id for n in d.nodes)
+                self.metrics.diff_replans.labels(e.reason).inc()
+                if waited >= BUSY_WAIT:
+                    raise
+                log.info("diff %s: %s; waiting %.2f s", request.strategy_id, e.message, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 0.5)
+                fresh = True
+            except (QueueGone, StaleRead) as e:  # another writer got there first
+                self.cache.evict(n.node_id for n in d.nodes)
+                self.metrics.diff_replans.labels(e.reason).inc()
                 if attempt >= PLAN_ATTEMPTS:
                     raise
                 attempt += 1
-                log.warning("diff %s: %s; planning again", request.strategy_id, e.message)
+                fresh = True
+                log.info("diff %s: %s; planning again", request.strategy_id, e.message)
+                if attempt > 2:
+                    await asyncio.sleep(random.uniform(0, REPLAN_JITTER * attempt))
 
-    async def _plan_and_write(self, d: dag.Dag, request: plan.Request, dry: bool) -> DiffOutcome:
-        p, fingerprint = await self._plan(d, request)
+    async def _plan_and_write(
+        self, d: dag.Dag, request: plan.Request, dry: bool, fresh: bool = False
+    ) -> DiffOutcome:
+        p, fingerprint = await self._plan(d, request, fresh=fresh)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))
             p.raise_for_violations()
@@ -195,12 +259,24 @@ class DiffService:
         if p.unchanged(fingerprint):
             return DiffOutcome(p, d, False)  # a resubmission: nothing to write or announce
         creates = p.creates
+        now = self.clock.now()
+        intents: Mapping[str, int] = {}
+        if creates:
+            # written before the topics exist: a topic no queue ever owns is swept by GC;
+            # the write below is refused if a sweep deleted one of them meanwhile
+            recorded = await self.graph.record_intents(
+                [c.topic for c in creates], now, request.strategy_id
+            )
+            if recorded.busy:
+                raise QueueBusy(list(recorded.busy))
+            intents = recorded.generations
         results = await self.topics.ensure({c.topic: c.spec for c in creates if c.spec})
         self._raise_for_topics(results)
-        now = self.clock.now()
         sentinel = d.sentinels[0] if d.sentinels else None
         try:
-            reclaimed = await self.graph.apply(p, now, SentinelWrite.from_plan(p, sentinel))
+            reclaimed = await self.graph.apply(
+                p, now, SentinelWrite.from_plan(p, sentinel), intents
+            )
         except DagManagerError:
             self.cache.evict(n.node_id for n in d.nodes)
             raise
@@ -217,10 +293,9 @@ class DiffService:
                 p.counts["reused"],
                 p.counts["buffered"],
             )
-            await self._publish(p)
-            counts = await self.graph.counts()
-            self.metrics.compute_nodes.set(counts.compute_nodes)
-            self.metrics.queues.set(counts.queues)
+            self._refresh_counts()
+        if p.query_groups:  # marked in the outbox by the write; published off this path
+            self.queue_events().kick()
         self.metrics.node_cache.set(len(self.cache))
         return DiffOutcome(p, d, False, results)
 
@@ -272,7 +347,28 @@ class DiffService:
             reason="TopicConflict",
         )
 
-    async def _publish(self, p: plan.Plan) -> None:
-        if self._events is None:
-            self._events = QueueEvents(self.graph, self.controlbus, self.metrics)
-        await self._events.publish(p.query_groups)
+    def queue_events(self) -> QueueEvents:
+        if self.events is None:
+            self.events = QueueEvents(self.graph, self.controlbus, self.metrics, self.clock)
+        return self.events
+
+    def _refresh_counts(self) -> None:
+        """The graph-size gauges, read in the background (one read at a time, coalesced)."""
+        self._counts_stale = True
+        if self._background:
+            return
+
+        async def refresh() -> None:
+            while self._counts_stale:
+                self._counts_stale = False
+                try:
+                    counts = await self.graph.counts()
+                except DagManagerError as e:
+                    log.debug("graph counts unavailable: %s", e)
+                    return
+                self.metrics.compute_nodes.set(counts.compute_nodes)
+                self.metrics.queues.set(counts.queues)
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,5 +1,11 @@
 """Garbage collection of orphaned queues: decide with the core's policy, archive sentinel
-queues, delete the topic, forget the queue in the graph, announce it on the ControlBus."""
+queues, delete the topic, forget the queue in the graph, announce it on the ControlBus. Also
+sweeps topics the product created that no queue ever came to own (creation intents).
+
+Every step that a diff in another process could race is decided in the graph: a claim (one
+run per queue), then a deletion mark taken only while the queue is still unreferenced (from
+then on diffs wait instead of answering with a topic about to vanish), then the topic's
+deletion, then forgetting the queue."""
 
 from __future__ import annotations
 
@@ -15,13 +21,23 @@ from qmtl_dagmanager.core import gc
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
-from qmtl_dagmanager.ports import Archive, Clock, Forgot, GraphStore, LoadGauge, TopicAdmin
+from qmtl_dagmanager.ports import (
+    TOMBSTONE_TTL,
+    Archive,
+    Clock,
+    Forgot,
+    GraphStore,
+    Intent,
+    LoadGauge,
+    TopicAdmin,
+)
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache
 from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
 
 log = logging.getLogger(__name__)
 CLAIM_TTL = 3600.0  # a claim older than this was left by a crashed run: another may take it
+INTENT_GRACE = 600.0  # a creation intent this old with no queue: the topic is nobody's
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +80,7 @@ class GcService:
     catalog: TopicCatalog = field(default_factory=TopicCatalog)  # specs of revived queues
     load: LoadGauge | None = None  # the broker load metric; None: never throttled
     load_threshold: float = 0.8
+    intent_grace: float = INTENT_GRACE  # see INTENT_GRACE
 
     async def _loaded(self) -> tuple[bool, float | None]:
         """Whether the broker is too loaded for a full batch. A metric that cannot be read
@@ -97,6 +114,8 @@ class GcService:
         failed: list[dict[str, Any]] = []
         existing = await self.topics.list_topics() if report.decisions and not dry_run else set()
         run_id = uuid.uuid4().hex
+        sweep_cap = max(1, self.limits.max_count // (2 if loaded else 1))
+        unowned = await self._sweep_intents(run_id, now, sweep_cap, dry_run, processed, failed)
         raced = 0
         for d in report.decisions:
             entry: dict[str, Any] = {"queue": d.topic, "action": d.action.value, "reason": d.reason}
@@ -109,7 +128,7 @@ class GcService:
                 raced += 1
                 continue
             try:
-                collected = await self._collect_one(d, entry, d.topic in existing)
+                collected = await self._collect_one(d, entry, d.topic in existing, run_id)
             except DagManagerError as e:
                 log.warning("gc of %s failed: %s", d.topic, e.message)
                 failed.append({**entry, "error": e.message})
@@ -124,7 +143,12 @@ class GcService:
             )
         self.metrics.gc_last_run.set(now)
         if processed and not dry_run:
-            log.info("gc collected %d queue(s); skipped %s", len(processed), dict(report.skipped))
+            log.info(
+                "gc collected %d queue(s) and %d unowned topic(s); skipped %s",
+                len(processed) - unowned,
+                unowned,
+                dict(report.skipped),
+            )
         return GcRun(report, processed, failed, dry_run, now, load)
 
     async def every(
@@ -147,32 +171,79 @@ class GcService:
             if after is not None:
                 await after(run)
 
-    async def _collect_one(self, d: gc.GcDecision, entry: dict[str, Any], in_kafka: bool) -> bool:
+    async def _collect_one(
+        self, d: gc.GcDecision, entry: dict[str, Any], in_kafka: bool, run_id: str
+    ) -> bool:
         """Drop one claimed queue: True when it is gone; False when a diff referenced it
-        after the claim (the queue stays, and its topic is created again if it was deleted)."""
+        after the claim (the queue stays, with its topic)."""
         if d.action is gc.GcAction.ARCHIVE and in_kafka:
             result = await self.archive.archive(d.topic)
             entry["archived"] = {"location": result.location, "messages": result.messages}
-        if in_kafka:
-            error = (await self.topics.delete([d.topic])).get(d.topic)
-            if error:
-                raise _Skip(f"Kafka refused to delete {d.topic}: {error}")
+        if not await self.graph.mark_deleting(d.topic, run_id, self.clock.now()):
+            return False  # referenced since the claim: nothing deleted
+        # Deleted even when the listing did not show it: the listing may be older than the
+        # topic (deleting a missing topic is no error).
+        error = (await self.topics.delete([d.topic])).get(d.topic)
+        if error:
+            raise _Skip(f"Kafka refused to delete {d.topic}: {error}")
         forgot = await self.graph.forget_queue(d.topic)
-        if forgot is Forgot.REFERENCED:
+        if forgot is Forgot.REFERENCED:  # a diff took it over (this run looked dead)
             await self._revive(d.topic)
             return False
         if forgot is Forgot.ABSENT:  # another run dropped it first: not ours to announce
             return False
         if self.cache is not None:
             self.cache.evict_topic(d.topic)
+        log.info("gc: %s %s (%s)", d.action.value, d.topic, d.reason)
         await self.controlbus.queue_lifecycle(d.topic, d.action.value, d.reason)
         self.metrics.gc_collected.labels(d.action.value).inc()
         self.metrics.events_published.labels("queue_lifecycle").inc()
         return True
 
+    async def _sweep_intents(
+        self,
+        run_id: str,
+        now: float,
+        cap: int,
+        dry_run: bool,
+        processed: list[dict[str, Any]],
+        failed: list[dict[str, Any]],
+    ) -> int:
+        """Delete topics whose creation intent is older than `intent_grace` and that no queue
+        owns: a diff created them, then crashed, planned other names or lost a race. Returns
+        how many were deleted (or, in a dry run, would be)."""
+        if not dry_run:
+            await self.graph.purge_tombstones(now - TOMBSTONE_TTL)
+        stale = await self.graph.stale_intents(now - self.intent_grace, cap)
+        swept = 0
+        for topic in stale:
+            entry = {
+                "queue": topic,
+                "action": gc.GcAction.DROP.value,
+                "reason": f"topic created by a diff that no queue owns after "
+                f"{self.intent_grace:g} s (creation intent)",
+            }
+            if dry_run:
+                processed.append(entry)
+                swept += 1
+                continue
+            outcome = await self.graph.claim_intent(topic, run_id, now, now - self.intent_grace)
+            if outcome is not Intent.CLAIMED:
+                continue  # a queue owns it now, or a diff is creating it again
+            error = (await self.topics.delete([topic])).get(topic)
+            if error:
+                failed.append({**entry, "error": f"Kafka refused to delete {topic}: {error}"})
+                continue  # the sweep claim expires; a later run tries again
+            await self.graph.drop_intent(topic, run_id, self.clock.now())
+            self.metrics.gc_unowned_topics.inc()
+            log.warning("gc: deleted unowned topic %s (%s)", topic, entry["reason"])
+            processed.append(entry)
+            swept += 1
+        return swept
+
     async def _revive(self, topic: str) -> None:
-        """The diff that took the queue back counted it (`queues_revived_total`) and ensured
-        its topic, possibly before this run deleted it: ensure it again."""
+        """A diff took the queue over after this run's deletion mark aged (`DELETING_TTL`)
+        and ensured its topic, possibly before this run deleted it: ensure it again."""
         results = await ensure_queue_topics(self.graph, self.topics, self.catalog, [topic])
         result = results.get(topic)
         if result is None or not result.ok:

@@ -1,4 +1,5 @@
-"""The sidecar process: gRPC server, HTTP admin and the GC timer, wired from one container."""
+"""The sidecar process: gRPC server, HTTP admin, the GC timer and the QueueUpdated publisher,
+wired from one container."""
 
 from __future__ import annotations
 
@@ -42,12 +43,14 @@ class Sidecar:
     grpc_port: int
     http_port: int
     gc_task: asyncio.Task[None] | None = None
+    events_task: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self.gc_task is not None:
-            self.gc_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.gc_task
+        for task in (self.gc_task, self.events_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
         await self.container.close()
@@ -110,6 +113,7 @@ async def start(settings: Settings) -> Sidecar:
     await site.start()
     http_port = settings.http_port or _bound_port(runner)
     sidecar = Sidecar(container, server, runner, grpc_port, http_port)
+    sidecar.events_task = asyncio.create_task(container.events.run())
     if settings.gc_interval_seconds > 0:
         sidecar.gc_task = asyncio.create_task(
             container.garbage().every(settings.gc_interval_seconds, dry_run=settings.gc_dry_run)
