@@ -74,4 +74,4 @@ build etcd go.etcd.io/etcd/server/v3
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
 "$out/bin/kube-apiserver" --version
-"$out/bin/etcd" --version | head -1
+"$out/bin/etcd" --version | sed -n 1p  # sed reads to the end: no SIGPIPE under pipefail
