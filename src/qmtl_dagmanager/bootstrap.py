@@ -16,6 +16,7 @@ from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.adapters.prometheus import PrometheusQuery
 from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.core.dag import NodeMemo
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdmin
@@ -42,6 +43,7 @@ class Container:
     metrics: Metrics
     node_cache: NodeCache
     resubmissions: ResubmissionCache
+    node_memo: NodeMemo | None  # validated nodes by content (None: disabled)
     events: QueueEvents  # the process's QueueUpdated publisher (the graph's outbox)
 
     async def start(self) -> None:
@@ -73,6 +75,7 @@ class Container:
             namespaces=s.enable_topic_namespace,
             cache=self.node_cache,
             resubmissions=self.resubmissions,
+            memo=self.node_memo,
             events=self.events,
             max_inflight=s.diff_max_inflight,
             max_waiting=s.diff_max_waiting if shed_load else 1_000_000,
@@ -160,5 +163,6 @@ def build(settings: Settings) -> Container:
         metrics,
         NodeCache(clock, ttl=settings.node_cache_ttl_seconds),
         ResubmissionCache(settings.resubmission_cache_nodes),
+        NodeMemo(settings.node_memo_nodes) if settings.node_memo_nodes else None,
         QueueEvents(graph, controlbus, metrics, clock),
     )

@@ -55,6 +55,10 @@ class Settings:
     diff_max_inflight: int = 8
     diff_max_waiting: int = 256  # diffs that may wait (each at most 2 s) before shedding
     resubmission_cache_nodes: int = 20_000  # 0 disables the resubmission cache
+    node_memo_nodes: int = 20_000  # validated nodes kept to skip re-checking (0 disables)
+    # the sidecar runs Python's full garbage collections itself, between diffs, this often;
+    # 0 leaves them automatic (they then pause whichever diff triggers them)
+    heap_full_collection_seconds: int = 30
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line)
     # security (README: Security); secrets come from the environment only
@@ -258,6 +262,13 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
         "resubmission_cache_nodes",
         "QMTL_RESUBMISSION_CACHE_NODES",
         "resubmission_cache_nodes",
+        _nonneg,
+    ),
+    ("node_memo_nodes", "QMTL_NODE_MEMO_NODES", "node_memo_nodes", _nonneg),
+    (
+        "heap_full_collection_seconds",
+        "QMTL_HEAP_FULL_COLLECTION_SECONDS",
+        "heap_full_collection_seconds",
         _nonneg,
     ),
     ("log_level", "QMTL_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),

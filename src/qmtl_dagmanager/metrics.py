@@ -137,6 +137,15 @@ class Metrics:
         self.leader = Gauge(
             "operator_leader", "1 while this operator instance holds the leader lease", registry=r
         )
+        self.heap_pause = Histogram(
+            "heap_full_collection_seconds",
+            "Pauses of the full garbage collections the sidecar runs between diffs",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.node_memo = Gauge(
+            "node_memo_entries", "Validated nodes held to skip re-checking them", registry=r
+        )
         self.node_cache = Gauge(
             "node_cache_entries", "Node records held in the sidecar's node cache", registry=r
         )

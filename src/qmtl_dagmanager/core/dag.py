@@ -102,6 +102,57 @@ class Dag:
         return {n.node_id: n for n in self.nodes}
 
 
+class NodeMemo:
+    """Compute nodes already validated (and verified, if so marked), by their exact content.
+
+    A Gateway resubmits a strategy's DAG with most nodes unchanged; validating and hashing a
+    node again costs 10-20 µs, encoding it 1-2 µs. The key is the node's orjson encoding, which
+    tells 1, 1.0 and true apart (dict equality does not), so a hit is exactly an object that
+    was checked before, under the same limits. Bounded: when full, the older half is dropped.
+    Not thread-safe; one per event loop.
+    """
+
+    __slots__ = ("_limits", "_nodes", "capacity", "hits", "misses")
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+        self._limits: Limits | None = None
+        self._nodes: dict[bytes, tuple[Node, bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def bind(self, limits: Limits) -> None:
+        """Entries hold only under the limits they were checked with."""
+        if limits != self._limits:
+            self._nodes.clear()
+            self._limits = limits
+
+    def get(self, key: bytes, verify: bool) -> Node | None:
+        entry = self._nodes.get(key)
+        if entry is None or (verify and not entry[1]):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: bytes, node: Node, verified: bool) -> None:
+        nodes = self._nodes
+        if len(nodes) >= self.capacity:
+            for old in list(nodes)[: max(1, len(nodes) // 2)]:
+                del nodes[old]
+        nodes[key] = (node, verified)
+
+
+def _memo_key(raw: Mapping[str, Any]) -> bytes | None:
+    try:
+        return orjson.dumps(raw)
+    except orjson.JSONEncodeError:  # not plain JSON (a document built in code): no memo
+        return None
+
+
 def _fail(message: str, reason: str, node: str | None = None, fld: str | None = None) -> InvalidDag:
     return InvalidDag(message, reason=reason, node=node, field=fld)
 
@@ -169,13 +220,24 @@ def decode(dag_json: str | bytes, limits: Limits = Limits()) -> dict[str, Any]:
     return doc
 
 
-def parse(dag_json: str | bytes, *, limits: Limits = Limits(), ids: IdMode = IdMode.VERIFY) -> Dag:
-    """Decode and validate a DAG; raise `InvalidDag` naming the node and field on failure."""
-    return from_document(decode(dag_json, limits), limits=limits, ids=ids)
+def parse(
+    dag_json: str | bytes,
+    *,
+    limits: Limits = Limits(),
+    ids: IdMode = IdMode.VERIFY,
+    memo: NodeMemo | None = None,
+) -> Dag:
+    """Decode and validate a DAG; raise `InvalidDag` naming the node and field on failure.
+    With a `memo`, nodes checked before are taken from it and new ones are added."""
+    return from_document(decode(dag_json, limits), limits=limits, ids=ids, memo=memo)
 
 
 def from_document(
-    doc: Mapping[str, Any], *, limits: Limits = Limits(), ids: IdMode = IdMode.VERIFY
+    doc: Mapping[str, Any],
+    *,
+    limits: Limits = Limits(),
+    ids: IdMode = IdMode.VERIFY,
+    memo: NodeMemo | None = None,
 ) -> Dag:
     schema_version = doc.get("schema_version", "v1")
     if str(schema_version).strip() not in SCHEMA_VERSIONS:
@@ -197,7 +259,9 @@ def from_document(
     if not isinstance(meta, dict):
         raise _fail("expected an object", "InvalidField", fld="meta")
 
-    nodes, sentinels, seen, submitted_ids = _read_nodes(raw_nodes, ids, limits)
+    if memo is not None:
+        memo.bind(limits)
+    nodes, sentinels, seen, submitted_ids = _read_nodes(raw_nodes, ids, limits, memo)
     known = seen.keys()
     for n in nodes:
         for dep in n.inputs:
@@ -241,7 +305,7 @@ def from_document(
 
 
 def _read_nodes(
-    raw_nodes: list[Any], ids: IdMode, limits: Limits
+    raw_nodes: list[Any], ids: IdMode, limits: Limits, memo: NodeMemo | None
 ) -> tuple[list[Node], list[Sentinel], dict[str, Mapping[str, Any]], list[object]]:
     verify = ids is IdMode.VERIFY
     nodes: list[Node] = []
@@ -271,13 +335,22 @@ def _read_nodes(
                 raise _fail("appears twice with different content", "DuplicateNode", where)
             continue
         seen[nid] = raw
+        key = None if memo is None else _memo_key(raw)
+        if key is not None and memo is not None:
+            hit = memo.get(key, verify)
+            if hit is not None:
+                nodes.append(hit if hit.position == index else hit._replace(position=index))
+                continue
         node_type = raw.get("node_type")
         if type(node_type) is not str or not node_type or len(node_type) > MAX_TEXT:
             node_type = _required(raw, "node_type", where)
         if node_type == SENTINEL_TYPE:
             sentinels.append(_sentinel(raw, nid, index, where))
             continue
-        nodes.append(_node(raw, nid, node_type, index, where, verify, limits))
+        node = _node(raw, nid, node_type, index, where, verify, limits)
+        nodes.append(node)
+        if key is not None and memo is not None:
+            memo.put(key, node, verify)
 
     return nodes, sentinels, seen, submitted_ids
 

@@ -92,9 +92,11 @@ class DiffService:
     max_waiting: int = 64
     max_wait: float = 2.0
     resubmissions: ResubmissionCache = field(default_factory=lambda: ResubmissionCache(0))
+    memo: dag.NodeMemo | None = None  # validated nodes by content, shared by the process
     _gaps: dict[str, bool] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _waiting: int = 0
+    _running: int = 0
     events: QueueEvents | None = None  # the process's publisher; one of its own if None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _counts_stale: bool = False
@@ -139,10 +141,17 @@ class DiffService:
             raise Overloaded(f"no diff slot within {self.max_wait:g} s") from None
         finally:
             self._waiting -= 1
+        self._running += 1
         try:
             yield
         finally:
+            self._running -= 1
             self._slots.release()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a diff is running or waiting for a slot."""
+        return self._running > 0 or self._waiting > 0
 
     async def _plan(
         self, d: dag.Dag, request: plan.Request, *, fresh: bool = False
@@ -213,7 +222,9 @@ class DiffService:
     async def _diff_fresh(
         self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
     ) -> DiffOutcome:
-        d = dag.parse(dag_json, limits=self.limits, ids=ids)
+        d = dag.parse(dag_json, limits=self.limits, ids=ids, memo=self.memo)
+        if self.memo is not None:
+            self.metrics.node_memo.set(len(self.memo))
         attempt, fresh = 1, False
         waited, delay = 0.0, 0.05
         while True:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qmtl_dagmanager import bootstrap
 from qmtl_dagmanager.config import Settings, loopback
+from qmtl_dagmanager.heap import FullCollections
 from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.sidecar import http_admin, servicers
 from qmtl_dagmanager.sidecar.errors import Guard
@@ -44,9 +45,10 @@ class Sidecar:
     http_port: int
     gc_task: asyncio.Task[None] | None = None
     events_task: asyncio.Task[None] | None = None
+    heap_task: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
-        for task in (self.gc_task, self.events_task):
+        for task in (self.gc_task, self.events_task, self.heap_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -114,6 +116,13 @@ async def start(settings: Settings) -> Sidecar:
     http_port = settings.http_port or _bound_port(runner)
     sidecar = Sidecar(container, server, runner, grpc_port, http_port)
     sidecar.events_task = asyncio.create_task(container.events.run())
+    if settings.heap_full_collection_seconds > 0:
+        collections = FullCollections(
+            lambda: diffs.busy,
+            container.metrics.heap_pause,
+            every=settings.heap_full_collection_seconds,
+        )
+        sidecar.heap_task = asyncio.create_task(collections.run())
     if settings.gc_interval_seconds > 0:
         sidecar.gc_task = asyncio.create_task(
             container.garbage().every(settings.gc_interval_seconds, dry_run=settings.gc_dry_run)

@@ -1,0 +1,94 @@
+"""Full garbage collections run between diffs, never automatically inside one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+
+from prometheus_client import CollectorRegistry, Histogram
+
+from qmtl_dagmanager.heap import NEVER, FullCollections
+
+
+def pauses() -> tuple[Histogram, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return Histogram("pauses", "test", registry=registry), registry
+
+
+def count(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("pauses_count") or 0.0
+
+
+def test_install_turns_automatic_full_collections_off_and_back_on() -> None:
+    before = gc.get_threshold()
+    hist, _ = pauses()
+    fc = FullCollections(lambda: False, hist)
+    fc.install()
+    try:
+        assert gc.get_threshold() == (before[0], before[1], NEVER)
+    finally:
+        fc.uninstall()
+    assert gc.get_threshold() == before
+
+
+def test_collections_wait_for_an_idle_moment() -> None:
+    hist, registry = pauses()
+    busy = True
+    fc = FullCollections(lambda: busy, hist, every=0.01, max_delay=60)
+
+    async def scenario() -> None:
+        nonlocal busy
+        task = asyncio.create_task(fc.run())
+        await asyncio.sleep(0.2)
+        assert count(registry) == 0  # a diff is running: no pause now
+        busy = False
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if count(registry) >= 1:
+                break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    before = gc.get_threshold()
+    asyncio.run(scenario())
+    assert count(registry) >= 1
+    assert gc.get_threshold() == before  # restored when the task ends
+
+
+def test_a_process_that_is_never_idle_still_collects() -> None:
+    hist, registry = pauses()
+    fc = FullCollections(lambda: True, hist, every=0.01, max_delay=0.05)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(fc.run())
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if count(registry) >= 1:
+                break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert count(registry) >= 1
+
+
+def test_cyclic_garbage_is_still_freed() -> None:
+    hist, _ = pauses()
+    fc = FullCollections(lambda: False, hist)
+
+    class Cell:
+        other: object = None
+
+    fc.install()
+    try:
+        a, b = Cell(), Cell()
+        a.other, b.other = b, a
+        alive = len([o for o in gc.get_objects() if isinstance(o, Cell)])
+        del a, b
+        fc.collect()
+        assert len([o for o in gc.get_objects() if isinstance(o, Cell)]) == alive - 2
+    finally:
+        fc.uninstall()
