@@ -142,7 +142,9 @@ def build(settings: Settings) -> Container:
     if settings.embedded_kafka:
         topics, bus, archive = (
             MemoryTopicAdmin(profile=settings.topic_profile),
-            MemoryEventBus(history=100),
+            # nothing reads it but in-process inspection; one QueueUpdated of a big tag
+            # group is megabytes (the whole set), so keep only the last few
+            MemoryEventBus(history=4),
             MemoryArchive(),
         )
     else:
