@@ -15,8 +15,9 @@ admin error is typed: unknown topics are absent, the rest is Unavailable or a FA
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ ATTEMPTS = 5
 FLUX_BACKOFF_START = 0.1
 FLUX_ATTEMPTS = 6
 IN_FLUX = "reported as existing but cannot be described"
+SMALL_BATCH = 8  # results awaited one by one below this; a batch is awaited at once above
 
 
 # Errors that say the cluster could not be reached or answered in time, not that the request
@@ -105,7 +107,16 @@ class KafkaTopicAdmin:
         )
 
     async def _wait(self, fut: Future[T]) -> T:
+        if fut.done():  # after `_batch`: no event-loop round trip per topic
+            return fut.result()
         return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout)
+
+    async def _batch(self, futures: Iterable[Future[Any]]) -> None:
+        """Wait for a whole batch of per-topic results in one thread hop (bounded by the
+        timeout); `_wait` then reads each without a round trip through the event loop."""
+        pending = [f for f in futures if not f.done()]
+        if len(pending) > SMALL_BATCH:
+            await asyncio.to_thread(concurrent.futures.wait, pending, self._timeout)
 
     async def _names(self) -> tuple[int, set[str]]:
         """Broker count and topic names for collision checks, from a full metadata listing
@@ -180,6 +191,7 @@ class KafkaTopicAdmin:
                 operation_timeout=self._timeout,
                 request_timeout=self._timeout,
             )
+            await self._batch(futures.values())
             for name, fut in futures.items():
                 attempts[name] += 1
                 try:
@@ -236,7 +248,9 @@ class KafkaTopicAdmin:
     async def _wait_visible(self, names: list[str]) -> None:
         """WAIT: until the broker describes every created topic (bounded). Only these
         topics are asked for: a full metadata listing grows with the cluster."""
-        pending = await self._until_described(names, present=True, max_delay=1.0)
+        # polled finely: the broker shows a batch a few ms after the controller commits it,
+        # or, behind a backlog of earlier creations, when it has worked through them
+        pending = await self._until_described(names, present=True, max_delay=0.2, first=0.02)
         if pending:  # the controller created them; the broker is behind (a backlog)
             log.warning(
                 "%d created topic(s) not yet described by the broker after %g s (it is "
@@ -247,20 +261,21 @@ class KafkaTopicAdmin:
             )
 
     async def _until_described(
-        self, names: list[str], *, present: bool, max_delay: float
+        self, names: list[str], *, present: bool, max_delay: float, first: float = 0.05
     ) -> list[str]:
         """Ask the broker about `names` until it describes each (`present`) or no longer
-        knows each (not `present`), for at most the admin's timeout, backing off from 50 ms
+        knows each (not `present`), for at most the admin's timeout, backing off from `first`
         to `max_delay`; returns the names still not so. Waiting for presence, any error
         counts as not yet; waiting for absence, only "unknown topic" counts as gone."""
         pending = list(names)
-        delay = 0.05
+        delay = first
         deadline = asyncio.get_running_loop().time() + self._timeout
         while pending:
             futures = self._admin.describe_topics(
                 TopicCollection(pending), request_timeout=self._timeout
             )
             still = []
+            await self._batch(futures.values())
             for name, fut in futures.items():
                 try:
                     await self._wait(fut)
@@ -285,6 +300,7 @@ class KafkaTopicAdmin:
             TopicCollection(list(topics)), request_timeout=self._timeout
         )
         found: dict[str, tuple[int, int]] = {}
+        await self._batch(descs.values())
         for name, fut in descs.items():
             try:
                 d = await self._wait(fut)
@@ -298,6 +314,7 @@ class KafkaTopicAdmin:
             return out
         resources = [ConfigResource(ResourceType.TOPIC, n) for n in found]
         configs = self._admin.describe_configs(resources, request_timeout=self._timeout)
+        await self._batch(configs.values())
         for res, fut in configs.items():
             try:
                 entries = await self._wait(fut)
@@ -328,6 +345,7 @@ class KafkaTopicAdmin:
         )
         if self._listing is not None:
             self._listing[2].difference_update(topics)
+        await self._batch(futures.values())
         for name, fut in futures.items():
             try:
                 await self._wait(fut)
@@ -355,6 +373,7 @@ class KafkaTopicAdmin:
             {tp: OffsetSpec.latest() for tp in parts}, request_timeout=self._timeout
         )
         counts = {t: 0 for t in topics if t in md.topics}
+        await self._batch([*lows.values(), *highs.values()])
         for tp in parts:
             try:
                 low = await self._wait(lows[tp])
