@@ -52,3 +52,14 @@ async def test_sentinel_weight_events(events: Events) -> None:
         1,
     )
     assert b["weight"] == 0.5 and a["etag"] != b["etag"]
+
+
+async def test_a_big_group_set_is_delivered_whole(events: Events) -> None:
+    # 60k topics of a big tag group: about 3.5 MB of JSON, beyond Kafka's default 1 MB limit
+    # unless compressed
+    cb = ControlBus(events.bus, ManualClock(), events.topics)
+    queues = [(f"w1.live.btc_Indicator_{i:08x}_v1", False) for i in range(60_000)]
+    await cb.queue_updated(["BTC"], 60, queues, "any")
+    (got,) = [p for p in events.read(events.topics.queue) if p.key == "BTC"]
+    assert len(got.value["data"]["queues"]) == 60_000
+    assert got.value["data"]["queues"][-1] == {"queue": queues[-1][0], "global": False}

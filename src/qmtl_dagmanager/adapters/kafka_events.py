@@ -11,10 +11,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from qmtl_dagmanager.core.errors import Unavailable
 from qmtl_dagmanager.ports import Published
+
+MAX_EVENT_BYTES = 64 * 1024 * 1024  # uncompressed; the broker limits the compressed batch
 
 
 class KafkaEventBus:
@@ -28,6 +37,12 @@ class KafkaEventBus:
                 "acks": "all",
                 "linger.ms": 2,
                 "message.timeout.ms": int(timeout * 1000),
+                # QueueUpdated carries a group's whole queue set: megabytes of topic names for
+                # a big tag group. Compressed (topic names shrink about tenfold) it fits the
+                # broker's default 1 MB batch limit; the client's own limit is on the
+                # uncompressed size, so it is raised.
+                "compression.type": "zstd",
+                "message.max.bytes": MAX_EVENT_BYTES,
                 **(extra or {}),
             }
         )
@@ -47,15 +62,19 @@ class KafkaEventBus:
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             loop.call_soon_threadsafe(_settle, done, err)
 
+        value = orjson.dumps(event)
         try:
-            self._producer.produce(
-                topic, key=key.encode(), value=orjson.dumps(event), on_delivery=delivered
-            )
+            self._producer.produce(topic, key=key.encode(), value=value, on_delivery=delivered)
         except BufferError as e:
             raise Unavailable(
                 f"ControlBus producer queue is full: {e}",
                 reason="KafkaUnavailable",
                 retry_after=1.0,
+            ) from e
+        except KafkaException as e:  # refused before sending: too large, unknown topic, ...
+            raise Unavailable(
+                f"ControlBus refused a {len(value):,}-byte event for {topic}: {e}",
+                reason="KafkaUnavailable",
             ) from e
         await done
 
@@ -71,8 +90,13 @@ def _settle(fut: asyncio.Future[None], err: KafkaError | None) -> None:
     if err is None:
         fut.set_result(None)
     else:
+        hint = (
+            " (the event, compressed, is larger than the topic's max.message.bytes)"
+            if err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+            else ""
+        )
         fut.set_exception(
-            Unavailable(f"ControlBus delivery failed: {err.str()}", reason="KafkaUnavailable")
+            Unavailable(f"ControlBus delivery failed: {err.str()}{hint}", reason="KafkaUnavailable")
         )
 
 
