@@ -77,6 +77,11 @@ bench-scale: $(STAMP) ## growth: diff latency against stored nodes (embedded, Ne
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
 	$(PY) bench/scale_bench.py
 
+bench-operator: $(STAMP) ## operator: 100 StrategyDAGs x 100 nodes until Ready, then RSS with 1,000 StrategyDAGs
+	$(STACK) status >/dev/null 2>&1 || $(STACK) up
+	$(PY) bench/operator_bench.py
+	$(PY) bench/operator_rss.py
+
 bench-writers: $(STAMP) ## soak: 3 sidecar processes + the operator on one graph and Kafka, invariants checked
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
 	$(PY) bench/writers_bench.py
@@ -105,4 +110,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: bench-scale bench-writers fuzz e2e-kind manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

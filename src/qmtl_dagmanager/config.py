@@ -56,9 +56,10 @@ class Settings:
     diff_max_waiting: int = 256  # diffs that may wait (each at most 2 s) before shedding
     resubmission_cache_nodes: int = 20_000  # 0 disables the resubmission cache
     node_memo_nodes: int = 20_000  # validated nodes kept to skip re-checking (0 disables)
-    # the sidecar runs Python's full garbage collections itself, between diffs, this often;
-    # 0 leaves them automatic (they then pause whichever diff triggers them)
-    heap_full_collection_seconds: int = 30
+    # the sidecar runs Python's full garbage collections itself, between diffs, at most this
+    # often (less often when they are long); 0 leaves them automatic (they then pause
+    # whichever diff triggers them)
+    heap_full_collection_seconds: int = 5
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line)
     # security (README: Security); secrets come from the environment only
