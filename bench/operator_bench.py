@@ -64,6 +64,15 @@ def bodies_for(count: int, nodes: int, run: str) -> list[dict[str, Any]]:
     return out
 
 
+def install_crds(api_client: client.ApiClient) -> None:
+    """The project's CRDs, created where they are missing."""
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        with contextlib.suppress(client.ApiException):  # already there
+            client.ApiextensionsV1Api(api_client).create_custom_resource_definition(
+                yaml.safe_load(path.read_text())
+            )
+
+
 async def wait_for(predicate: Any, limit: float, what: str) -> None:
     start = time.perf_counter()
     while not await asyncio.to_thread(predicate):
@@ -100,11 +109,7 @@ async def main() -> None:
     e = stack_env()
     os.environ["KUBECONFIG"] = e["KUBECONFIG"]
     api_client = config.new_client_from_config(config_file=e["KUBECONFIG"])
-    for path in sorted((ROOT / "crds").glob("*.yaml")):
-        with contextlib.suppress(client.ApiException):  # already there
-            client.ApiextensionsV1Api(api_client).create_custom_resource_definition(
-                yaml.safe_load(path.read_text())
-            )
+    install_crds(api_client)
     core = client.CoreV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)
     ns = f"bench-{uuid.uuid4().hex[:6]}"

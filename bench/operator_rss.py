@@ -16,19 +16,19 @@ import platform
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 from kubernetes import client, config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stack_env  # noqa: E402
-from bench.operator_bench import bodies_for, ready_count  # noqa: E402
+from bench.operator_bench import bodies_for, install_crds, ready_count  # noqa: E402
 from qmtl_dagmanager.kube import api  # noqa: E402
 
 GOAL_MB = 150
@@ -49,6 +49,15 @@ def count_items(custom: client.CustomObjectsApi, ns: str) -> int:
         api.GROUP, api.VERSION, ns, api.PLURAL, _preload_content=False
     )
     return len(orjson.loads(raw.data)["items"])
+
+
+def alive(url: str) -> bool:
+    """Whether the operator's liveness endpoint answers (kopf is up and watching)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def delete(custom: client.CustomObjectsApi, ns: str, name: str) -> None:
@@ -83,11 +92,7 @@ async def main() -> int:
     args = ap.parse_args()
     e = stack_env()
     api_client = config.new_client_from_config(config_file=e["KUBECONFIG"])
-    for path in sorted((ROOT / "crds").glob("*.yaml")):
-        with contextlib.suppress(client.ApiException):  # already there
-            client.ApiextensionsV1Api(api_client).create_custom_resource_definition(
-                yaml.safe_load(path.read_text())
-            )
+    install_crds(api_client)
     core = client.CoreV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)
     ns = f"rss-{uuid.uuid4().hex[:6]}"
@@ -102,6 +107,7 @@ async def main() -> int:
         "QMTL_GC_INTERVAL_SECONDS": "0",
         "QMTL_LOG_LEVEL": "warning",
     }
+    liveness = f"http://127.0.0.1:{free_port()}/healthz"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -115,7 +121,7 @@ async def main() -> int:
             "--resync",
             str(args.resync),
             "--liveness",
-            f"http://127.0.0.1:{free_port()}/healthz",
+            liveness,
         ],
         env=env,
     )
@@ -128,7 +134,7 @@ async def main() -> int:
     started = time.perf_counter()
     bodies = bodies_for(args.count, args.nodes, uuid.uuid4().hex[:6])
     try:
-        await asyncio.sleep(5)
+        await until(lambda: alive(liveness), 60, "starting", proc)
         line("idle, watching", proc.pid, started)
         for i in range(0, len(bodies), 100):
             await asyncio.gather(

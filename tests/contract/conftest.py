@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -79,3 +81,14 @@ async def events(request: pytest.FixtureRequest) -> AsyncIterator[Events]:
     yield Events(bus, lambda t: read_events(stack.kafka_bootstrap, t), topics)
     await bus.close()
     await admin.delete([topics.queue, topics.sentinel_weight])
+
+
+async def listed_eventually(
+    topics: TopicAdmin, check: Callable[[set[str]], bool], seconds: float = 30
+) -> None:
+    """Until the topic listing passes `check`: Kafka's listing (broker metadata) trails
+    creations and deletions briefly."""
+    deadline = time.monotonic() + seconds
+    while not check(listed := await topics.list_topics()):
+        assert time.monotonic() < deadline, sorted(listed)
+        await asyncio.sleep(0.2)

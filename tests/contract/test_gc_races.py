@@ -27,6 +27,7 @@ from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.diffs import DiffOutcome, DiffService
 from qmtl_dagmanager.services.garbage import CLAIM_TTL, GcService
 from qmtl_dagmanager.services.queues import QueueService
+from tests.contract.conftest import listed_eventually
 from tests.unit.dags import encode, node
 
 
@@ -102,11 +103,7 @@ class World:
         await self.eventually(lambda listed: set(topics) <= listed)
 
     async def eventually(self, check: Callable[[set[str]], bool], seconds: float = 30) -> None:
-        """Kafka's topic listing (broker metadata) trails creations and deletions briefly."""
-        deadline = time.monotonic() + seconds
-        while not check(listed := await self.topics.list_topics()):
-            assert time.monotonic() < deadline, sorted(listed)
-            await asyncio.sleep(0.2)
+        await listed_eventually(self.topics, check, seconds)
 
 
 def world(graph: GraphStore, topic_admin: TopicAdmin) -> World:
@@ -144,7 +141,11 @@ async def test_a_diff_arriving_while_a_topic_is_deleted_waits_and_answers_existi
     async def diff_now(topic: str, *_: Any) -> None:
         if not started:  # the first topic is deleted, its queue not yet forgotten
             started.append(asyncio.ensure_future(w.reference(nodes)))
-            await asyncio.sleep(0.2)  # the diff reads the graph and is refused: busy
+            # the diff reads the graph and is refused (busy) before the queue is forgotten
+            deadline = time.monotonic() + 10
+            while w.metrics.diff_replans.labels("QueueBusy")._value.get() < 1:
+                assert time.monotonic() < deadline, "the diff never met the deletion mark"
+                await asyncio.sleep(0.01)
 
     run = await w.gc(Hooked(graph, forget_queue=diff_now)).collect()
     assert run.processed and run.processed[0]["queue"] in mine  # dropped first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -18,6 +19,16 @@ def pauses() -> tuple[Histogram, CollectorRegistry]:
 
 def count(registry: CollectorRegistry) -> float:
     return registry.get_sample_value("pauses_count") or 0.0
+
+
+async def stop_after_a_collection(task: asyncio.Task[None], registry: CollectorRegistry) -> None:
+    """Wait (at most 2 s) until the task has collected once, then stop it."""
+    deadline = time.monotonic() + 2.0
+    while count(registry) < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def test_install_turns_automatic_full_collections_off_and_back_on() -> None:
@@ -43,13 +54,7 @@ def test_collections_wait_for_an_idle_moment() -> None:
         await asyncio.sleep(0.2)
         assert count(registry) == 0  # a diff is running: no pause now
         busy = False
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if count(registry) >= 1:
-                break
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_after_a_collection(task, registry)
 
     before = gc.get_threshold()
     asyncio.run(scenario())
@@ -62,14 +67,7 @@ def test_a_process_that_is_never_idle_still_collects() -> None:
     fc = FullCollections(lambda: True, hist, every=0.01, max_delay=0.05)
 
     async def scenario() -> None:
-        task = asyncio.create_task(fc.run())
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if count(registry) >= 1:
-                break
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_after_a_collection(asyncio.create_task(fc.run()), registry)
 
     asyncio.run(scenario())
     assert count(registry) >= 1
