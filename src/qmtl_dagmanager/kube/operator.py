@@ -1,5 +1,5 @@
-"""The kopf operator: the registry of handlers (StrategyDAG reconcile, deletion, resync),
-the timed garbage collection, probes, and leader election around kopf's runner."""
+"""The kopf operator: the registry of handlers (StrategyDAG reconcile and deletion), the
+resync loop, the timed garbage collection, probes, and leader election around kopf's runner."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ import orjson
 from aiohttp import web
 
 from qmtl_dagmanager import bootstrap
+from qmtl_dagmanager.core.errors import Unavailable
 from qmtl_dagmanager.kube import api, sentinel_api
-from qmtl_dagmanager.kube.kubeapi import kube_configuration, upsert_config_map
+from qmtl_dagmanager.kube.kubeapi import StrategyObjects, kube_configuration, upsert_config_map
 from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
+from qmtl_dagmanager.kube.resync import Resync
 from qmtl_dagmanager.kube.sentinel_reconciler import SentinelReconciler
-from qmtl_dagmanager.kube.strategy_reconciler import Reconciler
+from qmtl_dagmanager.kube.strategy_reconciler import KopfSink, Reconciler
 from qmtl_dagmanager.services.garbage import GcRun
 from qmtl_dagmanager.services.strategies import StrategyService
 
@@ -57,7 +59,10 @@ async def gc_timer(container: bootstrap.Container) -> None:
 
 
 def build_registry(
-    container: bootstrap.Container, resync_seconds: float = 300.0, sentinel_tick: float = 1.0
+    container: bootstrap.Container,
+    resync_seconds: float = 300.0,
+    sentinel_tick: float = 1.0,
+    namespaces: list[str] | None = None,
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     rec = Reconciler(StrategyService(container.diffs(shed_load=False), container.graph))
@@ -76,6 +81,10 @@ def build_registry(
         background.append(asyncio.create_task(container.events.run()))
         if container.settings.gc_interval_seconds > 0:
             background.append(asyncio.create_task(gc_timer(container)))
+        if resync_seconds > 0:
+            objects = StrategyObjects(api.GROUP, api.VERSION, api.PLURAL, api.KIND)
+            resync = Resync(rec, objects, namespaces, resync_seconds)
+            background.append(asyncio.create_task(resync.run()))
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -108,16 +117,11 @@ def build_registry(
     @kopf.on.resume(*RESOURCE, registry=registry)
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, field="spec", registry=registry)
-    async def on_change(
-        body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, reason: str, **_: Any
-    ) -> None:
-        await rec.reconcile(body, spec, meta, patch, str(getattr(reason, "value", reason)))
-
-    @kopf.timer(*RESOURCE, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
-    async def resync(
-        body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, **_: Any
-    ) -> None:
-        await rec.reconcile(body, spec, meta, patch, "resync")
+    async def on_change(body: kopf.Body, patch: kopf.Patch, reason: str, **_: Any) -> None:
+        try:
+            await rec.reconcile(body, KopfSink(body, patch), str(getattr(reason, "value", reason)))
+        except Unavailable as e:  # Degraded is recorded; kopf retries with the error's delay
+            raise kopf.TemporaryError(e.message, delay=e.retry_after) from e
 
     @kopf.timer(*SENTINELS, interval=sentinel_tick, registry=registry)
     async def sentinel_tick_(
@@ -166,7 +170,7 @@ async def run(
     election, stand by until this instance holds the lease, act while it renews it, and
     raise LeadershipLost (after stopping kopf) if it is lost."""
     stop = stop or asyncio.Event()
-    registry = build_registry(container, resync_seconds, sentinel_tick)
+    registry = build_registry(container, resync_seconds, sentinel_tick, namespaces)
     operator = functools.partial(
         kopf.operator,
         registry=registry,

@@ -1,7 +1,8 @@
 """The StrategyDAG reconcile: read the resource, call the strategy service, render status
-and events. Errors are mapped here, once: an invalid spec or a conflict is permanent (status
-says why, no retry); an unavailable dependency is temporary (Degraded, retried with backoff).
-Create, update, resume and the resync timer share one function."""
+and events into a `Sink` (kopf's patch in a handler, the API in the resync loop). An invalid
+spec or a conflict is permanent (status says why, no retry); an unavailable dependency is
+temporary (Degraded, then the `Unavailable` is raised for the caller to retry with backoff).
+Create, update, resume and resync share one function, one StrategyDAG at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import datetime
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
 import kubernetes
@@ -26,22 +27,53 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
 
 
+class Sink(Protocol):
+    """Where a reconcile's effects on the resource go: a status merge patch and events."""
+
+    def status(self, patch: Mapping[str, Any]) -> None: ...
+
+    def event(self, warning: bool, reason: str, message: str) -> None: ...
+
+
+class KopfSink:
+    """Inside a kopf handler: kopf's patch and kopf's event poster."""
+
+    def __init__(self, body: kopf.Body, patch: kopf.Patch) -> None:
+        self.body, self.patch = body, patch
+
+    def status(self, patch: Mapping[str, Any]) -> None:
+        self.patch.status.update(patch)
+
+    def event(self, warning: bool, reason: str, message: str) -> None:
+        (kopf.warn if warning else kopf.info)(self.body, reason=reason, message=message)
+
+
 class Reconciler:
-    """One level-based reconcile for create, update, resume and resync; and deletion."""
+    """One level-based reconcile for create, update, resume and resync; and deletion. Two
+    reconciles of one StrategyDAG (a kopf handler and the resync loop) never overlap."""
 
     def __init__(self, strategies: StrategyService, metrics: Metrics | None = None) -> None:
         self.strategies = strategies
         self.metrics = metrics or strategies.diffs.metrics
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    async def reconcile(
-        self, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, trigger: str
-    ) -> None:
-        """Reconcile, counted and timed by trigger and result."""
+    async def reconcile(self, body: Mapping[str, Any], sink: Sink, trigger: str) -> None:
+        """Reconcile, counted and timed by trigger and result; raises `Unavailable` (after
+        recording Degraded) when a dependency is down."""
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        lock, users = self._locks.get(uid) or (asyncio.Lock(), 0)
+        self._locks[uid] = (lock, users + 1)
         started = time.perf_counter()
         result = "error"
         try:
-            result = await self._reconcile(body, spec, meta, patch, trigger)
+            async with lock:
+                result = await self._reconcile(body, sink, trigger)
         finally:
+            lock, users = self._locks[uid]
+            if users == 1:
+                del self._locks[uid]
+            else:
+                self._locks[uid] = (lock, users - 1)
             self.metrics.reconciles.labels(trigger, result).inc()
             self.metrics.reconcile_duration.observe(time.perf_counter() - started)
 
@@ -52,17 +84,16 @@ class Reconciler:
             text = await asyncio.to_thread(read_config_map, namespace, name, key)
         return dag_text(s, text)
 
-    async def _reconcile(
-        self, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, trigger: str
-    ) -> str:
-        s = api.StrategySpec.from_body(dict(spec))
+    async def _reconcile(self, body: Mapping[str, Any], sink: Sink, trigger: str) -> str:
+        meta: Mapping[str, Any] = body.get("metadata") or {}
+        s = api.StrategySpec.from_body(dict(body.get("spec") or {}))
         old: Mapping[str, Any] = dict(body.get("status") or {})
         generation = int(meta.get("generation") or 0)
         if s.paused:
             new = {**old, "phase": "Paused", "observedGeneration": generation}
             if not status.same(old, new):
-                patch.status.update(new)
-                kopf.info(body, reason="Paused", message="reconciling is paused")
+                sink.status(new)
+                sink.event(False, "Paused", "reconciling is paused")
             return "paused"
         try:
             outcome = await self.strategies.reconcile(
@@ -70,28 +101,29 @@ class Reconciler:
             )
         except DagManagerError as e:
             self.metrics.reconcile_errors.labels(e.reason).inc()
-            self._failed(body, patch, old, e, generation)
+            self._failed(sink, old, e, generation)
             return "failed"
         drift = Drift()
-        if trigger in ("resync", "resume"):  # a fresh create or update has just ensured them
+        # a fresh create or update has just ensured the topics
+        if trigger in ("resync", "resync-retry", "resume"):
             try:
                 drift = await self.strategies.repair_drift(outcome)
             except DagManagerError as e:
                 self.metrics.reconcile_errors.labels(e.reason).inc()
-                self._failed(body, patch, old, e, generation)
+                self._failed(sink, old, e, generation)
                 return "failed"
         if drift.recreated:
-            kopf.warn(
-                body,
-                reason="DriftCorrected",
-                message=f"recreated {len(drift.recreated)} topic(s) deleted out of band: "
+            sink.event(
+                True,
+                "DriftCorrected",
+                f"recreated {len(drift.recreated)} topic(s) deleted out of band: "
                 f"{', '.join(drift.recreated[:5])}",
             )
         if drift.altered:
-            kopf.warn(
-                body,
-                reason="TopicDrift",
-                message="; ".join(f"{t}: {m}" for t, m in list(drift.altered.items())[:5]),
+            sink.event(
+                True,
+                "TopicDrift",
+                "; ".join(f"{t}: {m}" for t, m in list(drift.altered.items())[:5]),
             )
         name = str(meta.get("name"))
         new = status.for_outcome(old, outcome, now(), generation, name)
@@ -99,34 +131,28 @@ class Reconciler:
             return "unchanged"  # level-based resync: nothing changed, nothing written
         if new.get("topicsConfigMap"):
             topics: dict[str, str] = {n.node.node_id: n.topic for n in outcome.plan.nodes}
-            await asyncio.to_thread(_write_topics, body, new["topicsConfigMap"], topics)
-        patch.status.update({**new, "lastReconcileTime": now()})
+            await asyncio.to_thread(_write_topics, meta, new["topicsConfigMap"], topics)
+        sink.status({**new, "lastReconcileTime": now()})
         p = outcome.plan
-        kopf.info(
-            body,
-            reason="Planned" if outcome.dry_run else "Reconciled",
-            message=f"{trigger}: {p.counts['new']} new, {p.counts['reused']} reused, "
+        sink.event(
+            False,
+            "Planned" if outcome.dry_run else "Reconciled",
+            f"{trigger}: {p.counts['new']} new, {p.counts['reused']} reused, "
             f"{p.counts['buffered']} buffered",
         )
         return "planned" if outcome.dry_run else "reconciled"
 
     @staticmethod
-    def _failed(
-        body: kopf.Body,
-        patch: kopf.Patch,
-        old: Mapping[str, Any],
-        e: DagManagerError,
-        generation: int,
-    ) -> None:
+    def _failed(sink: Sink, old: Mapping[str, Any], e: DagManagerError, generation: int) -> None:
         new = status.for_error(old, e, now(), generation)
         changed = not status.same(old, new)
         if changed:
-            patch.status.update({**new, "lastReconcileTime": now()})
+            sink.status({**new, "lastReconcileTime": now()})
         if e.retryable:
-            kopf.warn(body, reason=e.reason, message=f"{e.message} (retrying)")
-            raise kopf.TemporaryError(e.message, delay=float(getattr(e, "retry_after", 5.0)))
+            sink.event(True, e.reason, f"{e.message} (retrying)")
+            raise e
         if changed:
-            kopf.warn(body, reason=e.reason, message=e.message)
+            sink.event(True, e.reason, e.message)
 
     async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
         s = api.StrategySpec.from_body(dict(spec))
@@ -151,10 +177,9 @@ class Reconciler:
         )
 
 
-def _write_topics(body: kopf.Body, name: str, topics: Mapping[str, str]) -> None:
+def _write_topics(meta: Mapping[str, Any], name: str, topics: Mapping[str, str]) -> None:
     """The full node → topic map of a large DAG, in a ConfigMap the resource owns (deleted
     with it by the garbage collector)."""
-    meta = body.metadata
     cm = kubernetes.client.V1ConfigMap(
         metadata=kubernetes.client.V1ObjectMeta(
             name=name,
@@ -163,8 +188,8 @@ def _write_topics(body: kopf.Body, name: str, topics: Mapping[str, str]) -> None
                 kubernetes.client.V1OwnerReference(
                     api_version=f"{api.GROUP}/{api.VERSION}",
                     kind=api.KIND,
-                    name=str(meta.name),
-                    uid=str(meta.uid),
+                    name=str(meta["name"]),
+                    uid=str(meta["uid"]),
                     controller=True,
                     block_owner_deletion=False,
                 )
@@ -172,4 +197,4 @@ def _write_topics(body: kopf.Body, name: str, topics: Mapping[str, str]) -> None
         ),
         data={"topics.json": orjson.dumps(dict(topics), option=orjson.OPT_SORT_KEYS).decode()},
     )
-    upsert_config_map(str(meta.namespace), name, cm)
+    upsert_config_map(str(meta["namespace"]), name, cm)
