@@ -1,5 +1,6 @@
 """The Kubernetes client, built from the in-cluster account or $KUBECONFIG, and the few
-ConfigMap, Lease and StrategyDAG calls the operator makes outside kopf."""
+ConfigMap, Lease and StrategyDAG calls the operator makes outside kopf. ConfigMap and
+StrategyDAG calls raise typed errors (`Unavailable` for a server that did not answer)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import orjson
 import urllib3
 
 from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Unavailable
+
+# what a call to the API server raises: a status, or a connection that failed
+API_ERRORS = (kubernetes.client.ApiException, OSError, urllib3.exceptions.HTTPError)
 
 
 def kube_configuration() -> kubernetes.client.Configuration:
@@ -34,21 +38,30 @@ def core() -> kubernetes.client.CoreV1Api:
 
 def upsert_config_map(namespace: str, name: str, cm: kubernetes.client.V1ConfigMap) -> None:
     api = core()
+    what = f"writing ConfigMap {namespace}/{name}"
     try:
         api.replace_namespaced_config_map(name, namespace, cm)
     except kubernetes.client.ApiException as e:
         if e.status != 404:
-            raise
-        api.create_namespaced_config_map(namespace, cm)
+            raise _typed(what, e) from e
+        try:
+            api.create_namespaced_config_map(namespace, cm)
+        except API_ERRORS as ce:
+            raise _typed(what, ce) from ce
+    except API_ERRORS as e:
+        raise _typed(what, e) from e
 
 
 def read_config_map(namespace: str, name: str, key: str) -> str | None:
+    what = f"reading ConfigMap {namespace}/{name}"
     try:
         cm = core().read_namespaced_config_map(name, namespace)
     except kubernetes.client.ApiException as e:
         if e.status == 404:
             return None
-        raise
+        raise _typed(what, e) from e
+    except API_ERRORS as e:
+        raise _typed(what, e) from e
     data = cm.data or {}
     value = data.get(key)
     return str(value) if value is not None else None
@@ -58,19 +71,12 @@ def coordination() -> kubernetes.client.CoordinationV1Api:
     return kubernetes.client.CoordinationV1Api(kubernetes.client.ApiClient(kube_configuration()))
 
 
-def custom() -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(kube_configuration()))
-
-
 def _typed(what: str, e: Exception) -> DagManagerError:
     if isinstance(e, kubernetes.client.ApiException) and e.status == 409:
         return Conflict(f"{what}: {e.reason}")
     if isinstance(e, kubernetes.client.ApiException) and e.status in (400, 403, 404, 422):
         return DagManagerError(f"{what}: {e.status} {e.reason}")
     return Unavailable(f"{what}: the API server did not answer ({e})")
-
-
-API_ERRORS = (kubernetes.client.ApiException, urllib3.exceptions.HTTPError, OSError)
 
 
 class StrategyObjects:

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import kubernetes
-import urllib3
 
-TRANSIENT = (kubernetes.client.ApiException, OSError, urllib3.exceptions.HTTPError)
+from qmtl_dagmanager.kube.kubeapi import API_ERRORS as TRANSIENT
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from qmtl_dagmanager import bootstrap
-from qmtl_dagmanager.core.errors import Unavailable
+from qmtl_dagmanager.core.errors import DagManagerError, Unavailable
 from qmtl_dagmanager.kube import api, sentinel_api
 from qmtl_dagmanager.kube.kubeapi import StrategyObjects, kube_configuration, upsert_config_map
 from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
@@ -50,7 +50,7 @@ async def gc_timer(container: bootstrap.Container) -> None:
         )
         try:
             await asyncio.to_thread(upsert_config_map, namespace, GC_REPORT, report)
-        except (kubernetes.client.ApiException, OSError) as e:
+        except DagManagerError as e:
             log.warning("could not record the GC report in %s/%s: %s", namespace, GC_REPORT, e)
 
     await container.garbage().every(

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.core.errors import DagManagerError, Unavailable
 from qmtl_dagmanager.kube.strategy_reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,12 @@ class Resync:
         async with self._slots:
             try:
                 await self.rec.reconcile(obj, sink, trigger)
-            except DagManagerError as e:  # retryable: Degraded is recorded in the sink
-                delay = float(getattr(e, "retry_after", 5.0))
-            except Exception:
-                log.exception("resync of %s/%s failed", meta.get("namespace"), meta.get("name"))
+            except Unavailable as e:  # Degraded is recorded in the sink
+                delay = e.retry_after
+            except DagManagerError as e:  # e.g. the topics ConfigMap refused: next period
+                log.warning(
+                    "resync of %s/%s failed: %s", meta.get("namespace"), meta.get("name"), e
+                )
             await asyncio.to_thread(self._apply, obj, sink)
         if delay is not None and uid not in self._retrying and trigger == "resync":
             self._retrying[uid] = asyncio.create_task(self._retry(obj, delay))
