@@ -8,7 +8,10 @@ server` process is started with default settings (NodeIDs verified) and filled, 
 Gateway's Diff call, with 1k-node DAGs whose nodes all carry the tag BTC (one symbol's
 strategies share tags), up to each size. At each size it times, through loopback gRPC:
 
-- a new 200-node DAG (each run a new DAG: 200 topics created),
+- a new 200-node DAG (each run a new DAG: 200 topics created), back to back,
+- on Neo4j + Kafka, the same on an idle broker: before each run a probe topic is created and
+  waited for (`bench/topics_bench.py` barrier), so no earlier run's partitions are still being
+  created; the cases below also start on an idle broker,
 - a known 1k-node DAG with new bytes (a display name changes: parsed, validated, planned),
 - an identical resubmission of a known 1k-node DAG,
 - a new 1k-node DAG (Neo4j + Kafka only: 1k topics created),
@@ -50,6 +53,7 @@ from tests.gen import dumps, generate  # noqa: E402
 from bench.common import free_port, stack_env  # noqa: E402
 from bench.scale_chart import write_svg  # noqa: E402
 from bench.sidecar_bench import rss_mb, wait_serving  # noqa: E402
+from bench.topics_bench import barrier  # noqa: E402
 from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin  # noqa: E402
 from qmtl_dagmanager.client import GatewayClient  # noqa: E402
 
@@ -165,11 +169,17 @@ def plain_create(admin: AdminClient, count: int, run: str) -> tuple[float, float
     visible = (time.perf_counter() - t0) * 1000
     for f in admin.delete_topics(names, operation_timeout=120, request_timeout=120).values():
         f.result()
+    barrier(admin)
     return answered, visible
 
 
 async def measure(
-    store: Store, client: GatewayClient, known: dict[str, Any], runs: int, size: int
+    store: Store,
+    client: GatewayClient,
+    known: dict[str, Any],
+    runs: int,
+    size: int,
+    admin: AdminClient | None,
 ) -> dict[str, Any]:
     run = store.run
     new200: list[float] = []
@@ -177,6 +187,14 @@ async def measure(
         doc = dumps(btc(generate(200, seed=100 + i, salt=f"n{run}{size}x{i}")))
         new200.append(await store.diff(client, f"new200-{run}-{size}-{i}", doc))
         store.stored += 200
+    idle200: list[float] = []
+    if admin is not None:  # each run on an idle broker: no earlier run's logs still pending
+        for i in range(runs):
+            barrier(admin)
+            doc = dumps(btc(generate(200, seed=300 + i, salt=f"i{run}{size}x{i}")))
+            idle200.append(await store.diff(client, f"idle200-{run}-{size}-{i}", doc))
+            store.stored += 200
+        barrier(admin)
     varied: list[float] = []
     for i in range(runs):
         known["nodes"][0]["name"] = f"src-{size}-{i}"
@@ -190,9 +208,11 @@ async def measure(
         "known_1k_new_bytes": {"p50": p(varied, 0.5), "p95": p(varied, 0.95)},
         "resubmission": {"p50": p(resubmit, 0.5), "p95": p(resubmit, 0.95)},
     }
-    if store.real:
+    if admin is not None:
+        out["new_200_idle_broker"] = {"p50": p(idle200, 0.5), "p95": p(idle200, 0.95)}
         first = []
         for i in range(3):
+            barrier(admin)
             doc = dumps(btc(generate(1000, seed=200 + i, salt=f"f{run}{size}x{i}")))
             first.append(await store.diff(client, f"first1k-{run}-{size}-{i}", doc))
             store.stored += 1000
@@ -238,11 +258,11 @@ async def bench_store(name: str, sizes: list[int], runs: int, env: dict[str, str
             if store.real:  # the broker has applied every creation before the clock starts
                 described(admin, store.created)
             before = store.stored  # the size the cases are measured at
-            row = await measure(store, client, known, runs, before)
+            row = await measure(store, client, known, runs, before, admin if store.real else None)
             row["stored"] = before
             row["rss_mb"] = rss_mb(proc.pid)
             if store.real:
-                described(admin, store.created)
+                barrier(admin)
                 row["floor_create_200"], row["floor_visible_200"] = plain_create(
                     admin, 200, store.run
                 )
@@ -272,6 +292,9 @@ def print_row(store: str, r: dict[str, Any]) -> None:
         f"known1k {r['known_1k_new_bytes']['p50']:6.1f}/{r['known_1k_new_bytes']['p95']:6.1f}",
         f"resubmit {r['resubmission']['p50']:5.1f}/{r['resubmission']['p95']:5.1f}",
     ]
+    if "new_200_idle_broker" in r:
+        i = r["new_200_idle_broker"]
+        cells.append(f"new200-idle-broker {i['p50']:7.1f}/{i['p95']:7.1f}")
     if "new_1k" in r:
         cells.append(f"new1k {r['new_1k']['p50']:7.1f}")
     cells.append("| floors:")

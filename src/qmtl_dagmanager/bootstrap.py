@@ -14,12 +14,19 @@ from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
-from qmtl_dagmanager.adapters.prometheus import PrometheusQuery
+from qmtl_dagmanager.adapters.prometheus import Prometheus, PrometheusQuery
 from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.core.dag import NodeMemo
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
-from qmtl_dagmanager.ports import Archive, Clock, EventBus, GraphStore, TopicAdmin
+from qmtl_dagmanager.ports import (
+    Archive,
+    Clock,
+    EventBus,
+    GraphStore,
+    StrategyReadiness,
+    TopicAdmin,
+)
 from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, EventTopics
 from qmtl_dagmanager.services.diffs import DiffService
@@ -27,6 +34,7 @@ from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queues import QueueService
+from qmtl_dagmanager.services.rollout import RolloutService
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ class Container:
     resubmissions: ResubmissionCache
     node_memo: NodeMemo | None  # validated nodes by content (None: disabled)
     events: QueueEvents  # the process's QueueUpdated publisher (the graph's outbox)
+    prometheus: Prometheus  # one HTTP session for gates and the broker load
 
     async def start(self) -> None:
         """Prepare what the services need: the graph schema and the event topics."""
@@ -84,8 +93,17 @@ class Container:
 
     def canary(self) -> CanaryService:
         return CanaryService(
-            self.graph, self.controlbus, self.clock, self.metrics, self.settings.prometheus_url
+            self.graph,
+            self.controlbus,
+            self.clock,
+            self.metrics,
+            self.prometheus,
+            self.settings.prometheus_url,
         )
+
+    def rollout(self, readiness: StrategyReadiness) -> RolloutService:
+        """The VersionSentinel use case, on the caller's view of StrategyDAG readiness."""
+        return RolloutService(self.canary(), readiness, self.clock, self.metrics)
 
     def queues(self) -> QueueService:
         return QueueService(self.graph, self.topics, self.metrics)
@@ -102,7 +120,11 @@ class Container:
             policies=self.settings.gc_policies,
             intent_grace=float(self.settings.gc_intent_grace_seconds),
             load=(
-                PrometheusQuery(self.settings.prometheus_url, self.settings.gc_load_query)
+                PrometheusQuery(
+                    self.settings.prometheus_url,
+                    self.settings.gc_load_query,
+                    client=self.prometheus,
+                )
                 if self.settings.gc_load_query
                 else None
             ),
@@ -120,6 +142,7 @@ class Container:
         await self.bus.close()
         await self.topics.close()
         await self.graph.close()
+        await self.prometheus.close()
 
 
 def graph_store(settings: Settings) -> GraphStore:
@@ -167,4 +190,5 @@ def build(settings: Settings) -> Container:
         ResubmissionCache(settings.resubmission_cache_nodes),
         NodeMemo(settings.node_memo_nodes) if settings.node_memo_nodes else None,
         QueueEvents(graph, controlbus, metrics, clock),
+        Prometheus(),
     )

@@ -423,6 +423,25 @@ class LoadGauge(Protocol):
         ...
 
 
+class MetricQuery(Protocol):
+    """PromQL evaluated by a Prometheus-compatible API, reduced to one number (a scalar, or
+    the largest sample of a vector): the analysis gates of a rollout."""
+
+    async def value(self, base_url: str, query: str) -> float:
+        """The value now; raises Unavailable when it cannot be read (no answer, an error,
+        no samples)."""
+        ...
+
+
+class StrategyReadiness(Protocol):
+    """Whether a version's StrategyDAG runs: a rollout starts only once it is Ready."""
+
+    async def ready(self, namespace: str, name: str) -> str | None:
+        """The strategy id of the StrategyDAG when it is Ready; None while it is not Ready
+        or does not exist; raises Unavailable when the API cannot be read."""
+        ...
+
+
 class Clock(Protocol):
     def now(self) -> float:
         """Seconds since the epoch."""

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from qmtl_dagmanager.adapters.kafka_events import read_events
-from qmtl_dagmanager.kube.sentinel_status import epoch
+from qmtl_dagmanager.core.conditions import epoch
 from tests.conftest import Stack
 from tests.gen import generate
 from tests.integration.kube_harness import Cluster, condition, spec_of

@@ -21,7 +21,7 @@ from qmtl_dagmanager.core import dag, topics
 from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec
 from qmtl_dagmanager.core.plan import Request
 from qmtl_dagmanager.kube.api import StrategySpec
-from qmtl_dagmanager.kube.sentinel_api import SentinelSpec, action_of
+from qmtl_dagmanager.kube.sentinel_api import action_of, parse_spec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.diffs import DiffService
@@ -179,7 +179,7 @@ def test_size_limits_are_enforced_with_clear_errors() -> None:
     "prometheusUrl", "strategyRef", "paused", "promote", "abort", "worldId",
 ]), json_values, max_size=8))  # fmt: skip
 def test_any_versionsentinel_spec_is_parsed_or_refused(spec: dict[str, Any]) -> None:
-    typed_only(lambda: SentinelSpec.from_body(spec))
+    typed_only(lambda: parse_spec(spec))
 
 
 @settings(max_examples=200, deadline=None)

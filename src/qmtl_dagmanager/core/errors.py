@@ -9,6 +9,7 @@ class DagManagerError(Exception):
 
     reason = "Error"
     retryable = False
+    retry_after = 5.0  # seconds a driver waits before retrying a retryable error
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)

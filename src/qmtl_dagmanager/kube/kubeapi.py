@@ -4,6 +4,7 @@ StrategyDAG calls raise typed errors (`Unavailable` for a server that did not an
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 from collections.abc import Mapping
@@ -86,9 +87,26 @@ class StrategyObjects:
 
     def __init__(self, group: str, version: str, plural: str, kind: str) -> None:
         self.group, self.version, self.plural, self.kind = group, version, plural, kind
-        self._client = kubernetes.client.ApiClient(kube_configuration())
-        self._custom = kubernetes.client.CustomObjectsApi(self._client)
-        self._core = kubernetes.client.CoreV1Api(self._client)
+        self._apis: tuple[kubernetes.client.CustomObjectsApi, kubernetes.client.CoreV1Api] | None
+        self._apis = None
+
+    @property
+    def _custom(self) -> kubernetes.client.CustomObjectsApi:
+        return self._connect()[0]
+
+    @property
+    def _core(self) -> kubernetes.client.CoreV1Api:
+        return self._connect()[1]
+
+    def _connect(self) -> tuple[kubernetes.client.CustomObjectsApi, kubernetes.client.CoreV1Api]:
+        """The API client, made on first use (the kubeconfig is read then, not at wiring)."""
+        if self._apis is None:
+            client = kubernetes.client.ApiClient(kube_configuration())
+            self._apis = (
+                kubernetes.client.CustomObjectsApi(client),
+                kubernetes.client.CoreV1Api(client),
+            )
+        return self._apis
 
     def page(
         self, namespace: str | None, limit: int, token: str | None
@@ -158,3 +176,19 @@ class StrategyObjects:
             self._core.create_namespaced_event(str(meta.get("namespace")), event)
         except API_ERRORS as e:
             raise _typed(f"posting event {reason}", e) from e
+
+
+class StrategyReadinessApi:
+    """The `StrategyReadiness` port on the API server: a fresh read of the StrategyDAG."""
+
+    def __init__(self, objects: StrategyObjects) -> None:
+        self.objects = objects
+
+    async def ready(self, namespace: str, name: str) -> str | None:
+        obj = await asyncio.to_thread(self.objects.read, namespace, name)
+        if obj is None:
+            return None
+        for c in (obj.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "Ready" and c.get("status") == "True":
+                return str((obj.get("spec") or {}).get("strategyId") or "")
+        return None

@@ -17,9 +17,14 @@ import orjson
 from aiohttp import web
 
 from qmtl_dagmanager import bootstrap
-from qmtl_dagmanager.core.errors import DagManagerError, Unavailable
+from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.kube import api, sentinel_api
-from qmtl_dagmanager.kube.kubeapi import StrategyObjects, kube_configuration, upsert_config_map
+from qmtl_dagmanager.kube.kubeapi import (
+    StrategyObjects,
+    StrategyReadinessApi,
+    kube_configuration,
+    upsert_config_map,
+)
 from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
 from qmtl_dagmanager.kube.resync import Resync
 from qmtl_dagmanager.kube.sentinel_reconciler import SentinelReconciler
@@ -58,6 +63,14 @@ async def gc_timer(container: bootstrap.Container) -> None:
     )
 
 
+def for_kopf(e: DagManagerError) -> kopf.TemporaryError | kopf.PermanentError:
+    """The one mapping of typed errors to kopf's: retryable ones are retried after the
+    error's `retry_after`, any other is permanent (the spec must change)."""
+    if e.retryable:
+        return kopf.TemporaryError(e.message, delay=e.retry_after)
+    return kopf.PermanentError(e.message)
+
+
 def build_registry(
     container: bootstrap.Container,
     resync_seconds: float = 300.0,
@@ -66,7 +79,8 @@ def build_registry(
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     rec = Reconciler(StrategyService(container.diffs(shed_load=False), container.graph))
-    sentinels = SentinelReconciler(container.canary(), container.clock, container.metrics)
+    objects = StrategyObjects(api.GROUP, api.VERSION, api.PLURAL, api.KIND)
+    sentinels = SentinelReconciler(container.rollout(StrategyReadinessApi(objects)))
 
     background: list[asyncio.Task[None]] = []
 
@@ -82,7 +96,6 @@ def build_registry(
         if container.settings.gc_interval_seconds > 0:
             background.append(asyncio.create_task(gc_timer(container)))
         if resync_seconds > 0:
-            objects = StrategyObjects(api.GROUP, api.VERSION, api.PLURAL, api.KIND)
             resync = Resync(rec, objects, namespaces, resync_seconds)
             background.append(asyncio.create_task(resync.run()))
 
@@ -120,14 +133,18 @@ def build_registry(
     async def on_change(body: kopf.Body, patch: kopf.Patch, reason: str, **_: Any) -> None:
         try:
             await rec.reconcile(body, KopfSink(body, patch), str(getattr(reason, "value", reason)))
-        except Unavailable as e:  # Degraded is recorded; kopf retries with the error's delay
-            raise kopf.TemporaryError(e.message, delay=e.retry_after) from e
+        except DagManagerError as e:  # Degraded is recorded; kopf retries with the error's delay
+            raise for_kopf(e) from e
 
     @kopf.timer(*SENTINELS, interval=sentinel_tick, registry=registry)
     async def sentinel_tick_(
         body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, **_: Any
     ) -> None:
-        await sentinels.reconcile(body, spec, meta, patch)
+        try:
+            await sentinels.reconcile(body, spec, meta, patch)
+        except DagManagerError as e:
+            kopf.warn(body, reason=e.reason, message=f"{e.message} (retrying)")
+            raise for_kopf(e) from e
 
     @kopf.on.delete(*SENTINELS, optional=True, registry=registry)
     async def sentinel_deleted(meta: kopf.Meta, **_: Any) -> None:
@@ -135,7 +152,10 @@ def build_registry(
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def on_delete(body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
-        await rec.delete(body, spec)
+        try:
+            await rec.delete(body, spec)
+        except DagManagerError as e:
+            raise for_kopf(e) from e
 
     return registry
 

@@ -3,18 +3,17 @@ strategy, and its CRD (written to crds/ by `make crds`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from qmtl_dagmanager.core import canary
 from qmtl_dagmanager.core.errors import InvalidSpec
-from qmtl_dagmanager.core.plan import sentinel_id
+from qmtl_dagmanager.core.rollout import ACTION_EVENTS, SentinelSpec
 from qmtl_dagmanager.kube.schema import INT_OR_STRING, F, conditions, crd_document, obj, s
 
 KIND = "VersionSentinel"
 PLURAL = "versionsentinels"
 ACTION_ANNOTATION = "qmtl.io/action"
-ACTIONS = ("promote", "abort", "retry", "pause", "resume", "rollback")
+ACTIONS = tuple(ACTION_EVENTS)  # promote, abort, retry, pause, resume, rollback
 
 BOOL = {"type": "boolean", "default": False}
 
@@ -175,66 +174,46 @@ def crd() -> dict[str, Any]:
     )
 
 
-@dataclass(frozen=True)
-class SentinelSpec:
-    strategy_id: str
-    version: str
-    rollout: canary.Rollout
-    strategy_ref: str = ""
-    world_id: str = ""
-    commit_hash: str = ""
-    release_tag: str = ""
-    stable_version: str = ""
-    prometheus_url: str = ""
-    paused: bool = False
-    promote: bool = False
-    abort: bool = False
-
-    @property
-    def sentinel_id(self) -> str:
-        return sentinel_id(self.strategy_id)
-
-    @classmethod
-    def from_body(cls, spec: dict[str, Any]) -> SentinelSpec:
-        """The spec, checked beyond what the schema can say; errors name the field."""
-        strategy = str(spec.get("strategyId") or "").strip()
-        version = str(spec.get("version") or "").strip()
-        if not strategy:
-            raise InvalidSpec("spec.strategyId is required", reason="MissingField")
-        if not version:
-            raise InvalidSpec("spec.version is required", reason="MissingField")
-        stable = str(spec.get("stableVersion") or "").strip()
-        if stable == version:
-            raise InvalidSpec(
-                f"spec.stableVersion: {stable!r} is the canary's own version", reason="InvalidSpec"
-            )
-        ref = spec.get("strategyRef")
-        url = str(spec.get("prometheusUrl") or "").strip()
-        if url and not url.startswith(("http://", "https://")):
-            raise InvalidSpec(f"spec.prometheusUrl: {url!r} is not an http(s) URL")
-        steps, gates = spec.get("steps") or [], spec.get("analysis") or []
-        for name, value in (("steps", steps), ("analysis", gates)):
-            if not isinstance(value, list):
-                raise InvalidSpec(f"spec.{name}: expected a list", reason="InvalidField")
-        rollout = canary.Rollout(
-            canary.steps_from(steps),
-            canary.gates_from(gates),
-            canary.parse_duration(spec.get("rollbackWindow", 0), "spec.rollbackWindow"),
+def parse_spec(spec: dict[str, Any]) -> SentinelSpec:
+    """The spec, checked beyond what the schema can say; errors name the field."""
+    strategy = str(spec.get("strategyId") or "").strip()
+    version = str(spec.get("version") or "").strip()
+    if not strategy:
+        raise InvalidSpec("spec.strategyId is required", reason="MissingField")
+    if not version:
+        raise InvalidSpec("spec.version is required", reason="MissingField")
+    stable = str(spec.get("stableVersion") or "").strip()
+    if stable == version:
+        raise InvalidSpec(
+            f"spec.stableVersion: {stable!r} is the canary's own version", reason="InvalidSpec"
         )
-        return cls(
-            strategy_id=strategy,
-            version=version,
-            rollout=rollout,
-            strategy_ref=str(ref.get("name", "")) if isinstance(ref, dict) else "",
-            world_id=str(spec.get("worldId") or ""),
-            commit_hash=str(spec.get("commitHash") or ""),
-            release_tag=str(spec.get("releaseTag") or ""),
-            stable_version=stable,
-            prometheus_url=url,
-            paused=bool(spec.get("paused", False)),
-            promote=bool(spec.get("promote", False)),
-            abort=bool(spec.get("abort", False)),
-        )
+    ref = spec.get("strategyRef")
+    url = str(spec.get("prometheusUrl") or "").strip()
+    if url and not url.startswith(("http://", "https://")):
+        raise InvalidSpec(f"spec.prometheusUrl: {url!r} is not an http(s) URL")
+    steps, gates = spec.get("steps") or [], spec.get("analysis") or []
+    for name, value in (("steps", steps), ("analysis", gates)):
+        if not isinstance(value, list):
+            raise InvalidSpec(f"spec.{name}: expected a list", reason="InvalidField")
+    rollout = canary.Rollout(
+        canary.steps_from(steps),
+        canary.gates_from(gates),
+        canary.parse_duration(spec.get("rollbackWindow", 0), "spec.rollbackWindow"),
+    )
+    return SentinelSpec(
+        strategy_id=strategy,
+        version=version,
+        rollout=rollout,
+        strategy_ref=str(ref.get("name", "")) if isinstance(ref, dict) else "",
+        world_id=str(spec.get("worldId") or ""),
+        commit_hash=str(spec.get("commitHash") or ""),
+        release_tag=str(spec.get("releaseTag") or ""),
+        stable_version=stable,
+        prometheus_url=url,
+        paused=bool(spec.get("paused", False)),
+        promote=bool(spec.get("promote", False)),
+        abort=bool(spec.get("abort", False)),
+    )
 
 
 def action_of(annotations: dict[str, str] | None) -> tuple[str, str] | None:

@@ -16,8 +16,10 @@ import kopf
 import kubernetes
 import orjson
 
+from qmtl_dagmanager.core import strategy_status as status
+from qmtl_dagmanager.core.conditions import same
 from qmtl_dagmanager.core.errors import DagManagerError
-from qmtl_dagmanager.kube import api, status
+from qmtl_dagmanager.kube import api
 from qmtl_dagmanager.kube.kubeapi import read_config_map, upsert_config_map
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_text
@@ -86,12 +88,17 @@ class Reconciler:
 
     async def _reconcile(self, body: Mapping[str, Any], sink: Sink, trigger: str) -> str:
         meta: Mapping[str, Any] = body.get("metadata") or {}
-        s = api.StrategySpec.from_body(dict(body.get("spec") or {}))
         old: Mapping[str, Any] = dict(body.get("status") or {})
         generation = int(meta.get("generation") or 0)
+        try:
+            s = api.StrategySpec.from_body(dict(body.get("spec") or {}))
+        except DagManagerError as e:
+            self.metrics.reconcile_errors.labels(e.reason).inc()
+            self._failed(sink, old, e, generation)
+            return "failed"
         if s.paused:
-            new = {**old, "phase": "Paused", "observedGeneration": generation}
-            if not status.same(old, new):
+            new = status.paused(old, generation)
+            if not same(old, new):
                 sink.status(new)
                 sink.event(False, "Paused", "reconciling is paused")
             return "paused"
@@ -126,8 +133,8 @@ class Reconciler:
                 "; ".join(f"{t}: {m}" for t, m in list(drift.altered.items())[:5]),
             )
         name = str(meta.get("name"))
-        new = status.for_outcome(old, outcome, now(), generation, name)
-        if status.same(old, new):
+        new = status.for_plan(old, outcome.plan, outcome.dry_run, now(), generation, name)
+        if same(old, new):
             return "unchanged"  # level-based resync: nothing changed, nothing written
         if new.get("topicsConfigMap"):
             topics: dict[str, str] = {n.node.node_id: n.topic for n in outcome.plan.nodes}
@@ -145,7 +152,7 @@ class Reconciler:
     @staticmethod
     def _failed(sink: Sink, old: Mapping[str, Any], e: DagManagerError, generation: int) -> None:
         new = status.for_error(old, e, now(), generation)
-        changed = not status.same(old, new)
+        changed = not same(old, new)
         if changed:
             sink.status({**new, "lastReconcileTime": now()})
         if e.retryable:
@@ -166,12 +173,7 @@ class Reconciler:
                 "topics.json",
             )
             topics = list(orjson.loads(stored).values()) if stored else []
-        try:
-            dropped = await self.strategies.delete(s, topics)
-        except DagManagerError as e:
-            if e.retryable:
-                raise kopf.TemporaryError(e.message, delay=5) from e
-            raise kopf.PermanentError(e.message) from e
+        dropped = await self.strategies.delete(s, topics)  # typed errors: the driver maps them
         kopf.info(
             body, reason="Deleted", message=f"{dropped} references dropped ({s.deletion_policy})"
         )

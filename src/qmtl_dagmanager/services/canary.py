@@ -1,6 +1,6 @@
 """The canary use case's effects: move traffic weights (graph and ControlBus, canary and stable
 version), link a version's sentinel node to its compute nodes, and measure analysis gates. The
-decisions are the core's state machine; the kopf driver sequences both."""
+decisions are the core's state machine; the rollout service sequences both."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qmtl_dagmanager.adapters.prometheus import PrometheusQuery
 from qmtl_dagmanager.core.canary import Gate
 from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec
 from qmtl_dagmanager.metrics import Metrics
-from qmtl_dagmanager.ports import Clock, GraphStore, SentinelWrite
+from qmtl_dagmanager.ports import Clock, GraphStore, MetricQuery, SentinelWrite
 from qmtl_dagmanager.services.controlbus import ControlBus
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,8 @@ class CanaryService:
     controlbus: ControlBus
     clock: Clock
     metrics: Metrics
-    prometheus_url: str = ""
+    query: MetricQuery
+    prometheus_url: str = ""  # used when a VersionSentinel names none
 
     async def shift(self, v: Versions, weight: int) -> None:
         """Give the canary `weight` percent and the stable version the rest: the sentinel
@@ -85,7 +85,7 @@ class CanaryService:
 
         async def one(gate: Gate) -> float | None:
             try:
-                value = await PrometheusQuery(base, gate.query).value()
+                value = await self.query.value(base, gate.query)
             except DagManagerError as e:
                 log.warning("gate %s: %s", gate.name, e.message)
                 self.metrics.gate_measurements.labels("unreadable").inc()

@@ -1,52 +1,15 @@
-"""Status of a StrategyDAG rendered from a diff outcome or an error (pure functions)."""
+"""A StrategyDAG's status rendered from a plan or an error (pure functions)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from qmtl_dagmanager.core.conditions import conditions
 from qmtl_dagmanager.core.errors import DagManagerError
-from qmtl_dagmanager.services.diffs import DiffOutcome
+from qmtl_dagmanager.core.plan import Plan
 
-INLINE_TOPICS = 200
-
-
-def condition(
-    kind: str,
-    ok: bool,
-    reason: str,
-    message: str,
-    now: str,
-    generation: int,
-    previous: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    status = "True" if ok else "False"
-    changed = previous is None or previous.get("status") != status
-    return {
-        "type": kind,
-        "status": status,
-        "reason": reason,
-        "message": message[:1000],
-        "lastTransitionTime": now
-        if changed or previous is None
-        else previous.get("lastTransitionTime", now),
-        "observedGeneration": generation,
-    }
-
-
-def conditions(
-    old: Mapping[str, Any] | None,
-    now: str,
-    generation: int,
-    ready: tuple[bool, str, str],
-    progressing: tuple[bool, str, str],
-    degraded: tuple[bool, str, str],
-) -> list[dict[str, Any]]:
-    before = {c.get("type"): c for c in (old or {}).get("conditions", []) or []}
-    return [
-        condition(kind, *state, now, generation, before.get(kind))
-        for kind, state in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded))
-    ]
+INLINE_TOPICS = 200  # larger node → topic maps go to an owned ConfigMap
 
 
 def topics_config_map(resource: str) -> str:
@@ -54,15 +17,30 @@ def topics_config_map(resource: str) -> str:
     return f"{resource}-topics"
 
 
-def for_outcome(
+def _conditions(
     old: Mapping[str, Any] | None,
-    outcome: DiffOutcome,
+    now: str,
+    generation: int,
+    ready: tuple[bool, str, str],
+    progressing: tuple[bool, str, str],
+    degraded: tuple[bool, str, str],
+) -> list[dict[str, Any]]:
+    kinds = {"Ready": ready, "Progressing": progressing, "Degraded": degraded}
+    return conditions(old, now, generation, kinds)
+
+
+def for_plan(
+    old: Mapping[str, Any] | None,
+    p: Plan,
+    dry_run: bool,
     now: str,
     generation: int,
     name: str = "",
 ) -> dict[str, Any]:
-    p = outcome.plan
+    """Ready with the node counts and the topics (inline, or the ConfigMap's name); a dry
+    run is Planned, with the first nodes' actions."""
     topics = {n.node.node_id: n.topic for n in p.nodes}
+    inline = len(topics) <= INLINE_TOPICS
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "sentinelId": p.sentinel_id,
@@ -74,10 +52,11 @@ def for_outcome(
             "new": p.counts["new"],
         },
         "topicCount": len(topics),
-        "topics": topics if len(topics) <= INLINE_TOPICS else None,
-        "topicsConfigMap": None if len(topics) <= INLINE_TOPICS else topics_config_map(name),
+        "topics": topics if inline else None,
+        "topicsConfigMap": None if inline else topics_config_map(name),
     }
-    if outcome.dry_run:
+    if dry_run:
+        message = f"dry run: {p.counts['new']} new, {p.counts['reused']} reused"
         status["phase"] = "Planned"
         status["plan"] = {
             "counts": dict(p.counts),
@@ -87,8 +66,7 @@ def for_outcome(
                 for n in p.nodes[:INLINE_TOPICS]
             ],
         }
-        message = f"dry run: {p.counts['new']} new, {p.counts['reused']} reused"
-        status["conditions"] = conditions(
+        status["conditions"] = _conditions(
             old,
             now,
             generation,
@@ -97,13 +75,13 @@ def for_outcome(
             (False, "DryRun", ""),
         )
         return status
-    status["phase"] = "Ready"
-    status["plan"] = None
     message = (
         f"{p.counts['total']} nodes: {p.counts['new']} new, {p.counts['reused']} "
         f"reused, {p.counts['buffered']} buffered"
     )
-    status["conditions"] = conditions(
+    status["phase"] = "Ready"
+    status["plan"] = None
+    status["conditions"] = _conditions(
         old,
         now,
         generation,
@@ -117,27 +95,28 @@ def for_outcome(
 def for_error(
     old: Mapping[str, Any] | None, error: DagManagerError, now: str, generation: int
 ) -> dict[str, Any]:
+    """A retryable error keeps the last good state and says Degraded; any other is Failed
+    (the spec must change before anything else happens)."""
     keep = {k: v for k, v in (old or {}).items() if k not in ("conditions", "phase")}
     if error.retryable:
-        # The last good state still stands; say why it cannot be refreshed.
         was_ready = any(
             c.get("type") == "Ready" and c.get("status") == "True"
-            for c in (old or {}).get("conditions", []) or []
+            for c in (old or {}).get("conditions") or []
         )
-        conds = conditions(
+        conds = _conditions(
             old,
             now,
             generation,
             (
                 was_ready,
                 "Reconciled" if was_ready else error.reason,
-                error.message if not was_ready else "last reconcile succeeded",
+                "last reconcile succeeded" if was_ready else error.message,
             ),
             (True, error.reason, "retrying with backoff"),
             (True, error.reason, error.message),
         )
         return {**keep, "phase": "Degraded", "conditions": conds}
-    conds = conditions(
+    conds = _conditions(
         old,
         now,
         generation,
@@ -148,15 +127,6 @@ def for_error(
     return {**keep, "observedGeneration": generation, "phase": "Failed", "conditions": conds}
 
 
-def same(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """Equal apart from timestamps: then the status is not written again."""
-
-    def strip(st: Mapping[str, Any] | None) -> dict[str, Any]:
-        out = {k: v for k, v in (st or {}).items() if k != "lastReconcileTime"}
-        out["conditions"] = [
-            {k: v for k, v in c.items() if k != "lastTransitionTime"}
-            for c in out.get("conditions", []) or []
-        ]
-        return out
-
-    return strip(old) == strip(new)
+def paused(old: Mapping[str, Any] | None, generation: int) -> dict[str, Any]:
+    """Reconciling is paused by the spec: the rest of the status stands."""
+    return {**(old or {}), "phase": "Paused", "observedGeneration": generation}

@@ -3,26 +3,13 @@ only place runtime state lives, so an operator restart continues from exactly it
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qmtl_dagmanager.core.canary import GateState, Phase, State, Transition
-from qmtl_dagmanager.kube.status import condition
+from qmtl_dagmanager.core.conditions import conditions, epoch, iso
 
 HISTORY_LIMIT = 50
-
-
-def iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="microseconds")
-
-
-def epoch(text: object) -> float | None:
-    if not text:
-        return None
-    return datetime.datetime.fromisoformat(str(text)).timestamp()
 
 
 def state_of(status: Mapping[str, Any] | None) -> State:
@@ -85,7 +72,6 @@ def render(
             }
         )
     changed_weight = any(t.weight_changed for t in transitions)
-    previous = {c.get("type"): c for c in before.get("conditions") or []}
     running = state.phase in (Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED)
     failed = state.phase in (Phase.ABORTED, Phase.ROLLED_BACK)
     if error is not None:
@@ -104,9 +90,7 @@ def render(
         "currentStep": state.step,
         "currentWeight": state.weight,
         "stableWeight": 100 - state.weight,
-        "conditions": [
-            condition(kind, *v, stamp, generation, previous.get(kind)) for kind, v in kinds.items()
-        ],
+        "conditions": conditions(before, stamp, generation, kinds),
         "sentinelId": sentinel_id,
         "message": state.message,
         "stepStartedAt": iso(state.step_started),
@@ -130,18 +114,3 @@ def render(
         "history": history[-HISTORY_LIMIT:],
     }
     return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {
-            k: _plain(v) for k, v in value.items() if v is not None and k != "lastTransitionTime"
-        }
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def same(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """Equal once absent and null fields are alike (a merge patch deletes nulls)."""
-    return bool(_plain(dict(old or {})) == _plain(dict(new)))

@@ -1,0 +1,145 @@
+"""A VersionSentinel's rollout decisions apart from their effects (pure): the spec as a
+value, and one reconcile's working state, which applies manual actions (an annotation,
+then the spec's fields) as events of the canary state machine and collects the
+transitions and the notices to report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmtl_dagmanager.core import canary
+from qmtl_dagmanager.core.canary import Event, Phase
+from qmtl_dagmanager.core.plan import sentinel_id
+
+ACTION_EVENTS = {
+    "promote": Event.PROMOTE,
+    "abort": Event.ABORT,
+    "retry": Event.RETRY,
+    "pause": Event.PAUSE,
+    "resume": Event.RESUME,
+    "rollback": Event.ROLLBACK,
+}
+
+
+@dataclass(frozen=True)
+class SentinelSpec:
+    """What a VersionSentinel asks for, checked (the CRD model parses bodies into this)."""
+
+    strategy_id: str
+    version: str
+    rollout: canary.Rollout
+    strategy_ref: str = ""  # the StrategyDAG (same namespace) that runs this version
+    world_id: str = ""
+    commit_hash: str = ""
+    release_tag: str = ""
+    stable_version: str = ""
+    prometheus_url: str = ""
+    paused: bool = False
+    promote: bool = False
+    abort: bool = False
+
+    @property
+    def sentinel_id(self) -> str:
+        return sentinel_id(self.strategy_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something to tell the resource's readers (an event) beyond the transitions."""
+
+    warning: bool
+    reason: str
+    message: str
+
+
+@dataclass
+class Run:
+    """One reconcile's working state: the rollout state and what was applied to it."""
+
+    spec: SentinelSpec
+    state: canary.State
+    now: float
+    old: dict[str, Any]
+    transitions: list[canary.Transition] = field(default_factory=list)
+    notices: list[Notice] = field(default_factory=list)
+    held_by: str | None = None
+    aborted_by: str | None = None
+    last_action: str | None = None
+
+    @classmethod
+    def start(cls, spec: SentinelSpec, state: canary.State, now: float, old: dict[str, Any]) -> Run:
+        return cls(
+            spec,
+            state,
+            now,
+            old,
+            held_by=old.get("heldBy"),
+            aborted_by=old.get("abortedBy"),
+            last_action=old.get("lastAction"),
+        )
+
+    def do(self, event: Event) -> bool:
+        """Apply `event`; False when the state machine ignores it in this state."""
+        t = canary.apply(self.spec.rollout, self.state, event, self.now)
+        if t is None:
+            return False
+        self.transitions.append(t)
+        self.state = t.after
+        return True
+
+    def manual(self, action: tuple[str, str] | None) -> None:
+        """An action annotation (once per distinct value), then the spec's fields."""
+        if action is not None and action[1] != self.last_action:
+            self.last_action = action[1]
+            if self.do(ACTION_EVENTS[action[0]]):
+                if action[0] == "pause":
+                    self.held_by = "annotation"
+                if action[0] == "abort":
+                    self.aborted_by = "annotation"
+            else:
+                self.notices.append(
+                    Notice(
+                        True,
+                        "ActionIgnored",
+                        f"{action[0]} does nothing in phase {self.state.phase.value}",
+                    )
+                )
+        vs = self.spec
+        if vs.abort:
+            if self.do(Event.ABORT):
+                self.aborted_by = "spec"
+        elif self.state.phase is Phase.ABORTED and self.aborted_by == "spec":
+            self.do(Event.RETRY)  # abort set back to false: start over
+        if vs.promote:
+            self.do(Event.PROMOTE)
+        if vs.paused:
+            if self.do(Event.PAUSE):
+                self.held_by = "spec"
+        elif self.state.held and self.held_by == "spec":
+            self.do(Event.RESUME)
+
+    def tick(self) -> None:
+        """Let time advance at most one step (after starts, actions and gates)."""
+        event = canary.due(self.spec.rollout, self.state, self.now)
+        if event is not None:
+            self.do(event)
+
+    def needs_start(self, generation: int) -> bool:
+        """Whether to look for the version's StrategyDAG and link its sentinel node: before
+        the rollout starts, and again after a spec change."""
+        return self.state.phase is Phase.PENDING or generation != self.old.get("observedGeneration")
+
+    def weight_to_publish(self) -> int | None:
+        """The weight whose effects (graph, ControlBus) are due: whenever it differs from
+        the published one, and on the first step out of Pending. None: nothing to do."""
+        if self.state.phase is Phase.PENDING:
+            return None
+        published = self.old.get("currentWeight")
+        if (
+            published is None
+            or int(published) != self.state.weight
+            or self.old.get("phase") in (None, "Pending")
+        ):
+            return self.state.weight
+        return None
