@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from qmtl_dagmanager.adapters.topic_rules import Profile
 from qmtl_dagmanager.core.dag import IdMode, Limits
 from qmtl_dagmanager.core.gc import DEFAULT_POLICIES, GcAction, GcPolicy
+from qmtl_dagmanager.core.topics import Profile
 
 
 class SettingsError(ValueError):

@@ -9,8 +9,7 @@ from confluent_kafka import Producer
 
 from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
-from qmtl_dagmanager.adapters.topic_rules import Profile
-from qmtl_dagmanager.core.topics import TopicCatalog, TopicSpec, TopicType
+from qmtl_dagmanager.core.topics import Profile, TopicCatalog, TopicSpec, TopicType
 from qmtl_dagmanager.ports import TopicAdmin, TopicStatus
 from tests.conftest import Stack
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from qmtl_dagmanager.adapters.topic_rules import Profile
 from qmtl_dagmanager.config import SettingsError, load
 from qmtl_dagmanager.core.gc import DEFAULT_POLICIES, GcAction
+from qmtl_dagmanager.core.topics import Profile
 
 
 def write(tmp_path: Path, text: str) -> Path:

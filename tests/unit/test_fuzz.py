@@ -20,7 +20,7 @@ from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.core import dag, topics
 from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec
 from qmtl_dagmanager.core.plan import Request
-from qmtl_dagmanager.kube.api import StrategySpec
+from qmtl_dagmanager.kube.api import parse_spec as parse_strategy_spec
 from qmtl_dagmanager.kube.sentinel_api import action_of, parse_spec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.controlbus import ControlBus
@@ -220,7 +220,7 @@ def test_any_schema_valid_strategydag_spec_is_planned_or_refused(spec: dict[str,
 
     async def run() -> None:
         try:
-            s = StrategySpec.from_body(spec)
+            s = parse_strategy_spec(spec)
             await StrategyService(service, service.graph).reconcile(s, dag_text(s, None))
         except DagManagerError as e:
             assert e.message and e.reason

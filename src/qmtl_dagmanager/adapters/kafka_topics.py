@@ -32,9 +32,8 @@ from confluent_kafka.admin import (
 )
 
 from qmtl_dagmanager.adapters import topic_rules
-from qmtl_dagmanager.adapters.topic_rules import Profile
 from qmtl_dagmanager.core.errors import Unavailable
-from qmtl_dagmanager.core.topics import TopicSpec
+from qmtl_dagmanager.core.topics import Profile, TopicSpec
 from qmtl_dagmanager.ports import TopicResult, TopicState, TopicStatus
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from qmtl_dagmanager.adapters import topic_rules
-from qmtl_dagmanager.adapters.topic_rules import Profile
-from qmtl_dagmanager.core.topics import TopicSpec
+from qmtl_dagmanager.core.topics import Profile, TopicSpec
 from qmtl_dagmanager.ports import TopicResult, TopicState, TopicStatus
 
 

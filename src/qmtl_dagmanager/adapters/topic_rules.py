@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from enum import StrEnum
 
-from qmtl_dagmanager.core.topics import TopicSpec
+from qmtl_dagmanager.core.topics import Profile, TopicSpec
 from qmtl_dagmanager.ports import TopicResult, TopicState, TopicStatus
 
 log = logging.getLogger(__name__)
 COMPARED_CONFIGS = ("retention.ms", "cleanup.policy")
-
-
-class Profile(StrEnum):
-    DEVELOPMENT = "development"  # cap replication at the broker count, with a warning
-    PRODUCTION = "production"  # refuse a replication factor the cluster cannot hold
 
 
 _CAPPED_WARNED: set[int] = set()  # broker counts the capping warning was logged for

@@ -27,6 +27,13 @@ VALID_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DAY_MS = 86_400_000
 
 
+class Profile(StrEnum):
+    """How replication the cluster cannot hold is treated when topics are created."""
+
+    DEVELOPMENT = "development"  # cap replication at the broker count, with a warning
+    PRODUCTION = "production"  # refuse a replication factor the cluster cannot hold
+
+
 class TopicType(StrEnum):
     RAW = "raw"
     INDICATOR = "indicator"

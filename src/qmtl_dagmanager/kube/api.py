@@ -6,9 +6,10 @@ shows; `crd()` turns the models into a structural CRD (`make crds` writes it to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+from qmtl_dagmanager.core.errors import InvalidSpec
+from qmtl_dagmanager.core.strategy_spec import DeletionPolicy, StrategySpec
 from qmtl_dagmanager.kube.schema import (
     CONDITION,
     FREE,
@@ -59,8 +60,8 @@ SPEC = obj(
         "deletionPolicy": s(
             "On deletion: Delete drops the strategy's references (queues left "
             "to GC); Retain also keeps its topics, marked unmanaged.",
-            enum=["Delete", "Retain"],
-            default="Delete",
+            enum=[p.value for p in DeletionPolicy],
+            default=DeletionPolicy.DELETE.value,
         ),
         "paused": F(
             {"type": "boolean", "default": False},
@@ -142,36 +143,28 @@ def crd() -> dict[str, Any]:
     )
 
 
-@dataclass(frozen=True)
-class StrategySpec:
-    """The spec, read from a custom resource body (validated by the CRD schema first)."""
-
-    strategy_id: str
-    dag: dict[str, Any] | None
-    config_map: tuple[str, str] | None
-    world_id: str = ""
-    execution_domain: str = ""
-    as_of: str = ""
-    partition: str = ""
-    version: str = ""
-    deletion_policy: str = "Delete"
-    paused: bool = False
-    dry_run: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_body(cls, spec: dict[str, Any]) -> StrategySpec:
-        ref = spec.get("dagConfigMapRef")
-        return cls(
-            strategy_id=str(spec.get("strategyId", "")),
-            dag=dict(spec["dag"]) if isinstance(spec.get("dag"), dict) else None,
-            config_map=(str(ref["name"]), str(ref["key"])) if isinstance(ref, dict) else None,
-            world_id=str(spec.get("worldId", "")),
-            execution_domain=str(spec.get("executionDomain", "")),
-            as_of=str(spec.get("asOf", "")),
-            partition=str(spec.get("partition", "")),
-            version=str(spec.get("version", "")),
-            deletion_policy=str(spec.get("deletionPolicy", "Delete")),
-            paused=bool(spec.get("paused", False)),
-            dry_run=bool(spec.get("dryRun", False)),
-        )
+def parse_spec(spec: dict[str, Any]) -> StrategySpec:
+    """The spec of a body the CRD schema has validated; what the schema cannot say (an
+    unknown deletion policy from an older CRD) is an InvalidSpec naming the field."""
+    ref = spec.get("dagConfigMapRef")
+    policy = str(spec.get("deletionPolicy") or DeletionPolicy.DELETE.value)
+    try:
+        deletion = DeletionPolicy(policy)
+    except ValueError:
+        allowed = ", ".join(p.value for p in DeletionPolicy)
+        raise InvalidSpec(
+            f"spec.deletionPolicy: {policy!r} is not one of {allowed}", reason="InvalidField"
+        ) from None
+    return StrategySpec(
+        strategy_id=str(spec.get("strategyId", "")),
+        dag=dict(spec["dag"]) if isinstance(spec.get("dag"), dict) else None,
+        config_map=(str(ref["name"]), str(ref["key"])) if isinstance(ref, dict) else None,
+        world_id=str(spec.get("worldId", "")),
+        execution_domain=str(spec.get("executionDomain", "")),
+        as_of=str(spec.get("asOf", "")),
+        partition=str(spec.get("partition", "")),
+        version=str(spec.get("version", "")),
+        deletion_policy=deletion,
+        paused=bool(spec.get("paused", False)),
+        dry_run=bool(spec.get("dryRun", False)),
+    )

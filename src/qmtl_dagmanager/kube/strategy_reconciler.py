@@ -19,6 +19,7 @@ import orjson
 from qmtl_dagmanager.core import strategy_status as status
 from qmtl_dagmanager.core.conditions import same
 from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.core.strategy_spec import StrategySpec
 from qmtl_dagmanager.kube import api
 from qmtl_dagmanager.kube.kubeapi import read_config_map, upsert_config_map
 from qmtl_dagmanager.metrics import Metrics
@@ -79,7 +80,7 @@ class Reconciler:
             self.metrics.reconciles.labels(trigger, result).inc()
             self.metrics.reconcile_duration.observe(time.perf_counter() - started)
 
-    async def _dag_json(self, s: api.StrategySpec, namespace: str) -> str:
+    async def _dag_json(self, s: StrategySpec, namespace: str) -> str:
         text = None
         if s.config_map is not None:
             name, key = s.config_map
@@ -91,7 +92,7 @@ class Reconciler:
         old: Mapping[str, Any] = dict(body.get("status") or {})
         generation = int(meta.get("generation") or 0)
         try:
-            s = api.StrategySpec.from_body(dict(body.get("spec") or {}))
+            s = api.parse_spec(dict(body.get("spec") or {}))
         except DagManagerError as e:
             self.metrics.reconcile_errors.labels(e.reason).inc()
             self._failed(sink, old, e, generation)
@@ -162,7 +163,7 @@ class Reconciler:
             sink.event(True, e.reason, e.message)
 
     async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
-        s = api.StrategySpec.from_body(dict(spec))
+        s = api.parse_spec(dict(spec))
         st = body.get("status") or {}
         topics = list((st.get("topics") or {}).values())
         if not topics and st.get("topicsConfigMap"):

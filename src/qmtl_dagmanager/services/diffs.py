@@ -29,7 +29,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
-from qmtl_dagmanager.adapters.clock import SystemClock
 from qmtl_dagmanager.core import dag, plan
 from qmtl_dagmanager.core.errors import (
     Conflict,
@@ -87,7 +86,7 @@ class DiffService:
     ids: dag.IdMode = dag.IdMode.VERIFY
     dry_run_strategy: str = "dryrun"
     namespaces: bool = True
-    cache: NodeCache = field(default_factory=lambda: NodeCache(SystemClock(), ttl=0))
+    cache: NodeCache = field(default_factory=NodeCache.disabled)
     max_inflight: int = 8
     max_waiting: int = 64
     max_wait: float = 2.0

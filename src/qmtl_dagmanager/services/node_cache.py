@@ -20,7 +20,19 @@ if TYPE_CHECKING:
     from qmtl_dagmanager.services.diffs import DiffOutcome
 
 
+class _Stopped:
+    """The clock of a disabled cache: never read for an expiry that matters."""
+
+    def now(self) -> float:
+        return 0.0
+
+
 class NodeCache:
+    @classmethod
+    def disabled(cls) -> NodeCache:
+        """A cache that keeps nothing (ttl 0)."""
+        return cls(_Stopped(), ttl=0)
+
     def __init__(self, clock: Clock, *, ttl: float = 60.0, max_entries: int = 200_000) -> None:
         self._clock = clock
         self._ttl = ttl

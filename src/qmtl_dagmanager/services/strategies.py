@@ -14,8 +14,8 @@ import orjson
 from qmtl_dagmanager.core import dag
 from qmtl_dagmanager.core.errors import InvalidSpec
 from qmtl_dagmanager.core.plan import Request
+from qmtl_dagmanager.core.strategy_spec import DeletionPolicy, StrategySpec
 from qmtl_dagmanager.core.topics import TopicSpec
-from qmtl_dagmanager.kube.api import StrategySpec
 from qmtl_dagmanager.ports import GraphStore, TopicStatus
 from qmtl_dagmanager.services.diffs import DiffOutcome, DiffService
 
@@ -123,7 +123,7 @@ class StrategyService:
     async def delete(self, spec: StrategySpec, topics: list[str]) -> int:
         """Drop the strategy's references; with Retain, keep its topics as unmanaged."""
         async with self._lock(spec.strategy_id):
-            if spec.deletion_policy == "Retain" and topics:
+            if spec.deletion_policy is DeletionPolicy.RETAIN and topics:
                 await self.graph.set_unmanaged(topics)
             dropped = await self.graph.release(spec.strategy_id)
         self._locks.pop(spec.strategy_id, None)
