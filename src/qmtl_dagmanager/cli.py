@@ -100,12 +100,14 @@ async def cmd_operator(settings: Settings, args: argparse.Namespace) -> int:
     container = bootstrap.build(settings)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, registry=container.metrics.registry)
+    kube = kubeapi.KubeApi(settings.kubeconfig)
     election = None
     if args.leader_election == "lease":
         election = LeaderElection(
-            kubeapi.coordination,
-            args.lease_namespace or os.environ.get("POD_NAMESPACE") or "default",
+            kube.coordination,
+            args.lease_namespace or settings.pod_namespace or "default",
             args.lease_name,
+            settings.pod_name or None,
             duration=args.lease_duration,
             renew_every=args.lease_duration / 3,
         )
@@ -117,6 +119,7 @@ async def cmd_operator(settings: Settings, args: argparse.Namespace) -> int:
             sentinel_tick=args.sentinel_tick,
             liveness=args.liveness,
             election=election,
+            kube=kube,
         )
     except LeadershipLost as e:
         log.error("%s; exiting so that this instance rejoins as a standby", e)

@@ -72,6 +72,10 @@ class Settings:
     http_admin_token: str = ""  # required by mutating HTTP endpoints (always off loopback)
     queue_stats_per_second: int = 5
     gc_trigger_interval_seconds: int = 10
+    # the operator's Kubernetes identity (the chart sets the pod's from the downward API)
+    kubeconfig: str = ""  # empty: the in-cluster service account, else ~/.kube/config
+    pod_namespace: str = "default"  # the operator's namespace: its lease and GC report
+    pod_name: str = ""  # its lease holder identity (empty: host name and process id)
 
     @property
     def embedded_graph(self) -> bool:
@@ -288,6 +292,9 @@ KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
         "gc_trigger_interval_seconds",
         _nonneg,
     ),
+    ("kubeconfig", "KUBECONFIG", "kubeconfig", _text),
+    ("pod_namespace", "POD_NAMESPACE", "pod_namespace", _text),
+    ("pod_name", "POD_NAME", "pod_name", _text),
     ("max_nodes", "QMTL_MAX_NODES", "max_nodes", _nonneg),
     ("max_dag_bytes", "QMTL_MAX_DAG_BYTES", "max_bytes", _nonneg),
 )

@@ -1,6 +1,7 @@
-"""The Kubernetes client, built from the in-cluster account or $KUBECONFIG, and the few
-ConfigMap, Lease and StrategyDAG calls the operator makes outside kopf. ConfigMap and
-StrategyDAG calls raise typed errors (`Unavailable` for a server that did not answer)."""
+"""The Kubernetes adapters: one API client (the in-cluster account or the `kubeconfig`
+setting) for the ConfigMap, Lease and StrategyDAG calls the operator makes outside kopf, and
+StrategyDAG readiness for rollouts. Calls raise typed errors (`Unavailable` for a server that
+did not answer, `Conflict` for 409)."""
 
 from __future__ import annotations
 
@@ -20,56 +21,89 @@ from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Unavailable
 API_ERRORS = (kubernetes.client.ApiException, OSError, urllib3.exceptions.HTTPError)
 
 
-def kube_configuration() -> kubernetes.client.Configuration:
-    """The in-cluster service account, else the kubeconfig named by $KUBECONFIG (read now,
-    not at import) or the default one."""
+def kube_configuration(kubeconfig: str = "") -> kubernetes.client.Configuration:
+    """The in-cluster service account, else the kubeconfig file given (the `kubeconfig`
+    setting, else $KUBECONFIG) or the default one."""
     cfg = kubernetes.client.Configuration()
     try:
         kubernetes.config.load_incluster_config(client_configuration=cfg)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(
-            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg
-        )
+        # an empty setting means $KUBECONFIG as it is now (the client library reads it
+        # only once, at import)
+        path = kubeconfig or os.environ.get("KUBECONFIG") or None
+        kubernetes.config.load_kube_config(config_file=path, client_configuration=cfg)
     return cfg
 
 
-def core() -> kubernetes.client.CoreV1Api:
-    return kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(kube_configuration()))
+class KubeApi:
+    """The operator's one API client for its calls outside kopf (ConfigMaps, StrategyDAG
+    pages, status and events, leases), made on first use from the `kubeconfig` setting."""
 
+    def __init__(self, kubeconfig: str = "") -> None:
+        self.kubeconfig = kubeconfig
+        self._configuration: kubernetes.client.Configuration | None = None
+        self._client: kubernetes.client.ApiClient | None = None
 
-def upsert_config_map(namespace: str, name: str, cm: kubernetes.client.V1ConfigMap) -> None:
-    api = core()
-    what = f"writing ConfigMap {namespace}/{name}"
-    try:
-        api.replace_namespaced_config_map(name, namespace, cm)
-    except kubernetes.client.ApiException as e:
-        if e.status != 404:
-            raise _typed(what, e) from e
-        try:
-            api.create_namespaced_config_map(namespace, cm)
-        except API_ERRORS as ce:
-            raise _typed(what, ce) from ce
-    except API_ERRORS as e:
-        raise _typed(what, e) from e
+    def configuration(self) -> kubernetes.client.Configuration:
+        if self._configuration is None:
+            self._configuration = kube_configuration(self.kubeconfig)
+        return self._configuration
 
+    def client(self) -> kubernetes.client.ApiClient:
+        if self._client is None:
+            self._client = kubernetes.client.ApiClient(self.configuration())
+        return self._client
 
-def read_config_map(namespace: str, name: str, key: str) -> str | None:
-    what = f"reading ConfigMap {namespace}/{name}"
-    try:
-        cm = core().read_namespaced_config_map(name, namespace)
-    except kubernetes.client.ApiException as e:
-        if e.status == 404:
-            return None
-        raise _typed(what, e) from e
-    except API_ERRORS as e:
-        raise _typed(what, e) from e
-    data = cm.data or {}
-    value = data.get(key)
-    return str(value) if value is not None else None
+    def core(self) -> kubernetes.client.CoreV1Api:
+        return kubernetes.client.CoreV1Api(self.client())
+
+    def custom(self) -> kubernetes.client.CustomObjectsApi:
+        return kubernetes.client.CustomObjectsApi(self.client())
+
+    def coordination(self) -> kubernetes.client.CoordinationV1Api:
+        return kubernetes.client.CoordinationV1Api(self.client())
 
 
 def coordination() -> kubernetes.client.CoordinationV1Api:
-    return kubernetes.client.CoordinationV1Api(kubernetes.client.ApiClient(kube_configuration()))
+    """A Lease client from the default kubeconfig (tests that hold a lease themselves)."""
+    return KubeApi().coordination()
+
+
+class ConfigMaps:
+    """The ConfigMap calls: a DAG kept in a ConfigMap, the node → topic map of a large DAG,
+    the GC report. Failures are typed errors."""
+
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
+
+    def upsert(self, namespace: str, name: str, cm: kubernetes.client.V1ConfigMap) -> None:
+        core = self.api.core()
+        what = f"writing ConfigMap {namespace}/{name}"
+        try:
+            core.replace_namespaced_config_map(name, namespace, cm)
+        except kubernetes.client.ApiException as e:
+            if e.status != 404:
+                raise _typed(what, e) from e
+            try:
+                core.create_namespaced_config_map(namespace, cm)
+            except API_ERRORS as ce:
+                raise _typed(what, ce) from ce
+        except API_ERRORS as e:
+            raise _typed(what, e) from e
+
+    def read(self, namespace: str, name: str, key: str) -> str | None:
+        """The key's value; None when the ConfigMap or the key does not exist."""
+        what = f"reading ConfigMap {namespace}/{name}"
+        try:
+            cm = self.api.core().read_namespaced_config_map(name, namespace)
+        except kubernetes.client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise _typed(what, e) from e
+        except API_ERRORS as e:
+            raise _typed(what, e) from e
+        value = (cm.data or {}).get(key)
+        return str(value) if value is not None else None
 
 
 def _typed(what: str, e: Exception) -> DagManagerError:
@@ -85,8 +119,11 @@ class StrategyObjects:
     fresh read, the status merge patch and an event for one object. Failures are raised as
     typed errors (`Unavailable` for a server that did not answer)."""
 
-    def __init__(self, group: str, version: str, plural: str, kind: str) -> None:
+    def __init__(
+        self, group: str, version: str, plural: str, kind: str, api: KubeApi | None = None
+    ) -> None:
         self.group, self.version, self.plural, self.kind = group, version, plural, kind
+        self.api = api or KubeApi()
         self._apis: tuple[kubernetes.client.CustomObjectsApi, kubernetes.client.CoreV1Api] | None
         self._apis = None
 
@@ -101,11 +138,7 @@ class StrategyObjects:
     def _connect(self) -> tuple[kubernetes.client.CustomObjectsApi, kubernetes.client.CoreV1Api]:
         """The API client, made on first use (the kubeconfig is read then, not at wiring)."""
         if self._apis is None:
-            client = kubernetes.client.ApiClient(kube_configuration())
-            self._apis = (
-                kubernetes.client.CustomObjectsApi(client),
-                kubernetes.client.CoreV1Api(client),
-            )
+            self._apis = (self.api.custom(), self.api.core())
         return self._apis
 
     def page(

@@ -26,7 +26,8 @@ class LeadershipLost(RuntimeError):
 
 
 def default_identity() -> str:
-    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    """Without a pod name (the `pod_name` setting): this host and process."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _micro(t: float) -> str:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import urllib.parse
 from typing import Any
 
@@ -20,10 +19,10 @@ from qmtl_dagmanager import bootstrap
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.kube import api, sentinel_api
 from qmtl_dagmanager.kube.kubeapi import (
+    ConfigMaps,
+    KubeApi,
     StrategyObjects,
     StrategyReadinessApi,
-    kube_configuration,
-    upsert_config_map,
 )
 from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
 from qmtl_dagmanager.kube.resync import Resync
@@ -41,10 +40,10 @@ SENTINELS = (api.GROUP, api.VERSION, sentinel_api.PLURAL)
 GC_REPORT = "qmtl-dagmanager-gc-report"
 
 
-async def gc_timer(container: bootstrap.Container) -> None:
+async def gc_timer(container: bootstrap.Container, config_maps: ConfigMaps) -> None:
     """Timed garbage collection by the (single) active operator: decide with the core's
-    policy, archive and drop, and record each run's report in a ConfigMap."""
-    namespace = os.environ.get("POD_NAMESPACE", "default")
+    policy, archive and drop, and record each run's report in a ConfigMap of its namespace."""
+    namespace = container.settings.pod_namespace or "default"
 
     async def record(run: GcRun) -> None:
         report = kubernetes.client.V1ConfigMap(
@@ -54,7 +53,7 @@ async def gc_timer(container: bootstrap.Container) -> None:
             data={"report.json": orjson.dumps(run.as_json()).decode()},
         )
         try:
-            await asyncio.to_thread(upsert_config_map, namespace, GC_REPORT, report)
+            await asyncio.to_thread(config_maps.upsert, namespace, GC_REPORT, report)
         except DagManagerError as e:
             log.warning("could not record the GC report in %s/%s: %s", namespace, GC_REPORT, e)
 
@@ -76,10 +75,17 @@ def build_registry(
     resync_seconds: float = 300.0,
     sentinel_tick: float = 1.0,
     namespaces: list[str] | None = None,
+    kube: KubeApi | None = None,
 ) -> kopf.OperatorRegistry:
+    """The handlers, wired once: the use cases from the container, Kubernetes through one
+    API client (`kube`, else one from the `kubeconfig` setting)."""
     registry = kopf.OperatorRegistry()
-    rec = Reconciler(StrategyService(container.diffs(shed_load=False), container.graph))
-    objects = StrategyObjects(api.GROUP, api.VERSION, api.PLURAL, api.KIND)
+    kube = kube or KubeApi(container.settings.kubeconfig)
+    config_maps = ConfigMaps(kube)
+    rec = Reconciler(
+        StrategyService(container.diffs(shed_load=False), container.graph), config_maps
+    )
+    objects = StrategyObjects(api.GROUP, api.VERSION, api.PLURAL, api.KIND, kube)
     sentinels = SentinelReconciler(container.rollout(StrategyReadinessApi(objects)))
 
     background: list[asyncio.Task[None]] = []
@@ -94,14 +100,14 @@ def build_registry(
         await container.start()
         background.append(asyncio.create_task(container.events.run()))
         if container.settings.gc_interval_seconds > 0:
-            background.append(asyncio.create_task(gc_timer(container)))
+            background.append(asyncio.create_task(gc_timer(container, config_maps)))
         if resync_seconds > 0:
             resync = Resync(rec, objects, namespaces, resync_seconds)
             background.append(asyncio.create_task(resync.run()))
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
-        cfg = kube_configuration()
+        cfg = kube.configuration()
         token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
         return kopf.ConnectionInfo(
             server=cfg.host,
@@ -185,12 +191,13 @@ async def run(
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
     election: LeaderElection | None = None,
+    kube: KubeApi | None = None,
 ) -> None:
     """Run the operator until stopped: one namespace list, or all namespaces. With an
     election, stand by until this instance holds the lease, act while it renews it, and
     raise LeadershipLost (after stopping kopf) if it is lost."""
     stop = stop or asyncio.Event()
-    registry = build_registry(container, resync_seconds, sentinel_tick, namespaces)
+    registry = build_registry(container, resync_seconds, sentinel_tick, namespaces, kube)
     operator = functools.partial(
         kopf.operator,
         registry=registry,

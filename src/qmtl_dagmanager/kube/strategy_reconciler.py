@@ -21,7 +21,7 @@ from qmtl_dagmanager.core.conditions import same
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.core.strategy_spec import StrategySpec
 from qmtl_dagmanager.kube import api
-from qmtl_dagmanager.kube.kubeapi import read_config_map, upsert_config_map
+from qmtl_dagmanager.kube.kubeapi import ConfigMaps, KubeApi
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_text
 
@@ -55,8 +55,14 @@ class Reconciler:
     """One level-based reconcile for create, update, resume and resync; and deletion. Two
     reconciles of one StrategyDAG (a kopf handler and the resync loop) never overlap."""
 
-    def __init__(self, strategies: StrategyService, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        strategies: StrategyService,
+        config_maps: ConfigMaps | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.strategies = strategies
+        self.config_maps = config_maps or ConfigMaps(KubeApi())
         self.metrics = metrics or strategies.diffs.metrics
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
@@ -84,7 +90,7 @@ class Reconciler:
         text = None
         if s.config_map is not None:
             name, key = s.config_map
-            text = await asyncio.to_thread(read_config_map, namespace, name, key)
+            text = await asyncio.to_thread(self.config_maps.read, namespace, name, key)
         return dag_text(s, text)
 
     async def _reconcile(self, body: Mapping[str, Any], sink: Sink, trigger: str) -> str:
@@ -139,7 +145,9 @@ class Reconciler:
             return "unchanged"  # level-based resync: nothing changed, nothing written
         if new.get("topicsConfigMap"):
             topics: dict[str, str] = {n.node.node_id: n.topic for n in outcome.plan.nodes}
-            await asyncio.to_thread(_write_topics, meta, new["topicsConfigMap"], topics)
+            await asyncio.to_thread(
+                _write_topics, self.config_maps, meta, new["topicsConfigMap"], topics
+            )
         sink.status({**new, "lastReconcileTime": now()})
         p = outcome.plan
         sink.event(
@@ -168,7 +176,7 @@ class Reconciler:
         topics = list((st.get("topics") or {}).values())
         if not topics and st.get("topicsConfigMap"):
             stored = await asyncio.to_thread(
-                read_config_map,
+                self.config_maps.read,
                 str(body.metadata.namespace),
                 str(st["topicsConfigMap"]),
                 "topics.json",
@@ -180,7 +188,9 @@ class Reconciler:
         )
 
 
-def _write_topics(meta: Mapping[str, Any], name: str, topics: Mapping[str, str]) -> None:
+def _write_topics(
+    config_maps: ConfigMaps, meta: Mapping[str, Any], name: str, topics: Mapping[str, str]
+) -> None:
     """The full node → topic map of a large DAG, in a ConfigMap the resource owns (deleted
     with it by the garbage collector)."""
     cm = kubernetes.client.V1ConfigMap(
@@ -200,4 +210,4 @@ def _write_topics(meta: Mapping[str, Any], name: str, topics: Mapping[str, str])
         ),
         data={"topics.json": orjson.dumps(dict(topics), option=orjson.OPT_SORT_KEYS).decode()},
     )
-    upsert_config_map(str(meta["namespace"]), name, cm)
+    config_maps.upsert(str(meta["namespace"]), name, cm)
