@@ -47,10 +47,16 @@ crds-check: $(STAMP) ## fail if crds/, the chart's CRDs or docs/crd-reference.md
 	    diff -r "$$tmp/$$out" "$$out" || { echo "$$out is stale: run 'make crds' and commit"; rm -rf "$$tmp"; exit 1; }; \
 	  done; rm -rf "$$tmp"; echo "CRDs are current"
 
-lint: $(STAMP) proto-check crds-check ## ruff, mypy --strict on src/, import-linter contracts, generated code current
+settings: $(STAMP) ## regenerate the README's configuration table from the Settings declarations
+	$(PY) hack/gen-settings.py
+
+settings-check: $(STAMP) ## fail if the README's configuration table is stale
+	$(PY) hack/gen-settings.py --check
+
+lint: $(STAMP) proto-check crds-check settings-check ## ruff, mypy --strict on src, tests, bench and hack, import-linter contracts, generated code current
 	$(VENV)/bin/ruff check src tests hack bench
 	$(VENV)/bin/ruff format --check src tests hack bench
-	$(VENV)/bin/mypy src
+	$(VENV)/bin/mypy src tests bench hack
 	$(VENV)/bin/lint-imports
 
 fmt: $(STAMP) ## format and autofix
@@ -110,4 +116,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

@@ -15,11 +15,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import yaml
 from kubernetes import client, config
+from kubernetes.client.rest import RESTResponseType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,8 +34,11 @@ from qmtl_dagmanager.kube import api, operator  # noqa: E402
 
 def ready_count(custom: client.CustomObjectsApi, ns: str) -> int:
     # raw bytes and orjson: the bench's own polling must not compete with the operator for CPU
-    raw = custom.list_namespaced_custom_object(
-        api.GROUP, api.VERSION, ns, api.PLURAL, _preload_content=False
+    raw = cast(  # not preloaded: the client answers with the HTTP response
+        RESTResponseType,
+        custom.list_namespaced_custom_object(
+            api.GROUP, api.VERSION, ns, api.PLURAL, _preload_content=False
+        ),
     )
     items = orjson.loads(raw.data)["items"]
     return sum(
@@ -87,9 +91,9 @@ async def start(
     """The operator in-process, its graph writes counted into `writes`."""
     original = container.graph.apply
 
-    async def counted(*a: Any, **k: Any) -> None:
+    async def counted(*a: Any, **k: Any) -> tuple[str, ...]:
         writes[0] += 1
-        await original(*a, **k)
+        return await original(*a, **k)
 
     container.graph.apply = counted  # type: ignore[method-assign]
     stop, ready = asyncio.Event(), asyncio.Event()
@@ -113,7 +117,7 @@ async def main() -> None:
     core = client.CoreV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": ns}})
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     container = bootstrap.build(
         dataclasses.replace(
             Settings(),
@@ -180,9 +184,10 @@ async def main() -> None:
     )
     await wait_for(
         lambda: (
-            not custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)[
-                "items"
-            ]
+            not cast(
+                dict[str, Any],
+                custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL),
+            )["items"]
         ),
         300,
         "finalizers",

@@ -19,10 +19,11 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from kubernetes import client, config
+from kubernetes.client.rest import RESTResponseType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,8 +46,11 @@ def memory(pid: int) -> tuple[float, float]:
 
 
 def count_items(custom: client.CustomObjectsApi, ns: str) -> int:
-    raw = custom.list_namespaced_custom_object(
-        api.GROUP, api.VERSION, ns, api.PLURAL, _preload_content=False
+    raw = cast(  # not preloaded: the client answers with the HTTP response
+        RESTResponseType,
+        custom.list_namespaced_custom_object(
+            api.GROUP, api.VERSION, ns, api.PLURAL, _preload_content=False
+        ),
     )
     return len(orjson.loads(raw.data)["items"])
 
@@ -96,7 +100,7 @@ async def main() -> int:
     core = client.CoreV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)
     ns = f"rss-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": ns}})
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_"))},
         "KUBECONFIG": e["KUBECONFIG"],

@@ -61,7 +61,8 @@ async def wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
             if proc.poll() is not None:
                 raise SystemExit("the sidecar exited during start-up")
             try:
-                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                # types-grpcio-health-checking's HealthStub declares no RPCs
+                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)  # type: ignore[attr-defined]
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:

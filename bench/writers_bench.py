@@ -63,8 +63,8 @@ def main() -> int:
         problems.append(f"topics missing at answer time: {tally.missing_at_answer[:5]}")
     if tally.errors:
         problems.append(f"failed calls: {dict(tally.errors)}")
-    for p in problems:
-        print(f"[writers] VIOLATION {p}")
+    for problem in problems:
+        print(f"[writers] VIOLATION {problem}")
     print("[writers] " + ("all invariants hold" if not problems else f"{len(problems)} broken"))
     return 1 if problems else 0
 

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from kubernetes import client, config
@@ -56,7 +56,8 @@ def apply(api: client.ApiClient, doc: dict[str, Any]) -> None:
     if kind == "CustomResourceDefinition":
         ext = client.ApiextensionsV1Api(api)
         try:
-            ext.create_custom_resource_definition(doc)
+            # the client sends the manifest's dict as it is; the stub asks for the model
+            ext.create_custom_resource_definition(cast(Any, doc))
         except client.ApiException as e:
             if e.status != 409:
                 raise
@@ -77,6 +78,7 @@ def apply(api: client.ApiClient, doc: dict[str, Any]) -> None:
 
 def established(api: client.ApiClient, name: str) -> bool:
     crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(name)
+    assert crd.status is not None
     return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
 
 
@@ -113,11 +115,14 @@ def follow(api: client.ApiClient) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for plural in ("strategydags", "versionsentinels"):
-            items = custom.list_namespaced_custom_object("qmtl.io", "v1alpha1", "default", plural)
+            items = cast(
+                dict[str, Any],
+                custom.list_namespaced_custom_object("qmtl.io", "v1alpha1", "default", plural),
+            )
             for item in items["items"]:
                 st = item.get("status") or {}
                 if plural == "strategydags":
-                    ready = next(
+                    ready: dict[str, Any] = next(
                         (c for c in st.get("conditions") or [] if c["type"] == "Ready"), {}
                     )
                     line = (

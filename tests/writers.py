@@ -29,7 +29,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import neo4j
@@ -191,7 +191,9 @@ class Fleet:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.3)
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": self.namespace}})
+        client.CoreV1Api(api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=self.namespace))
+        )
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
 
@@ -228,7 +230,8 @@ async def _serving(port: int, proc: subprocess.Popen[bytes], seconds: float = 60
             if proc.poll() is not None:
                 raise AssertionError(f"sidecar on {port} exited with {proc.returncode}")
             with contextlib.suppress(grpc.RpcError):
-                got = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                # types-grpcio-health-checking's HealthStub declares no RPCs
+                got = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)  # type: ignore[attr-defined]
                 if got.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             await asyncio.sleep(0.2)
@@ -373,11 +376,10 @@ class Traffic:
         f = self.fleet
         end = time.monotonic() + seconds
         while True:
-            items = (
-                await asyncio.to_thread(
-                    f.custom.list_namespaced_custom_object, GROUP, VERSION, f.namespace, PLURAL
-                )
-            )["items"]
+            listed = await asyncio.to_thread(
+                f.custom.list_namespaced_custom_object, GROUP, VERSION, f.namespace, PLURAL
+            )
+            items = cast(dict[str, Any], listed)["items"]
             ready = [
                 i
                 for i in items

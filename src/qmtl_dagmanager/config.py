@@ -22,70 +22,6 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the key or variable."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    profile: str = "dev"  # dev | prod (prod refuses embedded backends)
-    neo4j_uri: str = ""  # empty: the embedded in-memory graph store
-    neo4j_user: str = "neo4j"
-    neo4j_password: str = ""
-    neo4j_database: str = "neo4j"
-    kafka_bootstrap: str = ""  # empty: the embedded in-memory topic admin and event bus
-    controlbus_bootstrap: str = ""  # empty: same as kafka_bootstrap
-    queue_topic: str = "queue"
-    sentinel_weight_topic: str = "sentinel_weight"
-    topic_profile: Profile = Profile.DEVELOPMENT
-    enable_topic_namespace: bool = True
-    node_ids: IdMode = IdMode.VERIFY
-    limits: Limits = field(default_factory=Limits)
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    http_host: str = "127.0.0.1"
-    http_port: int = 8001
-    gc_interval_seconds: int = 3600  # 0 disables the timer (GC still runs on a trigger)
-    gc_dry_run: bool = False  # decide and report, but drop nothing
-    # tag → policy; the mapping given is merged over the defaults (core.gc.DEFAULT_POLICIES)
-    gc_policies: Mapping[str, GcPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
-    gc_intent_grace_seconds: int = 600  # a created topic no queue owns after this is swept
-    prometheus_url: str = ""  # a Prometheus-compatible HTTP API (GC load metric, gates)
-    gc_load_query: str = ""  # PromQL for the broker load; empty: GC is never throttled
-    gc_load_threshold: float = 0.8  # above it (or unreadable) the per-run GC cap is halved
-    archive_dir: str = "./archive"
-    dry_run_strategy: str = "dryrun"
-    node_cache_ttl_seconds: int = 60  # 0 disables the node cache
-    diff_max_inflight: int = 8
-    diff_max_waiting: int = 256  # diffs that may wait (each at most 2 s) before shedding
-    resubmission_cache_nodes: int = 20_000  # 0 disables the resubmission cache
-    node_memo_nodes: int = 20_000  # validated nodes kept to skip re-checking (0 disables)
-    # the sidecar runs Python's full garbage collections itself, between diffs, at most this
-    # often (less often when they are long); 0 leaves them automatic (they then pause
-    # whichever diff triggers them)
-    heap_full_collection_seconds: int = 5
-    log_level: str = "INFO"
-    log_format: str = "text"  # text | json (one object per line)
-    # security (README: Security); secrets come from the environment only
-    grpc_tls_cert: str = ""  # PEM files, re-read when they change (no restart)
-    grpc_tls_key: str = ""
-    grpc_tls_client_ca: str = ""  # set: mutual TLS, clients need a certificate it signed
-    grpc_jwt_key: str = ""  # set: every call needs `authorization: Bearer <HS256 JWT>`
-    grpc_jwt_audience: str = ""
-    grpc_jwt_issuer: str = ""
-    http_admin_token: str = ""  # required by mutating HTTP endpoints (always off loopback)
-    queue_stats_per_second: int = 5
-    gc_trigger_interval_seconds: int = 10
-    # the operator's Kubernetes identity (the chart sets the pod's from the downward API)
-    kubeconfig: str = ""  # empty: the in-cluster service account, else ~/.kube/config
-    pod_namespace: str = "default"  # the operator's namespace: its lease and GC report
-    pod_name: str = ""  # its lease holder identity (empty: host name and process id)
-
-    @property
-    def embedded_graph(self) -> bool:
-        return not self.neo4j_uri
-
-    @property
-    def embedded_kafka(self) -> bool:
-        return not self.kafka_bootstrap
-
-
 def _text(v: Any) -> str:
     if isinstance(v, str | int | float) and not isinstance(v, bool):
         return str(v).strip()
@@ -223,88 +159,380 @@ def _archive(v: Any) -> str:
     return text.removeprefix("file://")
 
 
-# yaml key, environment variable, Settings field, parser
-KEYS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
-    ("profile", "QMTL_PROFILE", "profile", _choice("dev", "prod")),
-    ("neo4j_dsn", "NEO4J_URI", "neo4j_uri", _text),
-    ("neo4j_user", "NEO4J_USER", "neo4j_user", _text),
-    ("neo4j_password", "NEO4J_PASSWORD", "neo4j_password", _text),
-    ("neo4j_database", "NEO4J_DATABASE", "neo4j_database", _text),
-    ("kafka_dsn", "KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap", _text),
-    ("controlbus_dsn", "QMTL_CONTROLBUS_DSN", "controlbus_bootstrap", _text),
-    ("controlbus_queue_topic", "QMTL_QUEUE_TOPIC", "queue_topic", _text),
-    ("controlbus_sentinel_topic", "QMTL_SENTINEL_WEIGHT_TOPIC", "sentinel_weight_topic", _text),
-    (
+def setting(
+    default: Any,
+    yaml_key: str,
+    env: str,
+    parse: Callable[[Any], Any],
+    doc: str,
+    *,
+    shown: str | None = None,
+    secret: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """One setting, declared once: its default, YAML key, environment variable, parser and
+    documentation (`shown` replaces the default in the README table). A secret is read from
+    the environment only."""
+    meta = {
+        "yaml": None if secret else yaml_key,
+        "env": env,
+        "parse": parse,
+        "doc": doc,
+        "shown": shown,
+    }
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _profile(v: Any) -> Profile:
+    return Profile(_choice("development", "production")(v))
+
+
+def _ids(v: Any) -> IdMode:
+    return IdMode(_choice("verify", "trust")(v))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    profile: str = setting(
+        "dev", "profile", "QMTL_PROFILE", _choice("dev", "prod"), "`prod` requires real backends"
+    )
+    neo4j_uri: str = setting(
+        "", "neo4j_dsn", "NEO4J_URI", _text, "the graph store (Bolt URI)", shown="embedded"
+    )
+    neo4j_user: str = setting("neo4j", "neo4j_user", "NEO4J_USER", _text, "its user")
+    neo4j_password: str = setting(
+        "", "neo4j_password", "NEO4J_PASSWORD", _text, "its password", secret=True
+    )
+    neo4j_database: str = setting("neo4j", "neo4j_database", "NEO4J_DATABASE", _text, "database")
+    kafka_bootstrap: str = setting(
+        "",
+        "kafka_dsn",
+        "KAFKA_BOOTSTRAP_SERVERS",
+        _text,
+        "Kafka: topics, archives",
+        shown="embedded",
+    )
+    controlbus_bootstrap: str = setting(
+        "", "controlbus_dsn", "QMTL_CONTROLBUS_DSN", _text, "ControlBus events", shown="`kafka_dsn`"
+    )
+    queue_topic: str = setting(
+        "queue",
+        "controlbus_queue_topic",
+        "QMTL_QUEUE_TOPIC",
+        _text,
+        "QueueUpdated topic (created at start)",
+    )
+    sentinel_weight_topic: str = setting(
+        "sentinel_weight",
+        "controlbus_sentinel_topic",
+        "QMTL_SENTINEL_WEIGHT_TOPIC",
+        _text,
+        "sentinel weight topic (created at start)",
+    )
+    topic_profile: Profile = setting(
+        Profile.DEVELOPMENT,
         "topic_profile",
         "QMTL_TOPIC_PROFILE",
-        "topic_profile",
-        lambda v: Profile(_choice("development", "production")(v)),
-    ),
-    ("enable_topic_namespace", "QMTL_ENABLE_TOPIC_NAMESPACE", "enable_topic_namespace", _bool),
-    ("node_ids", "QMTL_NODE_IDS", "node_ids", lambda v: IdMode(_choice("verify", "trust")(v))),
-    ("grpc_host", "QMTL_GRPC_HOST", "grpc_host", _text),
-    ("grpc_port", "QMTL_GRPC_PORT", "grpc_port", _port),
-    ("http_host", "QMTL_HTTP_HOST", "http_host", _text),
-    ("http_port", "QMTL_HTTP_PORT", "http_port", _port),
-    ("gc_interval_seconds", "QMTL_GC_INTERVAL_SECONDS", "gc_interval_seconds", _nonneg),
-    ("gc_archive_bucket", "QMTL_ARCHIVE_DIR", "archive_dir", _archive),
-    ("gc_dry_run", "QMTL_GC_DRY_RUN", "gc_dry_run", _bool),
-    ("gc_policies", "QMTL_GC_POLICIES", "gc_policies", _policies),
-    (
+        _profile,
+        "cap (development) or refuse (production) replication above the broker count",
+    )
+    enable_topic_namespace: bool = setting(
+        True,
+        "enable_topic_namespace",
+        "QMTL_ENABLE_TOPIC_NAMESPACE",
+        _bool,
+        "prefix topics with `<world>.<domain>.`",
+    )
+    node_ids: IdMode = setting(
+        IdMode.VERIFY,
+        "node_ids",
+        "QMTL_NODE_IDS",
+        _ids,
+        "recompute NodeIDs, or `trust` the Gateway's",
+    )
+    limits: Limits = field(default_factory=Limits)  # from max_nodes and max_dag_bytes below
+    grpc_host: str = setting("127.0.0.1", "grpc_host", "QMTL_GRPC_HOST", _text, "gRPC listener")
+    grpc_port: int = setting(50051, "grpc_port", "QMTL_GRPC_PORT", _port, "gRPC port")
+    http_host: str = setting("127.0.0.1", "http_host", "QMTL_HTTP_HOST", _text, "HTTP admin")
+    http_port: int = setting(8001, "http_port", "QMTL_HTTP_PORT", _port, "HTTP admin port")
+    gc_interval_seconds: int = setting(
+        3600,
+        "gc_interval_seconds",
+        "QMTL_GC_INTERVAL_SECONDS",
+        _nonneg,
+        "timed GC (0: only on trigger)",
+    )
+    gc_dry_run: bool = setting(
+        False,
+        "gc_dry_run",
+        "QMTL_GC_DRY_RUN",
+        _bool,
+        "timed GC decides and reports but drops nothing",
+    )
+    gc_policies: Mapping[str, GcPolicy] = setting(
+        None,
+        "gc_policies",
+        "QMTL_GC_POLICIES",
+        _policies,
+        "per tag `{ttl_seconds, grace_seconds, action}` (YAML/JSON in the environment; also "
+        "`QMTL_GC_POLICY_<TAG>=ttl_seconds=…,grace_seconds=…,action=drop\\|archive`), "
+        "merged over the defaults",
+        shown="raw 7 d + 1 d, indicator 30 d + 3 d drop; trade_exec 90 d + 7 d, "
+        "sentinel 180 d + 30 d archive",
+        factory=lambda: dict(DEFAULT_POLICIES),
+    )
+    gc_intent_grace_seconds: int = setting(
+        600,
         "gc_intent_grace_seconds",
         "QMTL_GC_INTENT_GRACE_SECONDS",
-        "gc_intent_grace_seconds",
         _positive,
-    ),
-    ("prometheus_url", "QMTL_PROMETHEUS_URL", "prometheus_url", _url),
-    ("gc_load_query", "QMTL_GC_LOAD_QUERY", "gc_load_query", _text),
-    ("gc_load_threshold", "QMTL_GC_LOAD_THRESHOLD", "gc_load_threshold", _float),
-    ("dry_run_strategy", "QMTL_DRY_RUN_STRATEGY", "dry_run_strategy", _text),
-    ("node_cache_ttl_seconds", "QMTL_NODE_CACHE_TTL", "node_cache_ttl_seconds", _nonneg),
-    ("diff_max_inflight", "QMTL_DIFF_MAX_INFLIGHT", "diff_max_inflight", _positive),
-    ("diff_max_waiting", "QMTL_DIFF_MAX_WAITING", "diff_max_waiting", _nonneg),
-    (
+        "a topic created by a diff that no queue owns after this is deleted by GC",
+    )
+    prometheus_url: str = setting(
+        "",
+        "prometheus_url",
+        "QMTL_PROMETHEUS_URL",
+        _url,
+        "a Prometheus-compatible HTTP API (`/api/v1/query`): GC load metric, canary gates",
+    )
+    gc_load_query: str = setting(
+        "",
+        "gc_load_query",
+        "QMTL_GC_LOAD_QUERY",
+        _text,
+        "PromQL for the broker load (largest sample of the answer); empty: never throttled",
+    )
+    gc_load_threshold: float = setting(
+        0.8,
+        "gc_load_threshold",
+        "QMTL_GC_LOAD_THRESHOLD",
+        _float,
+        "above it, or unreadable, a GC run's cap is halved",
+    )
+    archive_dir: str = setting(
+        "./archive",
+        "gc_archive_bucket",
+        "QMTL_ARCHIVE_DIR",
+        _archive,
+        "directory for sentinel-queue archives (S3 not yet)",
+    )
+    dry_run_strategy: str = setting(
+        "dryrun",
+        "dry_run_strategy",
+        "QMTL_DRY_RUN_STRATEGY",
+        _text,
+        "diffs of this strategy id write nothing",
+    )
+    node_cache_ttl_seconds: int = setting(
+        60,
+        "node_cache_ttl_seconds",
+        "QMTL_NODE_CACHE_TTL",
+        _nonneg,
+        "node-record cache lifetime (0 disables)",
+    )
+    diff_max_inflight: int = setting(
+        8, "diff_max_inflight", "QMTL_DIFF_MAX_INFLIGHT", _positive, "concurrent diffs"
+    )
+    diff_max_waiting: int = setting(
+        256,
+        "diff_max_waiting",
+        "QMTL_DIFF_MAX_WAITING",
+        _nonneg,
+        "diffs that may wait (each up to 2 s) beyond those; then RESOURCE_EXHAUSTED",
+    )
+    resubmission_cache_nodes: int = setting(
+        20_000,
         "resubmission_cache_nodes",
         "QMTL_RESUBMISSION_CACHE_NODES",
-        "resubmission_cache_nodes",
         _nonneg,
-    ),
-    ("node_memo_nodes", "QMTL_NODE_MEMO_NODES", "node_memo_nodes", _nonneg),
-    (
+        "nodes of recent answers kept for identical resubmissions (0 disables)",
+    )
+    node_memo_nodes: int = setting(
+        20_000,
+        "node_memo_nodes",
+        "QMTL_NODE_MEMO_NODES",
+        _nonneg,
+        "nodes already validated (and verified), kept by exact content so that a changed DAG "
+        "re-checks only its changed nodes (0 disables)",
+    )
+    heap_full_collection_seconds: int = setting(
+        5,
         "heap_full_collection_seconds",
         "QMTL_HEAP_FULL_COLLECTION_SECONDS",
-        "heap_full_collection_seconds",
         _nonneg,
-    ),
-    ("log_level", "QMTL_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
-    ("log_format", "QMTL_LOG_FORMAT", "log_format", _choice("text", "json")),
-    ("grpc_tls_cert", "QMTL_GRPC_TLS_CERT", "grpc_tls_cert", _text),
-    ("grpc_tls_key", "QMTL_GRPC_TLS_KEY", "grpc_tls_key", _text),
-    ("grpc_tls_client_ca", "QMTL_GRPC_TLS_CLIENT_CA", "grpc_tls_client_ca", _text),
-    ("grpc_jwt_key", "QMTL_GRPC_JWT_KEY", "grpc_jwt_key", _text),
-    ("grpc_jwt_audience", "QMTL_GRPC_JWT_AUDIENCE", "grpc_jwt_audience", _text),
-    ("grpc_jwt_issuer", "QMTL_GRPC_JWT_ISSUER", "grpc_jwt_issuer", _text),
-    ("http_admin_token", "QMTL_HTTP_ADMIN_TOKEN", "http_admin_token", _text),
-    ("queue_stats_per_second", "QMTL_QUEUE_STATS_PER_SECOND", "queue_stats_per_second", _positive),
-    (
+        "the sidecar runs Python's full garbage collection itself, between diffs, at most "
+        "this often (less often when a collection is long: at most 2 % of the time); 0: "
+        "automatic, which pauses the diff that triggers it (see Growth)",
+    )
+    log_level: str = setting(
+        "INFO",
+        "log_level",
+        "QMTL_LOG_LEVEL",
+        _choice("debug", "info", "warning", "error"),
+        "debug, info, warning or error",
+        shown="info",
+    )
+    log_format: str = setting(
+        "text",
+        "log_format",
+        "QMTL_LOG_FORMAT",
+        _choice("text", "json"),
+        "`json`: one object per line",
+    )
+    grpc_tls_cert: str = setting(
+        "",
+        "grpc_tls_cert",
+        "QMTL_GRPC_TLS_CERT",
+        _text,
+        "PEM file: TLS on the gRPC port, re-read when it changes (no restart)",
+    )
+    grpc_tls_key: str = setting(
+        "", "grpc_tls_key", "QMTL_GRPC_TLS_KEY", _text, "PEM file: its private key"
+    )
+    grpc_tls_client_ca: str = setting(
+        "",
+        "grpc_tls_client_ca",
+        "QMTL_GRPC_TLS_CLIENT_CA",
+        _text,
+        "mutual TLS: clients need a certificate this CA signed",
+    )
+    grpc_jwt_key: str = setting(
+        "",
+        "grpc_jwt_key",
+        "QMTL_GRPC_JWT_KEY",
+        _text,
+        "every call needs `authorization: Bearer <HS256 JWT>` signed with it (`exp` required)",
+        secret=True,
+    )
+    grpc_jwt_audience: str = setting(
+        "", "grpc_jwt_audience", "QMTL_GRPC_JWT_AUDIENCE", _text, "checked when set"
+    )
+    grpc_jwt_issuer: str = setting(
+        "", "grpc_jwt_issuer", "QMTL_GRPC_JWT_ISSUER", _text, "checked when set"
+    )
+    http_admin_token: str = setting(
+        "",
+        "http_admin_token",
+        "QMTL_HTTP_ADMIN_TOKEN",
+        _text,
+        "`Authorization: Bearer <token>` for `POST /admin/gc-trigger`; without one that "
+        "endpoint is open on loopback only (403 elsewhere)",
+        secret=True,
+    )
+    queue_stats_per_second: int = setting(
+        5,
+        "queue_stats_per_second",
+        "QMTL_QUEUE_STATS_PER_SECOND",
+        _positive,
+        "GetQueueStats rate limit (RESOURCE_EXHAUSTED beyond)",
+    )
+    gc_trigger_interval_seconds: int = setting(
+        10,
         "gc_trigger_interval_seconds",
         "QMTL_GC_TRIGGER_INTERVAL_SECONDS",
-        "gc_trigger_interval_seconds",
         _nonneg,
-    ),
-    ("kubeconfig", "KUBECONFIG", "kubeconfig", _text),
-    ("pod_namespace", "POD_NAMESPACE", "pod_namespace", _text),
-    ("pod_name", "POD_NAME", "pod_name", _text),
-    ("max_nodes", "QMTL_MAX_NODES", "max_nodes", _nonneg),
-    ("max_dag_bytes", "QMTL_MAX_DAG_BYTES", "max_bytes", _nonneg),
-)
+        "at most one GC trigger per interval (429 with Retry-After)",
+    )
+    kubeconfig: str = setting(
+        "",
+        "kubeconfig",
+        "KUBECONFIG",
+        _text,
+        "the operator's API client (one per process, outside kopf too)",
+        shown="in-cluster account, else `~/.kube/config`",
+    )
+    pod_namespace: str = setting(
+        "default",
+        "pod_namespace",
+        "POD_NAMESPACE",
+        _text,
+        "the operator's namespace: its lease and GC report (the chart sets it)",
+    )
+    pod_name: str = setting(
+        "",
+        "pod_name",
+        "POD_NAME",
+        _text,
+        "the operator's lease identity (the chart sets it)",
+        shown="host name and pid",
+    )
+
+    @property
+    def embedded_graph(self) -> bool:
+        return not self.neo4j_uri
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return not self.kafka_bootstrap
 
 
-SECRETS = {
-    "neo4j_password": "NEO4J_PASSWORD",
-    "grpc_jwt_key": "QMTL_GRPC_JWT_KEY",
-    "http_admin_token": "QMTL_HTTP_ADMIN_TOKEN",
-}
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A setting as read: YAML key (None: environment only), variable, field, parser, doc."""
+
+    yaml: str | None
+    env: str
+    name: str
+    parse: Callable[[Any], Any]
+    doc: str
+    shown: str
+
+
+def _keys() -> tuple[Key, ...]:
+    out = []
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        if "env" not in f.metadata:
+            continue
+        m = f.metadata
+        shown = m["shown"] if m["shown"] is not None else _shown(getattr(defaults, f.name))
+        out.append(Key(m["yaml"], m["env"], f.name, m["parse"], m["doc"], shown))
+    limits = Limits()
+    out += [
+        Key(
+            "max_nodes",
+            "QMTL_MAX_NODES",
+            "max_nodes",
+            _nonneg,
+            "DAG size limit: nodes",
+            str(limits.max_nodes),
+        ),
+        Key(
+            "max_dag_bytes",
+            "QMTL_MAX_DAG_BYTES",
+            "max_bytes",
+            _nonneg,
+            "DAG size limit: bytes of `dag_json`",
+            f"{limits.max_bytes // 2**20} MiB",
+        ),
+    ]
+    return tuple(out)
+
+
+NONE = "\u2013"  # an en dash: no value
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, int | float):
+        return str(value)
+    return f"`{value}`" if value else NONE
+
+
+KEYS = _keys()
+SECRETS = {k.name: k.env for k in KEYS if k.yaml is None}
+
+
+def table() -> str:
+    """The README's configuration table (`make settings` writes it, `make lint` checks it)."""
+    rows = ["| YAML key | environment | default | meaning |", "|---|---|---|---|"]
+    for k in KEYS:
+        yaml_key = f"`{k.yaml}`" if k.yaml else NONE
+        rows.append(f"| {yaml_key} | `{k.env}` | {k.shown} | {k.doc} |")
+    return "\n".join(rows) + "\n"
 
 
 def load(path: Path | None, env: Mapping[str, str]) -> Settings:
@@ -328,19 +556,19 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
                 + ", ".join(SECRETS[k] for k in secret)
                 + " in the environment (from a Kubernetes Secret in a cluster)"
             )
-        known = {k for k, _, _, _ in KEYS}
+        known = {k.yaml for k in KEYS if k.yaml}
         unknown = sorted(str(k) for k in doc if k not in known)
         if unknown:
             raise SettingsError(
                 f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
-        for key, _, name, parse in KEYS:
-            if key in doc and doc[key] is not None:
-                values[name] = _parsed(parse, doc[key], f"{path}: {key}")
-    for _, var, name, parse in KEYS:
-        raw = env.get(var)
+        for k in KEYS:
+            if k.yaml and doc.get(k.yaml) is not None:
+                values[k.name] = _parsed(k.parse, doc[k.yaml], f"{path}: {k.yaml}")
+    for k in KEYS:
+        raw = env.get(k.env)
         if raw is not None and raw.strip() != "":
-            values[name] = _parsed(parse, raw, f"environment variable {var}")
+            values[k.name] = _parsed(k.parse, raw, f"environment variable {k.env}")
     policy_prefix = "QMTL_GC_POLICY_"
     for var in sorted(env):
         if var.startswith(policy_prefix) and env[var].strip():

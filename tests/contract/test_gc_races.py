@@ -87,7 +87,7 @@ class World:
         service = diffs or self.diffs()
         return await service.diff(
             Request(f"new-{uuid.uuid4().hex[:8]}", world_id="w1"), encode(nodes)
-        )  # type: ignore[no-any-return]
+        )
 
     def dropped(self, mine: list[str]) -> list[str]:
         return sorted(
@@ -268,4 +268,8 @@ async def test_concurrent_gc_runs_drop_each_queue_exactly_once(
         assert sorted(dropped) == sorted(mine)  # each once, by one of the runs
         assert w.dropped(mine) == sorted(mine)  # and announced once
         assert not set(mine) & {q.topic for q in await graph.queues()}
-        await w.eventually(lambda listed, mine=mine: not set(mine) & listed)
+
+        def gone(listed: set[str], mine: list[str] = mine) -> bool:
+            return not set(mine) & listed
+
+        await w.eventually(gone)

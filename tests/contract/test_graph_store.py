@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from qmtl_dagmanager.core import dag, plan
-from qmtl_dagmanager.core.errors import QueueGone
+from qmtl_dagmanager.core.errors import CrossContextReuse, QueueGone
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import Action, Request
 from qmtl_dagmanager.core.tag_match import TagQuery
@@ -207,7 +207,7 @@ async def test_cross_context_reuse_is_detected_from_the_graph(graph: GraphStore)
     await submit(graph, nodes, Request("s1", execution_domain="backtest", as_of="2024"))
     p = await diff(graph, nodes, Request("s2", execution_domain="backtest", as_of="2025"))
     assert len(p.violations) == 2
-    with pytest.raises(plan.CrossContextReuse):
+    with pytest.raises(CrossContextReuse):
         p.raise_for_violations()
 
 

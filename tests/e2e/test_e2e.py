@@ -22,7 +22,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -55,7 +55,12 @@ class Product:
 
     def get(self, plural: str, name: str) -> dict[str, Any]:
         return dict(
-            self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+            cast(
+                dict[str, Any],
+                self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, plural, name
+                ),
+            )
         )
 
     def exists(self, plural: str, name: str) -> bool:
@@ -161,7 +166,9 @@ async def product(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             target = stack.enter_context(processes(env, tmp_path))
         api = config.new_client_from_config(config_file=kubeconfig)
         ns = f"e2e-{uuid.uuid4().hex[:6]}"
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
+        client.CoreV1Api(api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=ns))
+        )
         try:
             yield Product(api, ns, target)
         finally:

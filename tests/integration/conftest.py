@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ class Running:
         return f"http://127.0.0.1:{self.sidecar.http_port}"
 
 
-def real_settings(stack: Stack, **over: object) -> Settings:
+def real_settings(stack: Stack, **over: Any) -> Settings:
     return dataclasses.replace(
         Settings(),
         neo4j_uri=stack.neo4j_uri,
@@ -36,7 +37,7 @@ def real_settings(stack: Stack, **over: object) -> Settings:
         http_port=0,
         gc_interval_seconds=0,
         **over,
-    )  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture(params=["embedded", pytest.param("real", marks=pytest.mark.integration)])

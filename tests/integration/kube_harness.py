@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -76,8 +76,11 @@ class Cluster:
         """Every StrategyDAG of the namespace is gone (finalizers done)."""
         await until(
             lambda: (
-                not self.custom.list_namespaced_custom_object(
-                    api.GROUP, api.VERSION, self.namespace, api.PLURAL
+                not cast(
+                    dict[str, Any],
+                    self.custom.list_namespaced_custom_object(
+                        api.GROUP, api.VERSION, self.namespace, api.PLURAL
+                    ),
                 )["items"]
             ),
             timeout,
@@ -97,8 +100,11 @@ class Cluster:
 
     def get(self, name: str) -> dict[str, Any]:
         return dict(
-            self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+            cast(
+                dict[str, Any],
+                self.custom.get_namespaced_custom_object(
+                    api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+                ),
             )
         )
 
@@ -125,8 +131,11 @@ class Cluster:
 
     def sentinel(self, name: str) -> dict[str, Any]:
         return dict(
-            self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, self.namespace, sentinel_api.PLURAL, name
+            cast(
+                dict[str, Any],
+                self.custom.get_namespaced_custom_object(
+                    api.GROUP, api.VERSION, self.namespace, sentinel_api.PLURAL, name
+                ),
             )
         )
 
@@ -188,22 +197,25 @@ async def cluster(
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         crd = yaml.safe_load(path.read_text())
         try:
-            ext.create_custom_resource_definition(crd)
+            # the client sends the manifest's dict as it is; the stub asks for the model
+            ext.create_custom_resource_definition(cast(Any, crd))
         except client.ApiException as e:
             if e.status != 409:
                 raise
             ext.patch_custom_resource_definition(crd["metadata"]["name"], crd)
-        name = crd["metadata"]["name"]
-        await until(
-            lambda name=name: any(
-                c.type == "Established" and c.status == "True"
-                for c in ext.read_custom_resource_definition(name).status.conditions or []
-            ),
-            what=f"CRD {name} established",
-        )
+        name: str = crd["metadata"]["name"]
+
+        def established(name: str = name) -> bool:
+            status = ext.read_custom_resource_definition(name).status
+            assert status is not None
+            return any(
+                c.type == "Established" and c.status == "True" for c in status.conditions or []
+            )
+
+        await until(established, what=f"CRD {name} established")
     core = client.CoreV1Api(api_client)
     ns = f"op-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": ns}})
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     settings = dataclasses.replace(
         Settings(),
         neo4j_uri=stack.neo4j_uri,
@@ -218,9 +230,11 @@ async def cluster(
     try:
         yield cl
     finally:
-        for item in cl.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)[
-            "items"
-        ]:
+        listed = cast(
+            dict[str, Any],
+            cl.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL),
+        )
+        for item in listed["items"]:
             with contextlib.suppress(client.ApiException):
                 cl.delete(item["metadata"]["name"])
         with contextlib.suppress(AssertionError):

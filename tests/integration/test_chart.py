@@ -112,7 +112,9 @@ def test_rendering_is_least_privilege_and_hardened(helm: str) -> None:
 def namespace(stack: Stack) -> Iterator[tuple[client.ApiClient, str]]:
     api = config.new_client_from_config(config_file=stack.kubeconfig)
     ns = f"chart-{uuid.uuid4().hex[:6]}"
-    client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
+    client.CoreV1Api(api).create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=ns))
+    )
     yield api, ns
     client.CoreV1Api(api).delete_namespace(ns)
     api.close()

@@ -36,7 +36,8 @@ def wait_serving(port: int, proc: subprocess.Popen[str], deadline: float = 60) -
             if proc.poll() is not None:
                 raise AssertionError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                # types-grpcio-health-checking's HealthStub declares no RPCs
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:  # type: ignore[attr-defined]
                     return
             except grpc.RpcError:
                 time.sleep(0.2)

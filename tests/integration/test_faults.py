@@ -61,10 +61,10 @@ async def test_neo4j_killed_mid_diff_leaves_the_graph_unchanged(
     strategy, doc = f"neo-{uid()}", dumps(generate(30, salt=uid()))
     write = graph.apply
 
-    async def crash_first(*a: Any, **k: Any) -> None:
+    async def crash_first(*a: Any, **k: Any) -> tuple[str, ...]:
         graph.apply = write  # type: ignore[method-assign]
         await asyncio.to_thread(stack.stop_server, "neo4j")  # dies between read and write
-        await write(*a, **k)
+        return await write(*a, **k)
 
     graph.apply = crash_first  # type: ignore[method-assign]
     client = GatewayClient(f"127.0.0.1:{sidecar.grpc_port}")
@@ -139,7 +139,8 @@ async def test_latency_and_cut_connections_to_neo4j(stack: Stack, tmp_path: Path
         assert e.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 2.0  # the deadline holds
         health = health_pb2_grpc.HealthStub(client.channel)
-        ok = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        # types-grpcio-health-checking's HealthStub declares no RPCs
+        ok = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)  # type: ignore[attr-defined]
         assert ok.status == health_pb2.HealthCheckResponse.SERVING  # the sidecar still answers
         proxy.latency, proxy.cut = 0.0, True
         proxy.sever()
@@ -252,7 +253,7 @@ async def test_gc_never_drops_twice_nor_a_queue_that_became_referenced(
                     await diffs.diff(Request(f"back-{uid()}", world_id="w1"), encode([again]))
                 return await claim(topic, *a)
 
-        racing.graph = Racing()  # type: ignore[assignment]
+        racing.graph = Racing()
         run = await racing.collect()
         assert sorted(p["queue"] for p in run.processed if p["queue"] in mine) == sorted(
             mine - {revived}

@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from kubernetes import client
+
 from qmtl_dagmanager.core import identity
 from tests.conftest import Stack, free_port
 from tests.gen import generate
@@ -97,7 +99,10 @@ async def test_ids_of_a_configmap_dag_are_verified(cluster: Cluster) -> None:
     doc = generate(4, salt=uuid.uuid4().hex[:6])
     doc["nodes"][1]["period"] = 999  # content no longer matches its id
     cluster.core.create_namespaced_config_map(
-        cluster.namespace, {"metadata": {"name": "tampered"}, "data": {"dag.json": json.dumps(doc)}}
+        cluster.namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="tampered"), data={"dag.json": json.dumps(doc)}
+        ),
     )
     strategy = f"tamper-{uuid.uuid4().hex[:6]}"
     cluster.create(
@@ -143,7 +148,10 @@ async def test_dry_run_plans_without_writing(cluster: Cluster) -> None:
 async def test_dag_from_a_configmap(cluster: Cluster) -> None:
     doc = generate(30, salt=uuid.uuid4().hex[:6])
     cluster.core.create_namespaced_config_map(
-        cluster.namespace, {"metadata": {"name": "big-dag"}, "data": {"dag.json": json.dumps(doc)}}
+        cluster.namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="big-dag"), data={"dag.json": json.dumps(doc)}
+        ),
     )
     strategy = f"cm-{uuid.uuid4().hex[:6]}"
     cluster.create(
@@ -163,7 +171,9 @@ async def test_large_topic_maps_go_to_an_owned_configmap(cluster: Cluster) -> No
     doc = generate(250, salt=uuid.uuid4().hex[:6])
     cluster.core.create_namespaced_config_map(
         cluster.namespace,
-        {"metadata": {"name": "large-dag"}, "data": {"dag.json": json.dumps(doc)}},
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="large-dag"), data={"dag.json": json.dumps(doc)}
+        ),
     )
     strategy = f"large-{uuid.uuid4().hex[:6]}"
     cluster.create(
@@ -179,8 +189,10 @@ async def test_large_topic_maps_go_to_an_owned_configmap(cluster: Cluster) -> No
     st = obj["status"]
     assert st["topicCount"] == 250 and not st.get("topics")
     cm = cluster.core.read_namespaced_config_map(st["topicsConfigMap"], cluster.namespace)
+    assert cm.data is not None and cm.metadata is not None
     topics = json.loads(cm.data["topics.json"])
     assert set(topics) == {n["node_id"] for n in doc["nodes"]}
+    assert cm.metadata.owner_references is not None
     owner = cm.metadata.owner_references[0]
     assert (owner.kind, owner.name, owner.uid) == ("StrategyDAG", "large", obj["metadata"]["uid"])
     cluster.delete("large")  # Retain reads the topics from the ConfigMap

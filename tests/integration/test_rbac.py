@@ -11,7 +11,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -34,7 +34,7 @@ def installed(helm: str, stack: Stack, tmp_path: Path) -> Iterator[tuple[str, st
     admin = config.new_client_from_config(config_file=stack.kubeconfig)
     ns, release = f"rbac-{uuid.uuid4().hex[:6]}", f"r{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(admin)
-    core.create_namespace({"metadata": {"name": ns}})
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     for path in sorted((ROOT / "crds").glob("*.yaml")):  # as an admin would install them
         crd = yaml.safe_load(path.read_text())
         try:
@@ -50,9 +50,11 @@ def installed(helm: str, stack: Stack, tmp_path: Path) -> Iterator[tuple[str, st
     for obj in objs:
         utils.create_from_dict(admin, obj, namespace=ns)
     sa = next(o for o in objs if o["kind"] == "ServiceAccount")["metadata"]["name"]
-    token = core.create_namespaced_service_account_token(
+    granted = core.create_namespaced_service_account_token(
         sa, ns, client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[]))
-    ).status.token
+    ).status
+    assert granted is not None
+    token = granted.token
     kc = yaml.safe_load(Path(stack.kubeconfig).read_text())
     cluster = kc["clusters"][0]["cluster"]
     scoped = {
@@ -111,8 +113,9 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
         custom.create_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, body)
 
         def ready() -> dict[str, Any] | None:
-            obj = custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, ns, api.PLURAL, "rbac"
+            obj = cast(
+                dict[str, Any],
+                custom.get_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, "rbac"),
             )
             conds = (obj.get("status") or {}).get("conditions") or []
             ok = any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
@@ -128,14 +131,15 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
         lease = client.CoordinationV1Api(admin).read_namespaced_lease(
             "qmtl-dagmanager-operator", ns
         )
-        assert lease.spec.holder_identity  # the Lease was allowed
+        assert lease.spec is not None and lease.spec.holder_identity  # the Lease was allowed
         # deletion: the finalizer runs with the granted verbs
         custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, "rbac")
         await until(
             lambda: (
-                not custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)[
-                    "items"
-                ]
+                not cast(
+                    dict[str, Any],
+                    custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL),
+                )["items"]
             ),
             60,
             "the finalizer under the ServiceAccount",
@@ -150,7 +154,11 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
     forbidden = {
         "read secrets": lambda: client.CoreV1Api(scoped).list_namespaced_secret(ns),
         "create pods": lambda: client.CoreV1Api(scoped).create_namespaced_pod(
-            ns, {"metadata": {"name": "x"}, "spec": {"containers": [{"name": "x", "image": "x"}]}}
+            ns,
+            client.V1Pod(
+                metadata=client.V1ObjectMeta(name="x"),
+                spec=client.V1PodSpec(containers=[client.V1Container(name="x", image="x")]),
+            ),
         ),
         "delete a StrategyDAG": lambda: crs.delete_namespaced_custom_object(*where, "any"),
         "act in another namespace": lambda: crs.list_namespaced_custom_object(

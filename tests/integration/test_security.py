@@ -77,13 +77,14 @@ async def test_bearer_tokens_are_required_and_checked(start: Start) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await tags.GetQueues(req, metadata=md)
             assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED, why
-            assert e.value.details().startswith("Unauthenticated: "), why
+            assert (e.value.details() or "").startswith("Unauthenticated: "), why
         ok = await tags.GetQueues(
             req, metadata=(("authorization", f"Bearer {token(aud='dagmanager')}"),)
         )
         assert list(ok.queues) == []
         # kubelet's gRPC probe carries no token: the standard health service stays open
-        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        # types-grpcio-health-checking's HealthStub declares no RPCs
+        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())  # type: ignore[attr-defined]
         assert r.status == health_pb2.HealthCheckResponse.SERVING
 
 

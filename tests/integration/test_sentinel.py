@@ -61,7 +61,11 @@ async def test_rollout_reaches_promoted_and_the_controlbus_shows_each_weight(
     cluster: Cluster, stack: Stack
 ) -> None:
     strategy = await version_running(cluster, f"canary-{uuid.uuid4().hex[:6]}")
-    steps = [{"weight": 10, "pause": "1s"}, {"weight": 50, "pause": "1s"}, {"weight": 100}]
+    steps: list[dict[str, Any]] = [
+        {"weight": 10, "pause": "1s"},
+        {"weight": 50, "pause": "1s"},
+        {"weight": 100},
+    ]
     cluster.create_sentinel("v2", sentinel_spec(strategy, steps, rollbackWindow="1h"))
     obj = await cluster.phase("v2", "Promoted", 60)
     st = obj["status"]
@@ -90,7 +94,7 @@ async def test_rollout_reaches_promoted_and_the_controlbus_shows_each_weight(
 
 async def test_abort_at_fifty_returns_the_canary_to_zero(cluster: Cluster, stack: Stack) -> None:
     strategy = await version_running(cluster, f"abort-{uuid.uuid4().hex[:6]}")
-    steps = [
+    steps: list[dict[str, Any]] = [
         {"weight": 10, "pause": "0.5s"},
         {"weight": 50, "pause": "indefinite"},
         {"weight": 100},
@@ -112,7 +116,7 @@ async def test_abort_at_fifty_returns_the_canary_to_zero(cluster: Cluster, stack
 
 async def test_a_restart_during_a_pause_resumes_at_the_same_step(cluster: Cluster) -> None:
     strategy = await version_running(cluster, f"restart-{uuid.uuid4().hex[:6]}")
-    steps = [{"weight": 20, "pause": "6s"}, {"weight": 100}]
+    steps: list[dict[str, Any]] = [{"weight": 20, "pause": "6s"}, {"weight": 100}]
     cluster.create_sentinel("v2", sentinel_spec(strategy, steps))
     obj = await cluster.phase("v2", "Progressing")
     pause_until = epoch(obj["status"]["pauseUntil"])
@@ -157,7 +161,11 @@ async def test_a_failing_gate_rolls_back_on_its_own(
     value, url = prometheus
     strategy = await version_running(cluster, f"gate-{uuid.uuid4().hex[:6]}")
     gate = {"name": "errors", "query": "error_rate", "threshold": 0.05, "interval": "1s"}
-    steps = [{"weight": 10, "pause": "1s"}, {"weight": 40, "pause": "1h"}, {"weight": 100}]
+    steps: list[dict[str, Any]] = [
+        {"weight": 10, "pause": "1s"},
+        {"weight": 40, "pause": "1h"},
+        {"weight": 100},
+    ]
     cluster.create_sentinel(
         "v2", sentinel_spec(strategy, steps, analysis=[gate], prometheusUrl=url)
     )

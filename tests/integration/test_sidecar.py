@@ -167,7 +167,8 @@ async def test_tag_queries_cleanup_stats_and_redo(sidecar: Running) -> None:
 async def test_standard_grpc_health(sidecar: Running) -> None:
     stub = health_pb2_grpc.HealthStub(sidecar.client.channel)
     for service in ("", "qmtl.services.dagmanager.DiffService"):
-        r = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        # types-grpcio-health-checking's HealthStub declares no RPCs
+        r = await stub.Check(health_pb2.HealthCheckRequest(service=service))  # type: ignore[attr-defined]
         assert r.status == health_pb2.HealthCheckResponse.SERVING
     ack = await sidecar.client.diff_stub.AckChunk(pb.ChunkAck(sentinel_id="x", chunk_id=0))
     assert (ack.sentinel_id, ack.chunk_id) == ("x", 0)

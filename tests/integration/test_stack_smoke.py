@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Any, cast
 
 import neo4j
 from confluent_kafka import Consumer, KafkaException, Producer
@@ -48,11 +49,13 @@ def test_kube_apiserver_serves_crds_and_watches(stack: Stack) -> None:
             ],
         },
     }
-    ext.create_custom_resource_definition(crd)
+    # the client sends the manifest's dict as it is; the stub asks for the model
+    ext.create_custom_resource_definition(cast(Any, crd))
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             got = ext.read_custom_resource_definition(f"widgets.{group}")
+            assert got.status is not None
             conds = {c.type: c.status for c in (got.status.conditions or [])}
             if conds.get("Established") == "True":
                 break
@@ -60,7 +63,10 @@ def test_kube_apiserver_serves_crds_and_watches(stack: Stack) -> None:
         else:
             raise AssertionError("CRD never became Established")
 
-        listed = custom.list_namespaced_custom_object(group, "v1", "default", "widgets")
+        listed = cast(
+            dict[str, Any],
+            custom.list_namespaced_custom_object(group, "v1", "default", "widgets"),
+        )
         seen: list[dict[str, object]] = []
         ready = threading.Event()
 

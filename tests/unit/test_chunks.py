@@ -34,7 +34,7 @@ def test_large_maps_and_many_buffers_are_split_within_limits() -> None:
     out = list(chunks.build(p, max_bytes=24 * 1024))
     assert len(out) > 15
     union: dict[str, str] = {}
-    buffers = []
+    buffers: list[str] = []
     for c in out:
         assert c.ByteSize() <= 24 * 1024
         assert len(c.buffer_nodes) <= chunks.MAX_BUFFERS

@@ -3,8 +3,10 @@ sets from the downward API), read once at start, not deep inside the adapters.""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from qmtl_dagmanager import config
 from qmtl_dagmanager.config import load
 
 
@@ -21,3 +23,16 @@ def test_the_downward_api_environment_wins(tmp_path: Path) -> None:
     assert s.pod_namespace == "qmtl-system"
     assert s.pod_name == "qmtl-dagmanager-7f9c-abcde"
     assert s.kubeconfig == "/etc/kube/config"
+
+
+def test_every_setting_is_declared_once() -> None:
+    keys = config.KEYS
+    assert len({k.env for k in keys}) == len(keys)
+    assert len({k.yaml for k in keys if k.yaml}) == len([k for k in keys if k.yaml])
+    declared = {f.name for f in dataclasses.fields(config.Settings) if f.name != "limits"}
+    assert declared <= {k.name for k in keys}
+    assert set(config.SECRETS) == {"neo4j_password", "grpc_jwt_key", "http_admin_token"}
+    assert all(k.doc for k in keys)
+    table = config.table()
+    assert "| `pod_namespace` | `POD_NAMESPACE` | `default` |" in table
+    assert f"| {config.NONE} | `NEO4J_PASSWORD` |" in table  # secrets: environment only

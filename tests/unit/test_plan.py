@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmtl_dagmanager.core import dag, plan, topics
+from qmtl_dagmanager.core.errors import CrossContextReuse
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import Action, NodeRecord, QueueRecord, Request
 from qmtl_dagmanager.core.topics import TopicCatalog
@@ -109,7 +110,7 @@ def test_cross_context_reuse_is_a_violation() -> None:
     assert len(p.violations) == 2 and p.nodes == ()
     try:
         p.raise_for_violations()
-    except plan.CrossContextReuse as e:
+    except CrossContextReuse as e:
         assert e.reason == "CrossContextReuse" and len(e.node_ids) == 2
     else:
         raise AssertionError("no error")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "stack" / "stack.py"
 
 
-def load_stack():  # type: ignore[no-untyped-def]
+def load_stack() -> ModuleType:
     spec = importlib.util.spec_from_file_location("stack_script", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
