@@ -74,7 +74,8 @@ class FullCollections:
             while True:
                 await asyncio.sleep(wait)
                 deadline = time.monotonic() + self.max_delay
-                while self._busy() and time.monotonic() < deadline:
+                # polls a bounded wait for an idle moment (no event marks one)
+                while self._busy() and time.monotonic() < deadline:  # noqa: ASYNC110
                     await asyncio.sleep(IDLE_POLL)
                 wait = max(self.every, self.collect() / PAUSE_SHARE)
         finally:

@@ -90,8 +90,11 @@ async def test_prometheus_query_reduces_to_one_number(prom: tuple[FakePrometheus
     fake.answer, fake.status = {"status": "error", "error": "parse error at char 3"}, 400
     with pytest.raises(Unavailable, match="parse error at char 3"):
         await q.value()
+    await q.close()
+    down = PrometheusQuery("http://127.0.0.1:9", "up", timeout=1)
     with pytest.raises(Unavailable, match=r"127\.0\.0\.1:9"):
-        await PrometheusQuery("http://127.0.0.1:9", "up", timeout=1).value()
+        await down.value()
+    await down.close()
     with pytest.raises(ValueError, match="http"):
         PrometheusQuery("localhost:9090", "up")
 
@@ -127,7 +130,8 @@ async def test_gc_halves_its_batch_when_the_broker_is_loaded(
 ) -> None:
     fake, url = prom
     service, _ = await _orphans(12)
-    service.load, service.load_threshold = PrometheusQuery(url, "broker_load"), 0.8
+    load = PrometheusQuery(url, "broker_load")
+    service.load, service.load_threshold = load, 0.8
     fake.vector(0.95)
     run = await service.collect()
     assert len(run.processed) == 2 and run.as_json()["report"]["loaded"] is True
@@ -139,3 +143,4 @@ async def test_gc_halves_its_batch_when_the_broker_is_loaded(
     run = await service.collect()
     assert len(run.processed) == 2 and run.report.loaded
     assert service.metrics.registry.get_sample_value("gc_throttled_total") == 2
+    await load.close()

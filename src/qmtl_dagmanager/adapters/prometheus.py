@@ -35,6 +35,8 @@ class Prometheus:
     def _client(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
+            # a session of a loop that has ended cannot be closed from this one; a
+            # process runs one loop, so this happens only between tests
             self._session = aiohttp.ClientSession(timeout=self._timeout)
             self._loop = loop
         return self._session
@@ -74,10 +76,15 @@ class PrometheusQuery:
     ) -> None:
         self.url = _checked(base_url, query)
         self.base_url, self.query = base_url, query
+        self._owned = client is None  # closed here only if made here
         self._client = client or Prometheus(timeout)
 
     async def value(self) -> float:
         return await self._client.value(self.base_url, self.query)
+
+    async def close(self) -> None:
+        if self._owned:
+            await self._client.close()
 
 
 def _reduce(data: object, fail: Callable[[str], Unavailable]) -> float:

@@ -177,7 +177,8 @@ async def _standby_probe(liveness: str) -> web.AppRunner:
     app.router.add_get(url.path or "/", alive)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, url.hostname or "0.0.0.0", url.port or 80).start()
+    host = url.hostname or "0.0.0.0"  # noqa: S104 - a probe URL without a host: the pod IP
+    await web.TCPSite(runner, host, url.port or 80).start()
     return runner
 
 

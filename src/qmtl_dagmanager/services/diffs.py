@@ -248,7 +248,7 @@ class DiffService:
                 fresh = True
                 log.info("diff %s: %s; planning again", request.strategy_id, e.message)
                 if attempt > 2:
-                    await asyncio.sleep(random.uniform(0, REPLAN_JITTER * attempt))
+                    await asyncio.sleep(random.uniform(0, REPLAN_JITTER * attempt))  # noqa: S311 - jitter
 
     async def _plan_and_write(
         self, d: dag.Dag, request: plan.Request, dry: bool, fresh: bool = False
