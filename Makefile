@@ -63,13 +63,22 @@ fmt: $(STAMP) ## format and autofix
 	$(VENV)/bin/ruff format src tests hack bench
 	$(VENV)/bin/ruff check --fix src tests hack bench
 
-unit: $(STAMP) ## unit tests only (no servers)
-	$(PY) -m pytest -m "not integration" -q
+unit: $(STAMP) ## unit tests and the contract suites on the twins (no servers, minutes)
+	$(PY) -m pytest -m "not integration and not campaign" -q
 
-test: $(STAMP) ## lint, then unit and integration tests against the real local stack (started if needed)
+test-fast: $(STAMP) ## the fast stage: lint, then `make unit`
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory unit
+
+test-stack: $(STAMP) ## the stack stage: the real local stack (started if needed), integration and e2e tests, the fuzzing campaign
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
-	$(PY) -m pytest -q
+	$(PY) -m pytest -m "integration or campaign" -q
+
+test: $(STAMP) ## both stages: test-fast, then test-stack
+	@echo "[test] $$(date -u +%H:%M:%S) fast stage: lint, unit tests, contract suites on the twins"
+	$(MAKE) --no-print-directory test-fast
+	@echo "[test] $$(date -u +%H:%M:%S) stack stage: real servers, integration, e2e, fuzzing campaign"
+	$(MAKE) --no-print-directory test-stack
 
 bench: $(STAMP) ## benchmarks of the real code paths (figures go to README: Performance)
 	$(PY) bench/core_bench.py
@@ -116,4 +125,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
