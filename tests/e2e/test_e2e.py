@@ -100,28 +100,30 @@ def processes(env: dict[str, str], tmp: Path) -> Iterator[str]:
         "QMTL_HTTP_PORT": str(http),
         "QMTL_GC_INTERVAL_SECONDS": "0",
     }
-    procs = [
-        subprocess.Popen(
-            [
-                str(BIN),
-                "operator",
-                f"--liveness=http://127.0.0.1:{live}/healthz",
-                f"--metrics-port={metrics}",
-                "--lease-name=qmtl-e2e",
-            ],
-            env=common,
-            stdout=(tmp / "operator.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ),
-        subprocess.Popen(
-            [str(BIN), "server"],
-            env=common,
-            stdout=(tmp / "sidecar.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ),
-    ]
+    # the children keep their own descriptors of the log files
+    with (tmp / "operator.log").open("wb") as op_log, (tmp / "sidecar.log").open("wb") as sc_log:
+        procs = [
+            subprocess.Popen(
+                [
+                    str(BIN),
+                    "operator",
+                    f"--liveness=http://127.0.0.1:{live}/healthz",
+                    f"--metrics-port={metrics}",
+                    "--lease-name=qmtl-e2e",
+                ],
+                env=common,
+                stdout=op_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ),
+            subprocess.Popen(
+                [str(BIN), "server"],
+                env=common,
+                stdout=sc_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ),
+        ]
     try:
         for url in (f"http://127.0.0.1:{live}/healthz", f"http://127.0.0.1:{http}/status"):
             deadline = time.monotonic() + 60

@@ -36,10 +36,14 @@ class Cluster:
     lease_duration: float = 10.0
     _stop: asyncio.Event | None = None
     _task: asyncio.Task[None] | None = None
+    _ran: bool = False
 
     async def start_operator(self) -> None:
-        """Run the operator in-process (a fresh container each time, as a restart would)."""
-        self.container = bootstrap.build(self.settings)
+        """Run the operator in-process (a fresh container each time, as a restart would; the
+        first run uses the one the fixture built, which the operator closes when it stops)."""
+        if self._ran:
+            self.container = bootstrap.build(self.settings)
+        self._ran = True
         self._stop, ready = asyncio.Event(), asyncio.Event()
         self._task = asyncio.create_task(
             operator.run(

@@ -288,17 +288,18 @@ async def test_operator_killed_during_a_canary_pause_resumes_the_same_step(
             "QMTL_ARCHIVE_DIR": str(tmp_path / "archive"),
             "QMTL_GC_INTERVAL_SECONDS": "0",
         }
-        return subprocess.Popen(
-            [
-                str(BIN), "operator", f"--namespace={cluster.namespace}",
-                f"--lease-namespace={cluster.namespace}", "--lease-duration=3",
-                "--sentinel-tick=0.5", f"--liveness=http://127.0.0.1:{free_port()}/healthz",
-                "--metrics-port=0",
-            ],
-            env=env,
-            stdout=(tmp_path / "operator.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with (tmp_path / "operator.log").open("ab") as out:  # the child keeps its own copy
+            return subprocess.Popen(
+                [
+                    str(BIN), "operator", f"--namespace={cluster.namespace}",
+                    f"--lease-namespace={cluster.namespace}", "--lease-duration=3",
+                    "--sentinel-tick=0.5", f"--liveness=http://127.0.0.1:{free_port()}/healthz",
+                    "--metrics-port=0",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
 
     first = operator()
     try:

@@ -39,6 +39,22 @@ class Leases:
             retry_every=0.2,
         )
 
+    def renewed_at(self) -> object:
+        lease = client.CoordinationV1Api(self.api).read_namespaced_lease(self.name, self.namespace)
+        return lease.spec.renew_time if lease.spec else None
+
+    async def renewals(self, count: int, timeout: float) -> None:
+        """Until the holder has renewed the lease `count` times (polled, with a deadline)."""
+        deadline = time.monotonic() + timeout
+        last, seen = self.renewed_at(), 0
+        while seen < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the lease was renewed {seen} of {count} times")
+            await asyncio.sleep(0.1)
+            now = self.renewed_at()
+            if now != last:
+                last, seen = now, seen + 1
+
     def holder(self) -> str | None:
         lease = client.CoordinationV1Api(self.api).read_namespaced_lease(self.name, self.namespace)
         return lease.spec.holder_identity if lease.spec else None
@@ -69,10 +85,9 @@ async def test_one_holder_then_hand_over_on_release(leases: Leases) -> None:
     a, b = leases.election("a"), leases.election("b")
     await asyncio.wait_for(a.acquire(), 10)
     assert leases.holder() == "a" and a.is_leader
-    waiting = asyncio.create_task(b.acquire())
-    await asyncio.sleep(1.0)  # several tries, each refused while a renews
+    waiting = asyncio.create_task(b.acquire())  # b tries every 0.2 s
     renewing = asyncio.create_task(a.hold())
-    await asyncio.sleep(1.5)
+    await leases.renewals(2, 10)  # two renewals by a: many tries by b, each refused
     assert not waiting.done() and not leading(b)
     renewing.cancel()
     await a.release()

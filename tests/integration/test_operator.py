@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import os
@@ -236,7 +235,14 @@ async def test_restart_mid_reconcile_converges_without_duplicates(cluster: Clust
     doc = generate(40, salt=uuid.uuid4().hex[:6])
     strategy = f"restart-{uuid.uuid4().hex[:6]}"
     cluster.create("restart", spec_of(doc, strategy))
-    await asyncio.sleep(0.3)  # the operator has picked it up and is working on it
+    await until(  # the operator has picked it up and is working on it
+        lambda: (
+            "qmtl.io/strategy-cleanup"
+            in (cluster.get("restart")["metadata"].get("finalizers") or [])
+        ),
+        30,
+        "the operator's finalizer on the new StrategyDAG",
+    )
     await cluster.stop_operator()
     await cluster.start_operator()
     obj = await cluster.ready("restart")

@@ -94,11 +94,12 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
         "QMTL_GC_INTERVAL_SECONDS": "0",
     }
     log = tmp_path / "operator.log"
-    proc = subprocess.Popen(
-        [str(BIN), "operator", f"--namespace={ns}", f"--lease-namespace={ns}",
-         f"--liveness=http://127.0.0.1:{free_port()}/healthz", "--metrics-port=0"],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(BIN), "operator", f"--namespace={ns}", f"--lease-namespace={ns}",
+             f"--liveness=http://127.0.0.1:{free_port()}/healthz", "--metrics-port=0"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     admin = config.new_client_from_config(config_file=stack.kubeconfig)
     custom = client.CustomObjectsApi(admin)
     where = (api.GROUP, api.VERSION, ns, api.PLURAL)

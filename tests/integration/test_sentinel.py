@@ -5,7 +5,6 @@ rolls back on its own."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from qmtl_dagmanager.adapters.kafka_events import read_events
 from qmtl_dagmanager.core.conditions import epoch
 from tests.conftest import Stack
 from tests.gen import generate
-from tests.integration.kube_harness import Cluster, condition, spec_of
+from tests.integration.kube_harness import Cluster, condition, spec_of, until
 
 
 def weights(stack: Stack, topic: str, sentinel_id: str) -> dict[str, list[float]]:
@@ -122,7 +121,6 @@ async def test_a_restart_during_a_pause_resumes_at_the_same_step(cluster: Cluste
     pause_until = epoch(obj["status"]["pauseUntil"])
     assert pause_until is not None and obj["status"]["currentWeight"] == 20
     await cluster.stop_operator()
-    await asyncio.sleep(1.0)
     await cluster.start_operator()
     obj = await cluster.phase("v2", "Promoted", 60)
     assert time.time() >= pause_until  # the pause was neither restarted nor cut short
@@ -170,9 +168,9 @@ async def test_a_failing_gate_rolls_back_on_its_own(
         "v2", sentinel_spec(strategy, steps, analysis=[gate], prometheusUrl=url)
     )
     obj = await cluster.phase("v2", "Progressing")
-    while obj["status"]["currentWeight"] != 40:  # the gate passes: the first step completes
-        await asyncio.sleep(0.3)
-        obj = cluster.sentinel("v2")
+    await until(  # the gate passes: the first step completes
+        lambda: cluster.sentinel("v2")["status"]["currentWeight"] == 40, 30, "weight 40"
+    )
     value["error_rate"] = 0.3  # the canary misbehaves
     obj = await cluster.phase("v2", "RolledBack", 30)
     st = obj["status"]
