@@ -274,6 +274,8 @@ CREATE (:QueueEventMark {key: g.key, tags: g.tags, interval: g.interval,
 CLAIM_EVENTS = """
 MATCH (m:QueueEventMark)
 WITH m.key AS key, min(m.at) AS first
+// a mark another publisher settled while this read ran reads as null: not ours to claim
+WHERE key IS NOT NULL
 ORDER BY first LIMIT $limit
 MERGE (c:QueueEventClaim {key: key})
 SET c.lock = true
