@@ -18,13 +18,8 @@ def iso(t: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="microseconds")
 
 
-def iso_seconds(t: float) -> str:
-    """An epoch time as RFC 3339 UTC to the second (condition and reconcile times)."""
-    return datetime.datetime.fromtimestamp(int(t), datetime.UTC).isoformat()
-
-
 def epoch(text: object) -> float | None:
-    """The inverse of `iso` (and of `iso_seconds`); empty is None."""
+    """The inverse of `iso`; empty is None."""
     if not text:
         return None
     return datetime.datetime.fromisoformat(str(text)).timestamp()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -54,9 +55,11 @@ class KubeApi:
             self._client = kubernetes.client.ApiClient(self.configuration())
         return self._client
 
+    @functools.cache  # noqa: B019 - one per KubeApi, which lives as long as the process
     def core(self) -> kubernetes.client.CoreV1Api:
         return kubernetes.client.CoreV1Api(self.client())
 
+    @functools.cache  # noqa: B019 - as above
     def custom(self) -> kubernetes.client.CustomObjectsApi:
         return kubernetes.client.CustomObjectsApi(self.client())
 
@@ -124,22 +127,14 @@ class StrategyObjects:
     ) -> None:
         self.group, self.version, self.plural, self.kind = group, version, plural, kind
         self.api = api or KubeApi()
-        self._apis: tuple[kubernetes.client.CustomObjectsApi, kubernetes.client.CoreV1Api] | None
-        self._apis = None
 
     @property
     def _custom(self) -> kubernetes.client.CustomObjectsApi:
-        return self._connect()[0]
+        return self.api.custom()
 
     @property
     def _core(self) -> kubernetes.client.CoreV1Api:
-        return self._connect()[1]
-
-    def _connect(self) -> tuple[kubernetes.client.CustomObjectsApi, kubernetes.client.CoreV1Api]:
-        """The API client, made on first use (the kubeconfig is read then, not at wiring)."""
-        if self._apis is None:
-            self._apis = (self.api.custom(), self.api.core())
-        return self._apis
+        return self.api.core()
 
     def page(
         self, namespace: str | None, limit: int, token: str | None
