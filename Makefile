@@ -54,14 +54,14 @@ settings-check: $(STAMP) ## fail if the README's configuration table is stale
 	$(PY) hack/gen-settings.py --check
 
 lint: $(STAMP) proto-check crds-check settings-check ## ruff, mypy --strict on src, tests, bench and hack, import-linter contracts, generated code current
-	$(VENV)/bin/ruff check src tests hack bench
-	$(VENV)/bin/ruff format --check src tests hack bench
+	$(VENV)/bin/ruff check src tests hack bench operator
+	$(VENV)/bin/ruff format --check src tests hack bench operator
 	$(VENV)/bin/mypy src tests bench hack
 	$(VENV)/bin/lint-imports
 
 fmt: $(STAMP) ## format and autofix
-	$(VENV)/bin/ruff format src tests hack bench
-	$(VENV)/bin/ruff check --fix src tests hack bench
+	$(VENV)/bin/ruff format src tests hack bench operator
+	$(VENV)/bin/ruff check --fix src tests hack bench operator
 
 unit: $(STAMP) ## unit tests and the contract suites on the twins (no servers, minutes)
 	$(PY) -m pytest -m "not integration and not campaign" -q

@@ -28,8 +28,9 @@ from tests.gen import generate  # noqa: E402
 
 from bench.common import stack_env  # noqa: E402
 from qmtl_dagmanager import bootstrap  # noqa: E402
+from qmtl_dagmanager.api.v1alpha1 import strategydag  # noqa: E402
 from qmtl_dagmanager.config import Settings  # noqa: E402
-from qmtl_dagmanager.kube import api, operator  # noqa: E402
+from qmtl_dagmanager.kube import operator  # noqa: E402
 
 
 def ready_count(custom: client.CustomObjectsApi, ns: str) -> int:
@@ -37,7 +38,7 @@ def ready_count(custom: client.CustomObjectsApi, ns: str) -> int:
     raw = cast(  # not preloaded: the client answers with the HTTP response
         RESTResponseType,
         custom.list_namespaced_custom_object(
-            api.GROUP, api.VERSION, ns, api.PLURAL, _preload_content=False
+            strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL, _preload_content=False
         ),
     )
     items = orjson.loads(raw.data)["items"]
@@ -55,8 +56,8 @@ def bodies_for(count: int, nodes: int, run: str) -> list[dict[str, Any]]:
         doc = generate(nodes, seed=i, salt=f"{run}{i}")
         out.append(
             {
-                "apiVersion": f"{api.GROUP}/{api.VERSION}",
-                "kind": api.KIND,
+                "apiVersion": f"{strategydag.GROUP}/{strategydag.VERSION}",
+                "kind": strategydag.KIND,
                 "metadata": {"name": f"s{i}"},
                 "spec": {
                     "strategyId": f"bench-{run}-{i}",
@@ -136,7 +137,12 @@ async def main() -> None:
     await asyncio.gather(
         *(
             asyncio.to_thread(
-                custom.create_namespaced_custom_object, api.GROUP, api.VERSION, ns, api.PLURAL, b
+                custom.create_namespaced_custom_object,
+                strategydag.GROUP,
+                strategydag.VERSION,
+                ns,
+                strategydag.PLURAL,
+                b,
             )
             for b in bodies
         )
@@ -173,10 +179,10 @@ async def main() -> None:
         *(
             asyncio.to_thread(
                 custom.delete_namespaced_custom_object,
-                api.GROUP,
-                api.VERSION,
+                strategydag.GROUP,
+                strategydag.VERSION,
                 ns,
-                api.PLURAL,
+                strategydag.PLURAL,
                 b["metadata"]["name"],
             )
             for b in bodies
@@ -186,7 +192,9 @@ async def main() -> None:
         lambda: (
             not cast(
                 dict[str, Any],
-                custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL),
+                custom.list_namespaced_custom_object(
+                    strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL
+                ),
             )["items"]
         ),
         300,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, stack_env  # noqa: E402
 from bench.operator_bench import bodies_for, install_crds, ready_count  # noqa: E402
-from qmtl_dagmanager.kube import api  # noqa: E402
+from qmtl_dagmanager.api.v1alpha1 import strategydag  # noqa: E402
 
 GOAL_MB = 150
 
@@ -49,7 +49,7 @@ def count_items(custom: client.CustomObjectsApi, ns: str) -> int:
     raw = cast(  # not preloaded: the client answers with the HTTP response
         RESTResponseType,
         custom.list_namespaced_custom_object(
-            api.GROUP, api.VERSION, ns, api.PLURAL, _preload_content=False
+            strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL, _preload_content=False
         ),
     )
     return len(orjson.loads(raw.data)["items"])
@@ -66,7 +66,9 @@ def alive(url: str) -> bool:
 
 def delete(custom: client.CustomObjectsApi, ns: str, name: str) -> None:
     with contextlib.suppress(client.ApiException):  # never created, or gone already
-        custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, name)
+        custom.delete_namespaced_custom_object(
+            strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL, name
+        )
 
 
 async def until(predicate: Any, limit: float, what: str, proc: subprocess.Popen[bytes]) -> None:
@@ -145,10 +147,10 @@ async def main() -> int:
                 *(
                     asyncio.to_thread(
                         custom.create_namespaced_custom_object,
-                        api.GROUP,
-                        api.VERSION,
+                        strategydag.GROUP,
+                        strategydag.VERSION,
                         ns,
-                        api.PLURAL,
+                        strategydag.PLURAL,
                         b,
                     )
                     for b in bodies[i : i + 100]

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from qmtl_dagmanager.kube import api, sentinel_api
+from qmtl_dagmanager.api.v1alpha1 import strategydag, versionsentinel
 
 PROJECT = Path(__file__).resolve().parent.parent
 OUTPUTS = ("crds", "charts/qmtl-dagmanager/files/crds", "docs/crd-reference.md")
@@ -77,15 +77,15 @@ def reference(crds: list[dict[str, Any]]) -> str:
 
 
 def main(root: Path) -> None:
-    crds = [module.crd() for module in (api, sentinel_api)]
+    crds = [module.crd() for module in (strategydag, versionsentinel)]
     (root / "crds").mkdir(parents=True, exist_ok=True)
     chart = root / "charts" / "qmtl-dagmanager" / "files" / "crds"
     chart.mkdir(parents=True, exist_ok=True)
     (root / "docs").mkdir(parents=True, exist_ok=True)
-    for module, crd in zip((api, sentinel_api), crds, strict=True):
+    for module, crd in zip((strategydag, versionsentinel), crds, strict=True):
         source = f"src/{module.__name__.replace('.', '/')}.py"
         header = f"# Generated from {source} by `make crds`: do not edit.\n"
-        name = f"{module.PLURAL}.{api.GROUP}.yaml"
+        name = f"{module.PLURAL}.{strategydag.GROUP}.yaml"
         (root / "crds" / name).write_text(header + yaml.safe_dump(crd, sort_keys=False, width=100))
         kept = copy.deepcopy(crd)
         kept["metadata"]["annotations"] = {"helm.sh/resource-policy": "keep"}

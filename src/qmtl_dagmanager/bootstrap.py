@@ -1,13 +1,19 @@
-"""The composition root: the one place that builds adapters from settings."""
+"""The composition root's shared part: adapters from settings (`build`) or twins
+(`build_fake`), and the use cases on them, each built once per process (a second call
+returns the same service, so the GC timer and the admin endpoint share one GcService and
+its lock). The process roots (`sidecar.app`, `kube.main`) take it from here and add their
+drivers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from qmtl_dagmanager.adapters.archive import DirectoryStore, KafkaArchive, MemoryArchive
-from qmtl_dagmanager.adapters.clock import SystemClock
+from qmtl_dagmanager.adapters.clock import ManualClock, SystemClock
 from qmtl_dagmanager.adapters.kafka_events import KafkaEventBus
 from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
 from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
@@ -37,6 +43,7 @@ from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.services.rollout import RolloutService
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,6 +61,13 @@ class Container:
     node_memo: NodeMemo | None  # validated nodes by content (None: disabled)
     events: QueueEvents  # the process's QueueUpdated publisher (the graph's outbox)
     prometheus: Prometheus  # one HTTP session for gates and the broker load
+    _built: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _once(self, key: str, make: Callable[[], T]) -> T:
+        if key not in self._built:
+            self._built[key] = make()
+        value: T = self._built[key]
+        return value
 
     async def start(self) -> None:
         """Prepare what the services need: the graph schema and the event topics."""
@@ -71,6 +85,9 @@ class Container:
     def diffs(self, *, shed_load: bool = True) -> DiffService:
         """The Diff use case. The sidecar sheds load it cannot serve in time; the operator
         (`shed_load=False`) queues its reconciles instead: kopf retries would only add work."""
+        return self._once(f"diffs:{shed_load}", lambda: self._diffs(shed_load))
+
+    def _diffs(self, shed_load: bool) -> DiffService:
         s = self.settings
         return DiffService(
             self.graph,
@@ -92,6 +109,9 @@ class Container:
         )
 
     def canary(self) -> CanaryService:
+        return self._once("canary", self._canary)
+
+    def _canary(self) -> CanaryService:
         return CanaryService(
             self.graph,
             self.controlbus,
@@ -106,9 +126,12 @@ class Container:
         return RolloutService(self.canary(), readiness, self.clock, self.metrics)
 
     def queues(self) -> QueueService:
-        return QueueService(self.graph, self.topics, self.metrics)
+        return self._once("queues", lambda: QueueService(self.graph, self.topics, self.metrics))
 
     def garbage(self) -> GcService:
+        return self._once("garbage", self._garbage)
+
+    def _garbage(self) -> GcService:
         return GcService(
             self.graph,
             self.topics,
@@ -157,23 +180,42 @@ def graph_store(settings: Settings) -> GraphStore:
 
 
 def build(settings: Settings) -> Container:
-    clock = SystemClock()
+    """The adapters the settings name (the twins for an empty Neo4j URI or Kafka bootstrap)."""
     graph = graph_store(settings)
-    topics: TopicAdmin
-    bus: EventBus
-    archive: Archive
     if settings.embedded_kafka:
-        topics, bus, archive = (
-            MemoryTopicAdmin(profile=settings.topic_profile),
-            # nothing reads it but in-process inspection; one QueueUpdated of a big tag
-            # group is megabytes (the whole set), so keep only the last few
-            MemoryEventBus(history=4),
-            MemoryArchive(),
-        )
-    else:
-        topics = KafkaTopicAdmin(settings.kafka_bootstrap, profile=settings.topic_profile)
-        bus = KafkaEventBus(settings.controlbus_bootstrap or settings.kafka_bootstrap)
-        archive = KafkaArchive(settings.kafka_bootstrap, DirectoryStore(settings.archive_dir))
+        return assemble(settings, graph, *_memory_kafka(settings), SystemClock())
+    topics = KafkaTopicAdmin(settings.kafka_bootstrap, profile=settings.topic_profile)
+    bus = KafkaEventBus(settings.controlbus_bootstrap or settings.kafka_bootstrap)
+    archive = KafkaArchive(settings.kafka_bootstrap, DirectoryStore(settings.archive_dir))
+    return assemble(settings, graph, topics, bus, archive, SystemClock())
+
+
+def build_fake(settings: Settings | None = None, clock: Clock | None = None) -> Container:
+    """The same wiring on the twins (memory graph, topics, bus and archive) and a manual
+    clock unless one is given: for tests and benchmarks."""
+    settings = settings or Settings()
+    return assemble(settings, MemoryGraphStore(), *_memory_kafka(settings), clock or ManualClock())
+
+
+def _memory_kafka(settings: Settings) -> tuple[TopicAdmin, EventBus, Archive]:
+    return (
+        MemoryTopicAdmin(profile=settings.topic_profile),
+        # nothing reads it but in-process inspection; one QueueUpdated of a big tag group
+        # is megabytes (the whole set), so keep only the last few
+        MemoryEventBus(history=4),
+        MemoryArchive(),
+    )
+
+
+def assemble(
+    settings: Settings,
+    graph: GraphStore,
+    topics: TopicAdmin,
+    bus: EventBus,
+    archive: Archive,
+    clock: Clock,
+) -> Container:
+    """The parts every process shares, on the adapters given."""
     event_topics = EventTopics(settings.queue_topic, settings.sentinel_weight_topic)
     controlbus = ControlBus(bus, clock, event_topics)
     metrics = Metrics()

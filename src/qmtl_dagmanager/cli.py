@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import grpc
-import prometheus_client
 
 from qmtl_dagmanager import bootstrap, logs, render
 from qmtl_dagmanager.client import ContractViolation, GatewayClient
@@ -28,8 +27,7 @@ from qmtl_dagmanager.config import Settings, SettingsError, load
 from qmtl_dagmanager.core import dag
 from qmtl_dagmanager.core.errors import Conflict, DagManagerError, InvalidSpec, Unavailable
 from qmtl_dagmanager.core.plan import Request
-from qmtl_dagmanager.kube import kubeapi, operator
-from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
+from qmtl_dagmanager.kube import main as operator_main
 from qmtl_dagmanager.sidecar import app
 
 log = logging.getLogger("qmtl_dagmanager")
@@ -93,37 +91,6 @@ async def cmd_neo4j(settings: Settings, action: str, out: Path | None) -> int:
                 print(f"wrote {len(graph.schema_statements())} statements to {out}")
     finally:
         await graph.close()
-    return EXIT_OK
-
-
-async def cmd_operator(settings: Settings, args: argparse.Namespace) -> int:
-    container = bootstrap.build(settings)
-    if args.metrics_port:
-        prometheus_client.start_http_server(args.metrics_port, registry=container.metrics.registry)
-    kube = kubeapi.KubeApi(settings.kubeconfig)
-    election = None
-    if args.leader_election == "lease":
-        election = LeaderElection(
-            kube.coordination,
-            args.lease_namespace or settings.pod_namespace or "default",
-            args.lease_name,
-            settings.pod_name or None,
-            duration=args.lease_duration,
-            renew_every=args.lease_duration / 3,
-        )
-    try:
-        await operator.run(
-            container,
-            namespaces=args.namespace or None,
-            resync_seconds=args.resync,
-            sentinel_tick=args.sentinel_tick,
-            liveness=args.liveness,
-            election=election,
-            kube=kube,
-        )
-    except LeadershipLost as e:
-        log.error("%s; exiting so that this instance rejoins as a standby", e)
-        return EXIT_OTHER
     return EXIT_OK
 
 
@@ -279,42 +246,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("server", help="run the sidecar: gRPC, HTTP admin, timed GC")
     op = sub.add_parser("operator", help="run the StrategyDAG operator (KUBECONFIG or in-cluster)")
-    op.add_argument(
-        "--namespace",
-        action="append",
-        help="watch this namespace (repeatable); default: all namespaces",
-    )
-    op.add_argument("--resync", type=float, default=300.0, help="resync period in seconds")
-    op.add_argument(
-        "--sentinel-tick",
-        type=float,
-        default=1.0,
-        help="seconds between VersionSentinel evaluations (pause and gate resolution)",
-    )
-    op.add_argument(
-        "--liveness",
-        default="http://0.0.0.0:8080/healthz",
-        help="liveness endpoint URL (kopf's probe)",
-    )
-    op.add_argument(
-        "--leader-election",
-        choices=("lease", "none"),
-        default="lease",
-        help="lease: one active instance (a coordination.k8s.io Lease); none: act at once",
-    )
-    op.add_argument("--lease-name", default="qmtl-dagmanager-operator", help="the Lease's name")
-    op.add_argument(
-        "--lease-duration",
-        type=float,
-        default=15.0,
-        help="seconds without renewal before a standby takes over (renewed every third)",
-    )
-    op.add_argument(
-        "--lease-namespace", help="the Lease's namespace (default: $POD_NAMESPACE or default)"
-    )
-    op.add_argument(
-        "--metrics-port", type=int, default=8081, help="Prometheus /metrics port (0: off)"
-    )
+    operator_main.add_arguments(op)
     sub.add_parser("neo4j-init", help="create the graph's constraints and indexes (idempotent)")
     sub.add_parser("neo4j-rollback", help="drop the graph's constraints and indexes")
     exp = sub.add_parser("export-schema", help="write the graph schema as Cypher")
@@ -359,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(level, settings.log_format)
         commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
             "server": lambda: cmd_server(settings),
-            "operator": lambda: cmd_operator(settings, args),
+            "operator": lambda: operator_main.run(settings, args),
             "neo4j-init": lambda: cmd_neo4j(settings, "init", None),
             "neo4j-rollback": lambda: cmd_neo4j(settings, "rollback", None),
             "export-schema": lambda: cmd_neo4j(settings, "export", args.out),

@@ -442,6 +442,32 @@ class StrategyReadiness(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The object a ConfigMap belongs to (deleted with it)."""
+
+    api_version: str
+    kind: str
+    name: str
+    uid: str
+
+
+class ConfigMapStore(Protocol):
+    """Small documents kept next to a resource: a DAG too large for its spec, the node →
+    topic map of a large DAG, the GC report. Calls are blocking (drivers run them in a
+    thread) and raise typed errors (Unavailable, Conflict)."""
+
+    def read(self, namespace: str, name: str, key: str) -> str | None:
+        """The key's value; None when the ConfigMap or the key does not exist."""
+        ...
+
+    def upsert(
+        self, namespace: str, name: str, data: Mapping[str, str], owner: Owner | None = None
+    ) -> None:
+        """Create or replace the ConfigMap with exactly `data`."""
+        ...
+
+
 class Clock(Protocol):
     def now(self) -> float:
         """Seconds since the epoch."""

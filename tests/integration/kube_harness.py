@@ -17,9 +17,11 @@ import yaml
 from kubernetes import client, config
 
 from qmtl_dagmanager import bootstrap
+from qmtl_dagmanager.adapters import kube as kubeapi
+from qmtl_dagmanager.adapters.kube_lease import LeaderElection
+from qmtl_dagmanager.api.v1alpha1 import strategydag, versionsentinel
 from qmtl_dagmanager.config import Settings
-from qmtl_dagmanager.kube import api, kubeapi, operator, sentinel_api
-from qmtl_dagmanager.kube.lease import LeaderElection
+from qmtl_dagmanager.kube import operator
 from tests.conftest import Stack
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -83,7 +85,7 @@ class Cluster:
                 not cast(
                     dict[str, Any],
                     self.custom.list_namespaced_custom_object(
-                        api.GROUP, api.VERSION, self.namespace, api.PLURAL
+                        strategydag.GROUP, strategydag.VERSION, self.namespace, strategydag.PLURAL
                     ),
                 )["items"]
             ),
@@ -93,13 +95,13 @@ class Cluster:
 
     def create(self, name: str, spec: dict[str, Any]) -> None:
         body = {
-            "apiVersion": f"{api.GROUP}/{api.VERSION}",
-            "kind": api.KIND,
+            "apiVersion": f"{strategydag.GROUP}/{strategydag.VERSION}",
+            "kind": strategydag.KIND,
             "metadata": {"name": name},
             "spec": spec,
         }
         self.custom.create_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, body
+            strategydag.GROUP, strategydag.VERSION, self.namespace, strategydag.PLURAL, body
         )
 
     def get(self, name: str) -> dict[str, Any]:
@@ -107,30 +109,35 @@ class Cluster:
             cast(
                 dict[str, Any],
                 self.custom.get_namespaced_custom_object(
-                    api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+                    strategydag.GROUP, strategydag.VERSION, self.namespace, strategydag.PLURAL, name
                 ),
             )
         )
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name, {"spec": spec}
+            strategydag.GROUP,
+            strategydag.VERSION,
+            self.namespace,
+            strategydag.PLURAL,
+            name,
+            {"spec": spec},
         )
 
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+            strategydag.GROUP, strategydag.VERSION, self.namespace, strategydag.PLURAL, name
         )
 
     def create_sentinel(self, name: str, spec: dict[str, Any]) -> None:
         body = {
-            "apiVersion": f"{api.GROUP}/{api.VERSION}",
-            "kind": sentinel_api.KIND,
+            "apiVersion": f"{strategydag.GROUP}/{strategydag.VERSION}",
+            "kind": versionsentinel.KIND,
             "metadata": {"name": name},
             "spec": spec,
         }
         self.custom.create_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, sentinel_api.PLURAL, body
+            strategydag.GROUP, strategydag.VERSION, self.namespace, versionsentinel.PLURAL, body
         )
 
     def sentinel(self, name: str) -> dict[str, Any]:
@@ -138,21 +145,30 @@ class Cluster:
             cast(
                 dict[str, Any],
                 self.custom.get_namespaced_custom_object(
-                    api.GROUP, api.VERSION, self.namespace, sentinel_api.PLURAL, name
+                    strategydag.GROUP,
+                    strategydag.VERSION,
+                    self.namespace,
+                    versionsentinel.PLURAL,
+                    name,
                 ),
             )
         )
 
     def patch_sentinel(self, name: str, body: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, sentinel_api.PLURAL, name, body
+            strategydag.GROUP,
+            strategydag.VERSION,
+            self.namespace,
+            versionsentinel.PLURAL,
+            name,
+            body,
         )
 
     def act(self, name: str, action: str) -> None:
         """The action annotation, made unique so that a repeated action counts again."""
         value = f"{action}:{uuid.uuid4().hex[:6]}"
         self.patch_sentinel(
-            name, {"metadata": {"annotations": {sentinel_api.ACTION_ANNOTATION: value}}}
+            name, {"metadata": {"annotations": {versionsentinel.ACTION_ANNOTATION: value}}}
         )
 
     async def phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
@@ -236,7 +252,9 @@ async def cluster(
     finally:
         listed = cast(
             dict[str, Any],
-            cl.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL),
+            cl.custom.list_namespaced_custom_object(
+                strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL
+            ),
         )
         for item in listed["items"]:
             with contextlib.suppress(client.ApiException):

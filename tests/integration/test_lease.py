@@ -16,9 +16,9 @@ import pytest
 from kubernetes import client, config
 
 from qmtl_dagmanager import bootstrap
+from qmtl_dagmanager.adapters.kube_lease import LeaderElection, LeadershipLost
 from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.kube import operator
-from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
 from tests.conftest import Stack, free_port
 
 

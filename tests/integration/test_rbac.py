@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubernetes import client, config, utils
 
-from qmtl_dagmanager.kube import api
+from qmtl_dagmanager.api.v1alpha1 import strategydag
 from tests.conftest import Stack, free_port
 from tests.gen import generate
 from tests.integration.kube_harness import spec_of, until
@@ -102,21 +102,25 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
         )  # fmt: skip
     admin = config.new_client_from_config(config_file=stack.kubeconfig)
     custom = client.CustomObjectsApi(admin)
-    where = (api.GROUP, api.VERSION, ns, api.PLURAL)
+    where = (strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL)
     try:
         strategy = f"rbac-{uuid.uuid4().hex[:6]}"
         body = {
-            "apiVersion": f"{api.GROUP}/{api.VERSION}",
-            "kind": api.KIND,
+            "apiVersion": f"{strategydag.GROUP}/{strategydag.VERSION}",
+            "kind": strategydag.KIND,
             "metadata": {"name": "rbac"},
             "spec": spec_of(generate(3, salt=strategy), strategy),
         }
-        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, body)
+        custom.create_namespaced_custom_object(
+            strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL, body
+        )
 
         def ready() -> dict[str, Any] | None:
             obj = cast(
                 dict[str, Any],
-                custom.get_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, "rbac"),
+                custom.get_namespaced_custom_object(
+                    strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL, "rbac"
+                ),
             )
             conds = (obj.get("status") or {}).get("conditions") or []
             ok = any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
@@ -134,12 +138,16 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
         )
         assert lease.spec is not None and lease.spec.holder_identity  # the Lease was allowed
         # deletion: the finalizer runs with the granted verbs
-        custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, "rbac")
+        custom.delete_namespaced_custom_object(
+            strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL, "rbac"
+        )
         await until(
             lambda: (
                 not cast(
                     dict[str, Any],
-                    custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL),
+                    custom.list_namespaced_custom_object(
+                        strategydag.GROUP, strategydag.VERSION, ns, strategydag.PLURAL
+                    ),
                 )["items"]
             ),
             60,
@@ -163,7 +171,7 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
         ),
         "delete a StrategyDAG": lambda: crs.delete_namespaced_custom_object(*where, "any"),
         "act in another namespace": lambda: crs.list_namespaced_custom_object(
-            api.GROUP, api.VERSION, "default", api.PLURAL
+            strategydag.GROUP, strategydag.VERSION, "default", strategydag.PLURAL
         ),
     }  # fmt: skip
     for what, call in forbidden.items():

@@ -17,11 +17,11 @@ from qmtl_dagmanager.adapters.clock import ManualClock
 from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
+from qmtl_dagmanager.api.v1alpha1.strategydag import parse_spec as parse_strategy_spec
+from qmtl_dagmanager.api.v1alpha1.versionsentinel import action_of, parse_spec
 from qmtl_dagmanager.core import dag, topics
 from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec
 from qmtl_dagmanager.core.plan import Request
-from qmtl_dagmanager.kube.api import parse_spec as parse_strategy_spec
-from qmtl_dagmanager.kube.sentinel_api import action_of, parse_spec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.diffs import DiffService

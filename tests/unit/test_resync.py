@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qmtl_dagmanager.adapters.clock import ManualClock
+from qmtl_dagmanager.adapters.memory_config_maps import MemoryConfigMaps
 from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
@@ -88,7 +89,7 @@ def reconciler(topics: MemoryTopicAdmin) -> Reconciler:
     diffs = DiffService(
         MemoryGraphStore(), topics, ControlBus(MemoryEventBus(), clock), clock, Metrics()
     )
-    return Reconciler(StrategyService(diffs, diffs.graph))
+    return Reconciler(StrategyService(diffs, diffs.graph), MemoryConfigMaps())
 
 
 def test_every_page_is_reconciled_once_and_written_through_the_port() -> None:

@@ -12,10 +12,10 @@ import pytest
 from qmtl_dagmanager.adapters.clock import ManualClock
 from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
+from qmtl_dagmanager.api.v1alpha1.versionsentinel import parse_spec
 from qmtl_dagmanager.core.conditions import same
 from qmtl_dagmanager.core.errors import InvalidSpec, Unavailable
 from qmtl_dagmanager.core.rollout import SentinelSpec
-from qmtl_dagmanager.kube.sentinel_api import parse_spec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.controlbus import ControlBus

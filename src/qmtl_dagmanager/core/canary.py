@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -372,61 +372,3 @@ def parse_duration(value: object, where: str) -> float:
             f"{where}: {value!r} must be a non-negative duration", reason="InvalidDuration"
         )
     return seconds
-
-
-def steps_from(raw: Sequence[Mapping[str, object]], where: str = "spec.steps") -> tuple[Step, ...]:
-    if not raw:
-        raise InvalidSpec(f"{where}: at least one step is required", reason="MissingField")
-    if len(raw) > MAX_STEPS:
-        raise InvalidSpec(f"{where}: at most {MAX_STEPS} steps", reason="TooManySteps")
-    out = []
-    for i, item in enumerate(raw):
-        if not isinstance(item, Mapping):
-            raise InvalidSpec(f"{where}[{i}]: expected an object", reason="InvalidField")
-        weight = item.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
-            raise InvalidSpec(
-                f"{where}[{i}].weight: {weight!r} must be an integer from 0 to 100",
-                reason="InvalidWeight",
-            )
-        pause_raw = item.get("pause", 0)
-        indefinite = pause_raw is None or str(pause_raw).strip().lower() == "indefinite"
-        pause = None if indefinite else parse_duration(pause_raw, f"{where}[{i}].pause")
-        out.append(Step(weight, pause))
-    return tuple(out)
-
-
-def gates_from(
-    raw: Sequence[Mapping[str, object]], where: str = "spec.analysis"
-) -> tuple[Gate, ...]:
-    out: list[Gate] = []
-    for i, item in enumerate(raw):
-        at = f"{where}[{i}]"
-        if not isinstance(item, Mapping):
-            raise InvalidSpec(f"{at}: expected an object", reason="InvalidField")
-        name = str(item.get("name") or "").strip()
-        query = str(item.get("query") or "").strip()
-        if not name or not query:
-            raise InvalidSpec(f"{at}: name and query are required", reason="MissingField")
-        if any(g.name == name for g in out):
-            raise InvalidSpec(f"{at}.name: {name!r} is used twice", reason="DuplicateGate")
-        threshold = item.get("threshold")
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-            raise InvalidSpec(
-                f"{at}.threshold: {threshold!r} is not a number", reason="InvalidGate"
-            )
-        if not math.isfinite(float(threshold)):
-            raise InvalidSpec(f"{at}.threshold: must be finite", reason="InvalidGate")
-        passing = str(item.get("pass", "below")).strip().lower()
-        if passing not in ("below", "above"):
-            raise InvalidSpec(f"{at}.pass: {passing!r} is not below or above", reason="InvalidGate")
-        interval = parse_duration(item.get("interval", "30s"), f"{at}.interval")
-        if interval < 1:
-            raise InvalidSpec(f"{at}.interval: at least 1s", reason="InvalidGate")
-        limit = item.get("failureLimit", 0)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise InvalidSpec(
-                f"{at}.failureLimit: {limit!r} must be an integer ≥ 0", reason="InvalidGate"
-            )
-        out.append(Gate(name, query, float(threshold), passing == "below", interval, limit))
-    return tuple(out)

@@ -11,20 +11,19 @@ import urllib.parse
 from typing import Any
 
 import kopf
-import kubernetes
 import orjson
 from aiohttp import web
 
 from qmtl_dagmanager import bootstrap
-from qmtl_dagmanager.core.errors import DagManagerError
-from qmtl_dagmanager.kube import api, sentinel_api
-from qmtl_dagmanager.kube.kubeapi import (
+from qmtl_dagmanager.adapters.kube import (
     ConfigMaps,
     KubeApi,
     StrategyObjects,
     StrategyReadinessApi,
 )
-from qmtl_dagmanager.kube.lease import LeaderElection, LeadershipLost
+from qmtl_dagmanager.adapters.kube_lease import LeaderElection, LeadershipLost
+from qmtl_dagmanager.api.v1alpha1 import strategydag, versionsentinel
+from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.kube.resync import Resync
 from qmtl_dagmanager.kube.sentinel_reconciler import SentinelReconciler
 from qmtl_dagmanager.kube.strategy_reconciler import KopfSink, Reconciler
@@ -33,8 +32,8 @@ from qmtl_dagmanager.services.strategies import StrategyService
 
 log = logging.getLogger(__name__)
 FINALIZER = "qmtl.io/strategy-cleanup"
-RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
-SENTINELS = (api.GROUP, api.VERSION, sentinel_api.PLURAL)
+RESOURCE = (strategydag.GROUP, strategydag.VERSION, strategydag.PLURAL)
+SENTINELS = (strategydag.GROUP, strategydag.VERSION, versionsentinel.PLURAL)
 
 
 GC_REPORT = "qmtl-dagmanager-gc-report"
@@ -46,14 +45,9 @@ async def gc_timer(container: bootstrap.Container, config_maps: ConfigMaps) -> N
     namespace = container.settings.pod_namespace or "default"
 
     async def record(run: GcRun) -> None:
-        report = kubernetes.client.V1ConfigMap(
-            metadata=kubernetes.client.V1ObjectMeta(
-                name=GC_REPORT, labels={"app.kubernetes.io/name": "qmtl-dagmanager"}
-            ),
-            data={"report.json": orjson.dumps(run.as_json()).decode()},
-        )
+        data = {"report.json": orjson.dumps(run.as_json()).decode()}
         try:
-            await asyncio.to_thread(config_maps.upsert, namespace, GC_REPORT, report)
+            await asyncio.to_thread(config_maps.upsert, namespace, GC_REPORT, data)
         except DagManagerError as e:
             log.warning("could not record the GC report in %s/%s: %s", namespace, GC_REPORT, e)
 
@@ -85,7 +79,9 @@ def build_registry(
     rec = Reconciler(
         StrategyService(container.diffs(shed_load=False), container.graph), config_maps
     )
-    objects = StrategyObjects(api.GROUP, api.VERSION, api.PLURAL, api.KIND, kube)
+    objects = StrategyObjects(
+        strategydag.GROUP, strategydag.VERSION, strategydag.PLURAL, strategydag.KIND, kube
+    )
     sentinels = SentinelReconciler(container.rollout(StrategyReadinessApi(objects)))
 
     background: list[asyncio.Task[None]] = []

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Objects(Protocol):
-    """The API calls the loop needs (`kubeapi.StrategyObjects` in the operator); failures are
+    """The API calls the loop needs (`adapters.kube.StrategyObjects` in the operator); failures are
     raised as `DagManagerError`s."""
 
     def page(

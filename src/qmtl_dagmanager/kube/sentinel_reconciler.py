@@ -8,8 +8,8 @@ from typing import Any
 
 import kopf
 
+from qmtl_dagmanager.api.v1alpha1.versionsentinel import action_of, parse_spec
 from qmtl_dagmanager.core.errors import InvalidSpec
-from qmtl_dagmanager.kube.sentinel_api import action_of, parse_spec
 from qmtl_dagmanager.services.rollout import RolloutOutcome, RolloutService
 
 

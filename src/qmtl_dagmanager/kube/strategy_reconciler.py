@@ -13,16 +13,15 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import kopf
-import kubernetes
 import orjson
 
+from qmtl_dagmanager.api.v1alpha1 import strategydag
 from qmtl_dagmanager.core import strategy_status as status
 from qmtl_dagmanager.core.conditions import same
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.core.strategy_spec import StrategySpec
-from qmtl_dagmanager.kube import api
-from qmtl_dagmanager.kube.kubeapi import ConfigMaps, KubeApi
 from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.ports import ConfigMapStore, Owner
 from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_text
 
 
@@ -58,11 +57,11 @@ class Reconciler:
     def __init__(
         self,
         strategies: StrategyService,
-        config_maps: ConfigMaps | None = None,
+        config_maps: ConfigMapStore,
         metrics: Metrics | None = None,
     ) -> None:
         self.strategies = strategies
-        self.config_maps = config_maps or ConfigMaps(KubeApi())
+        self.config_maps = config_maps
         self.metrics = metrics or strategies.diffs.metrics
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
@@ -98,7 +97,7 @@ class Reconciler:
         old: Mapping[str, Any] = dict(body.get("status") or {})
         generation = int(meta.get("generation") or 0)
         try:
-            s = api.parse_spec(dict(body.get("spec") or {}))
+            s = strategydag.parse_spec(dict(body.get("spec") or {}))
         except DagManagerError as e:
             self.metrics.reconcile_errors.labels(e.reason).inc()
             self._failed(sink, old, e, generation)
@@ -171,7 +170,7 @@ class Reconciler:
             sink.event(True, e.reason, e.message)
 
     async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
-        s = api.parse_spec(dict(spec))
+        s = strategydag.parse_spec(dict(spec))
         st = body.get("status") or {}
         topics = list((st.get("topics") or {}).values())
         if not topics and st.get("topicsConfigMap"):
@@ -189,25 +188,10 @@ class Reconciler:
 
 
 def _write_topics(
-    config_maps: ConfigMaps, meta: Mapping[str, Any], name: str, topics: Mapping[str, str]
+    config_maps: ConfigMapStore, meta: Mapping[str, Any], name: str, topics: Mapping[str, str]
 ) -> None:
     """The full node → topic map of a large DAG, in a ConfigMap the resource owns (deleted
     with it by the garbage collector)."""
-    cm = kubernetes.client.V1ConfigMap(
-        metadata=kubernetes.client.V1ObjectMeta(
-            name=name,
-            labels={"app.kubernetes.io/name": "qmtl-dagmanager"},
-            owner_references=[
-                kubernetes.client.V1OwnerReference(
-                    api_version=f"{api.GROUP}/{api.VERSION}",
-                    kind=api.KIND,
-                    name=str(meta["name"]),
-                    uid=str(meta["uid"]),
-                    controller=True,
-                    block_owner_deletion=False,
-                )
-            ],
-        ),
-        data={"topics.json": orjson.dumps(dict(topics), option=orjson.OPT_SORT_KEYS).decode()},
-    )
-    config_maps.upsert(str(meta["namespace"]), name, cm)
+    owner = Owner(strategydag.API_VERSION, strategydag.KIND, str(meta["name"]), str(meta["uid"]))
+    data = {"topics.json": orjson.dumps(dict(topics), option=orjson.OPT_SORT_KEYS).decode()}
+    config_maps.upsert(str(meta["namespace"]), name, data, owner)

@@ -17,6 +17,7 @@ import orjson
 import urllib3
 
 from qmtl_dagmanager.core.errors import Conflict, DagManagerError, Unavailable
+from qmtl_dagmanager.ports import Owner
 
 # what a call to the API server raises: a status, or a connection that failed
 API_ERRORS = (kubernetes.client.ApiException, OSError, urllib3.exceptions.HTTPError)
@@ -79,7 +80,34 @@ class ConfigMaps:
     def __init__(self, api: KubeApi) -> None:
         self.api = api
 
-    def upsert(self, namespace: str, name: str, cm: kubernetes.client.V1ConfigMap) -> None:
+    def upsert(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, str],
+        owner: Owner | None = None,
+    ) -> None:
+        """Create or replace the ConfigMap with `data`, labelled as ours and, with an owner,
+        deleted with it by the garbage collector."""
+        cm = kubernetes.client.V1ConfigMap(
+            metadata=kubernetes.client.V1ObjectMeta(
+                name=name,
+                labels={"app.kubernetes.io/name": "qmtl-dagmanager"},
+                owner_references=None
+                if owner is None
+                else [
+                    kubernetes.client.V1OwnerReference(
+                        api_version=owner.api_version,
+                        kind=owner.kind,
+                        name=owner.name,
+                        uid=owner.uid,
+                        controller=True,
+                        block_owner_deletion=False,
+                    )
+                ],
+            ),
+            data=dict(data),
+        )
         core = self.api.core()
         what = f"writing ConfigMap {namespace}/{name}"
         try:

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import kubernetes
 
-from qmtl_dagmanager.kube.kubeapi import API_ERRORS as TRANSIENT
+from qmtl_dagmanager.adapters.kube import API_ERRORS as TRANSIENT
 
 log = logging.getLogger(__name__)
 
