@@ -126,7 +126,9 @@ class Container:
         return RolloutService(self.canary(), readiness, self.clock, self.metrics)
 
     def queues(self) -> QueueService:
-        return self._once("queues", lambda: QueueService(self.graph, self.topics, self.metrics))
+        return self._once(
+            "queues", lambda: QueueService(self.graph, self.topics, self.metrics, self.clock)
+        )
 
     def garbage(self) -> GcService:
         return self._once("garbage", self._garbage)

@@ -218,6 +218,18 @@ async def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_gc_keep(args: argparse.Namespace) -> int:
+    url = f"http://{args.target}/admin/gc-keep"
+    payload = {"topics": args.topics, "keep": not args.remove, "by": args.by}
+    async with aiohttp.ClientSession() as http, http.post(url, json=payload) as r:
+        body = await r.text()
+        if r.status != 200:
+            print(f"error: {url} answered {r.status}: {body}", file=sys.stderr)
+            return EXIT_UNAVAILABLE if r.status >= 500 else EXIT_INPUT
+    print(body)
+    return EXIT_OK
+
+
 async def cmd_redo(args: argparse.Namespace) -> int:
     client = GatewayClient(args.target)
     try:
@@ -276,6 +288,13 @@ def parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="trigger garbage collection on a running sidecar")
     gc.add_argument("--dry-run", action="store_true")
     gc.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
+    keep = sub.add_parser(
+        "gc-keep", help="mark queues keep on a running sidecar (GC never collects them)"
+    )
+    keep.add_argument("topics", nargs="+", help="queue topic names")
+    keep.add_argument("--remove", action="store_true", help="remove this marker instead")
+    keep.add_argument("--by", default="operator", help="the marker's name (default operator)")
+    keep.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
     redo = sub.add_parser("redo-diff", help="re-run a diff for a hotfix under a new version")
     redo.add_argument("--sentinel", required=True)
     redo.add_argument("--file", type=Path, required=True)
@@ -298,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "diff": lambda: cmd_diff(settings, args),
             "queue-stats": lambda: cmd_queue_stats(args),
             "gc": lambda: cmd_gc(args),
+            "gc-keep": lambda: cmd_gc_keep(args),
             "redo-diff": lambda: cmd_redo(args),
         }
         return asyncio.run(commands[args.cmd]())

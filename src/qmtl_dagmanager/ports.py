@@ -101,6 +101,8 @@ class QueueDetail:
     replication: int
     retention_ms: int
     tags: tuple[str, ...] = ()  # the emitting node's tags
+    orphaned_at: float | None = None  # when it lost its last reference; None while used
+    keep_by: tuple[str, ...] = ()  # who marked it keep (a StrategyDAG, an operator)
 
     def as_gc_queue(self) -> GcQueue:
         return GcQueue(
@@ -109,6 +111,8 @@ class QueueDetail:
             self.created_at,
             self.ref_count,
             self.node_id is not None and self.managed,
+            self.orphaned_at,
+            bool(self.keep_by),
         )
 
 
@@ -266,8 +270,20 @@ class GraphStore(Protocol):
         run died). False, with the claim released, when it was referenced meanwhile."""
         ...
 
-    async def release(self, strategy_id: str) -> int:
-        """Drop every reference of the strategy; return how many were dropped."""
+    async def release(self, strategy_id: str, now: float) -> int:
+        """Drop every reference of the strategy; return how many were dropped. A queue left
+        with no reference records `now` as its orphan time (`apply` does the same for the
+        queues a plan stops referencing, and clears it on the queues it references)."""
+        ...
+
+    async def mark_orphaned(self, topics: Sequence[str], now: float) -> int:
+        """Record `now` as the orphan time of those queues that are unreferenced and have
+        none (graphs written before orphan times); returns how many were stamped."""
+        ...
+
+    async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:
+        """Add (or remove) `keeper` among the markers that protect the queues from GC;
+        returns how many queues changed. A queue is kept while any marker remains."""
         ...
 
     async def queues_by_tags(
@@ -288,10 +304,19 @@ class GraphStore(Protocol):
         (another run dropped it)."""
         ...
 
-    async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
+    async def claim_queue(
+        self,
+        topic: str,
+        run: str,
+        now: float,
+        stale_after: float,
+        orphaned_by: float | None = None,
+    ) -> bool:
         """Atomically reserve an unreferenced queue for one GC run: True for exactly one
-        claimant; False when it is referenced, gone, or claimed by another run less than
-        `stale_after` seconds ago (a crashed run's claim expires)."""
+        claimant; False when it is referenced, gone, marked keep, claimed by another run
+        less than `stale_after` seconds ago (a crashed run's claim expires), or, with
+        `orphaned_by`, orphaned later than that (it was referenced again meanwhile, so its
+        grace starts over) or without an orphan time."""
         ...
 
     async def set_unmanaged(self, topics: Sequence[str]) -> None: ...

@@ -79,7 +79,7 @@ class World:
         salt = uuid.uuid4().hex[:8]
         nodes = [node("RawPriceFeed", tags=["BTC"], code=f"race-{salt}-{i}") for i in range(3)]
         done = await self.diffs().diff(Request(f"old-{salt}", world_id="w1"), encode(nodes))
-        await QueueService(self.graph, self.topics, self.metrics).cleanup(f"old-{salt}")
+        await QueueService(self.graph, self.topics, self.metrics, self.clock).cleanup(f"old-{salt}")
         self.clock.advance(30 * DAY)
         return nodes, [p.topic for p in done.plan.nodes]
 

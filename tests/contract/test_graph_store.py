@@ -110,9 +110,9 @@ async def test_reference_counts_are_exact(graph: GraphStore) -> None:
     # s2 resubmits without the extra node: its references become exactly the new DAG
     await submit(graph, shared, Request("s2", world_id="w1"))
     assert {q.topic: q.ref_count for q in await graph.queues()}[extra_topic] == 0
-    assert await graph.release("s1") == 6
+    assert await graph.release("s1", NOW) == 6
     assert {q.ref_count for q in await graph.queues() if q.topic != extra_topic} == {1}
-    await graph.release("s2")
+    await graph.release("s2", NOW)
     assert {q.ref_count for q in await graph.queues()} == {0}
     c = await graph.counts()
     assert (c.compute_nodes, c.strategies) == (4, 0)  # nodes are never deleted
@@ -123,7 +123,7 @@ async def test_forget_queue_only_when_unreferenced(graph: GraphStore) -> None:
     topic = p.nodes[0].topic
     assert await graph.forget_queue(topic) is Forgot.REFERENCED  # it stays
     assert topic in {q.topic for q in await graph.queues()}
-    await graph.release("s1")
+    await graph.release("s1", NOW)
     assert await graph.forget_queue(topic) is Forgot.DROPPED
     assert topic not in {q.topic for q in await graph.queues()}
     assert await graph.forget_queue(topic) is Forgot.ABSENT  # already gone
@@ -177,7 +177,7 @@ async def test_gc_claims_are_exclusive(graph: GraphStore) -> None:
     p = await submit(graph, chain(2), Request("claim", world_id="w1"))
     a, b = (n.topic for n in p.nodes)
     assert not await graph.claim_queue(a, "run1", NOW, 60)  # referenced
-    await graph.release("claim")
+    await graph.release("claim", NOW)
     got = await asyncio.gather(*(graph.claim_queue(a, f"r{i}", NOW, 60) for i in range(5)))
     assert sorted(got) == [False] * 4 + [True]  # exactly one of five concurrent runs
     winner = f"r{got.index(True)}"
@@ -222,7 +222,7 @@ async def test_a_write_notices_queues_gc_claimed_or_dropped_since_the_read(
     nodes = chain(3)
     p = await submit(graph, nodes, Request("first", world_id="w1"))
     a, b, c = (n.topic for n in p.nodes)
-    await graph.release("first")
+    await graph.release("first", NOW)
     # a second strategy plans to reuse all three; meanwhile GC claims `a` and drops `b`
     again = await diff(graph, nodes, Request("second", world_id="w1"))
     assert {n.action for n in again.nodes} == {Action.REUSE}
@@ -240,8 +240,27 @@ async def test_a_write_notices_queues_gc_claimed_or_dropped_since_the_read(
     assert claimed == (a,)
     assert await graph.forget_queue(a) is Forgot.REFERENCED  # its claimant cannot drop it
     assert {q.topic: q.ref_count for q in await graph.queues()} == {a: 1, b: 1, c: 1}
-    await graph.release("second")
+    await graph.release("second", NOW)
     assert await graph.claim_queue(a, "next-run", NOW + 3, 60)  # the old claim is gone
     # the record names the topic type, so a revived topic gets the spec it was created with
     (record,) = await graph.queues([a])
     assert CATALOG.spec_for_tag(record.tag) == CATALOG.spec_for(p.nodes[0].node.node_type)
+
+
+async def test_orphan_times_follow_the_references(graph: GraphStore) -> None:
+    """Set when a plan stops referencing a queue or a strategy is released (not while
+    another strategy uses it); cleared by a new reference."""
+    shared, extra = chain(2), node("Extra", inputs=[], code="orphan-extra")
+    p1 = await submit(graph, [*shared, extra], Request("o1", world_id="w1"))
+    await submit(graph, shared, Request("o2", world_id="w1"))
+    topics = [n.topic for n in p1.nodes if n.node.node_id != extra["node_id"]]
+    extra_topic = next(n.topic for n in p1.nodes if n.node.node_id == extra["node_id"])
+    await submit(graph, shared, Request("o1", world_id="w1"), now=NOW + 5)  # extra dropped
+    assert [q.orphaned_at for q in await graph.queues([extra_topic])] == [NOW + 5]
+    await graph.release("o1", NOW + 10)
+    assert {q.orphaned_at for q in await graph.queues(topics)} == {None}  # o2 uses them
+    await graph.release("o2", NOW + 20)
+    assert {q.orphaned_at for q in await graph.queues(topics)} == {NOW + 20}
+    await submit(graph, [*shared, extra], Request("o3", world_id="w1"), now=NOW + 30)
+    assert {q.orphaned_at for q in await graph.queues([*topics, extra_topic])} == {None}
+    assert await graph.mark_orphaned([*topics, extra_topic], NOW + 40) == 0  # all referenced

@@ -73,7 +73,7 @@ class Writers:
         )  # fmt: skip
 
     async def cleanup(self, strategy_id: str) -> None:
-        await QueueService(self.graph, self.topics, Metrics()).cleanup(strategy_id)
+        await QueueService(self.graph, self.topics, Metrics(), self.clock).cleanup(strategy_id)
 
     def replans(self, reason: str) -> float:
         # prometheus_client is untyped: a counter's value is a float
@@ -239,7 +239,7 @@ async def test_a_queue_marked_for_deletion_is_never_handed_out(graph: GraphStore
     p = plan.plan(dag.parse(encode(nodes)), Request("d1", world_id="w1"), {}, {}, CATALOG)
     await graph.apply(p, NOW, SentinelWrite.from_plan(p, None))
     topic = p.nodes[0].topic
-    await graph.release("d1")
+    await graph.release("d1", NOW)
     assert await graph.claim_queue(topic, "run", NOW + 1, 60)
     assert await graph.mark_deleting(topic, "run", NOW + 1)
     read = await graph.read([nodes[0]["node_id"]], [])

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from qmtl_dagmanager.client import GatewayClient
 from tests.conftest import Stack, free_port
 from tests.gen import dumps, generate
 
@@ -141,3 +145,87 @@ def test_exit_codes_and_settings_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and "neo4j_dsn" in r.stderr
     r = run("diff", "--file", str(dag_file), "--dry-run", "--output", "dot")
     assert r.returncode == 0 and r.stdout.startswith("digraph")
+
+
+def test_gc_policies_of_seconds_work_from_outside(tmp_path: Path) -> None:
+    """A server process with 3-second policies: after a Diff and a Cleanup, a GC trigger
+    keeps the orphans (listed with their due time) until TTL + grace has passed since the
+    Cleanup, then drops them; a queue marked keep stays."""
+    grpc_port, http_port = free_port(), free_port()
+    config = tmp_path / "dagmanager.yml"
+    config.write_text(
+        "\n".join(
+            [
+                f"grpc_port: {grpc_port}",
+                f"http_port: {http_port}",
+                "gc_interval_seconds: 0",
+                "gc_trigger_interval_seconds: 0",
+                "gc_policies:",
+                "  raw: {ttl_seconds: 2, grace_seconds: 1, action: drop}",
+                "  indicator: {ttl_seconds: 2, grace_seconds: 1, action: drop}",
+                "  trade_exec: {ttl_seconds: 2, grace_seconds: 1, action: archive}",
+            ]
+        )
+        + "\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
+    proc = subprocess.Popen(
+        [*CLI, "--config", str(config), "server"],
+        env=env,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_serving(grpc_port, proc)
+        dag_file = tmp_path / "dag.json"
+        dag_file.write_text(dumps(generate(6, seed=3, salt=uuid.uuid4().hex[:8])))
+        target = f"127.0.0.1:{grpc_port}"
+        r = run("diff", "--file", str(dag_file), "--target", target, "--strategy", "gc-s",
+                "--world", "w1", "--output", "json")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        topics = sorted(n["topic"] for n in json.loads(r.stdout)["nodes"])
+        r = run("gc-keep", topics[0], "--target", f"127.0.0.1:{http_port}")
+        assert r.returncode == 0 and '"changed":1' in r.stdout.replace(" ", ""), r.stderr
+        asyncio.run(_cleanup(target, "gc-s"))
+        released = time.time()
+        first = _trigger(http_port)
+        assert first["processed"] == []
+        due = {k["queue"]: k["due"] for k in first["kept"]}
+        assert due[topics[0]] is None  # marked keep: never due
+        late = {t: due[t] for t in topics[1:] if not released - 1 <= due[t] <= time.time() + 3}
+        assert not late, (released, late)
+        end = time.monotonic() + 30
+        dropped: set[str] = set()
+        while time.monotonic() < end and dropped != set(topics[1:]):
+            dropped |= {p["queue"] for p in _trigger(http_port)["processed"]}
+            time.sleep(0.5)
+        assert dropped == set(topics[1:])
+        assert time.time() >= min(d for d in due.values() if d is not None)
+        assert topics[0] in {k["queue"] for k in _trigger(http_port)["kept"]}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        assert code == 0
+
+
+async def _cleanup(target: str, strategy: str) -> None:
+    client = GatewayClient(target)
+    try:
+        await client.cleanup(strategy)
+    finally:
+        await client.close()
+
+
+def _trigger(http_port: int) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/admin/gc-trigger",
+        data=json.dumps({"id": f"t-{uuid.uuid4().hex[:6]}"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        body: dict[str, Any] = json.loads(r.read())
+    return body

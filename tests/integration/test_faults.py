@@ -223,7 +223,7 @@ async def test_gc_never_drops_twice_nor_a_queue_that_became_referenced(
         salt = uid()
         nodes = [node("RawPriceFeed", tags=["BTC"], code=f"{tag}-{salt}-{i}") for i in range(3)]
         done = await diffs.diff(Request(f"{tag}-{salt}", world_id="w1"), encode(nodes))
-        await QueueService(graph, topics, metrics).cleanup(f"{tag}-{salt}")
+        await QueueService(graph, topics, metrics, clock).cleanup(f"{tag}-{salt}")
         return nodes, {p.topic for p in done.plan.nodes}
 
     def lifecycle(mine: set[str]) -> list[str]:

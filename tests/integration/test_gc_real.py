@@ -54,7 +54,7 @@ async def test_gc_drops_exactly_the_eligible_queues(stack: Stack, tmp_path: Path
         gone = await diffs.diff(Request("a", world_id="w1"), encode([raw, ind]))
         kept = await diffs.diff(Request("b", world_id="w1"), dumps(generate(3, salt=salt)))
         raw_topic, ind_topic = (gone.plan.nodes[0].topic, gone.plan.nodes[1].topic)
-        await QueueService(graph, topics, metrics).cleanup("a")
+        await QueueService(graph, topics, metrics, clock).cleanup("a")
 
         clock.advance(7.5 * DAY)  # younger than raw's TTL + grace (8 d)
         assert (await gc.collect()).processed == []

@@ -30,7 +30,7 @@ from tests.unit.dags import encode, node
 
 
 def test_the_cap_is_halved_under_load() -> None:
-    queues = [gc.GcQueue(f"t{i}", "raw", 0.0, 0, True) for i in range(40)]
+    queues = [gc.GcQueue(f"t{i}", "raw", 0.0, 0, True, 0.0) for i in range(40)]
     limits = GcLimits(max_count=10, max_fraction=1.0)
     assert gc.select(queues, 30 * DAY, limits=limits).cap == 10
     loaded = gc.select(queues, 30 * DAY, limits=limits, loaded=True)
@@ -111,7 +111,7 @@ async def _orphans(n: int) -> tuple[GcService, ManualClock]:
     await DiffService(graph, topics, controlbus, clock, metrics).diff(
         Request("s", world_id="w"), encode(nodes)
     )
-    await QueueService(graph, topics, metrics).cleanup("s")
+    await QueueService(graph, topics, metrics, clock).cleanup("s")
     clock.advance(30 * DAY)
     service = GcService(
         graph,

@@ -185,11 +185,12 @@ class MemoryGraphStore:
             self._marks.setdefault(g, []).append(str(self._mark_seq))
         self.contexts[r.strategy_id] = dict(r.context)
         self.fingerprints[r.strategy_id] = r.fingerprint
-        self._unreference(r.strategy_id)
+        self._unreference(r.strategy_id, now)
         self.node_refs[r.strategy_id] = {ref["node_id"] for ref in r.refs}
         self.queue_refs[r.strategy_id] = topics = {ref["topic"] for ref in r.refs}
         for t in topics:
             self._users[t] = self._users.get(t, 0) + 1
+            self._queues[t].pop("orphaned_at", None)  # referenced: its grace starts over
         if sentinel is not None:
             key = (sentinel.sentinel_id, sentinel.version)
             s = self.sentinels.get(key)
@@ -208,7 +209,7 @@ class MemoryGraphStore:
             s.has |= set(sentinel.node_ids)
         return tuple(reclaim)
 
-    def _unreference(self, strategy_id: str) -> int:
+    def _unreference(self, strategy_id: str, now: float) -> int:
         topics = self.queue_refs.pop(strategy_id, set())
         for t in topics:
             left = self._users.get(t, 0) - 1
@@ -216,13 +217,41 @@ class MemoryGraphStore:
                 self._users[t] = left
             else:
                 self._users.pop(t, None)
+                if t in self._queues:
+                    self._queues[t]["orphaned_at"] = now
         return len(topics)
 
-    async def release(self, strategy_id: str) -> int:
+    async def release(self, strategy_id: str, now: float) -> int:
         self.contexts.pop(strategy_id, None)
         self.fingerprints.pop(strategy_id, None)
         dropped = len(self.node_refs.pop(strategy_id, set()))
-        return dropped + self._unreference(strategy_id)
+        return dropped + self._unreference(strategy_id, now)
+
+    async def mark_orphaned(self, topics: Sequence[str], now: float) -> int:
+        stamped = 0
+        for t in topics:
+            q = self._queues.get(t)
+            if q is not None and self._ref_count(t) == 0 and q.get("orphaned_at") is None:
+                q["orphaned_at"] = now
+                stamped += 1
+        return stamped
+
+    async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:
+        changed = 0
+        for t in topics:
+            q = self._queues.get(t)
+            if q is None:
+                continue
+            marks = set(q.get("keep_by", ()))
+            before = len(marks)
+            if keep:
+                marks.add(keeper)
+            else:
+                marks.discard(keeper)
+            if len(marks) != before:
+                q["keep_by"] = tuple(sorted(marks))
+                changed += 1
+        return changed
 
     async def record_intents(self, topics: Sequence[str], now: float, owner: str) -> Intents:
         busy = tuple(t for t in topics if _sweeping(self._intents.get(t), now))
@@ -374,6 +403,8 @@ class MemoryGraphStore:
                     tags=tuple(self.nodes[q["node_id"]]["tags"])
                     if q["node_id"] in self.nodes
                     else (),
+                    orphaned_at=q.get("orphaned_at"),
+                    keep_by=tuple(q.get("keep_by", ())),
                 )
             )
         return out
@@ -392,10 +423,21 @@ class MemoryGraphStore:
         self._queues[topic].pop("gc_deleting_at", None)
         return Forgot.REFERENCED
 
-    async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
+    async def claim_queue(
+        self,
+        topic: str,
+        run: str,
+        now: float,
+        stale_after: float,
+        orphaned_by: float | None = None,
+    ) -> bool:
         q = self._queues.get(topic)
-        if q is None or self._ref_count(topic) > 0:
+        if q is None or self._ref_count(topic) > 0 or q.get("keep_by"):
             return False
+        if orphaned_by is not None:
+            orphaned = q.get("orphaned_at")
+            if orphaned is None or orphaned > orphaned_by:
+                return False
         claim = q.get("gc_claim")
         if claim is not None and claim[0] != run and now - claim[1] < stale_after:
             return False

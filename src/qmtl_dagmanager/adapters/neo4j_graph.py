@@ -148,12 +148,19 @@ WITH s
 OPTIONAL MATCH (x)-[u:USED_BY]->(s)
 WHERE NOT ((x:ComputeNode AND x.node_id IN $node_ids) OR (x:Queue AND x.topic IN $topics))
 DELETE u
-WITH DISTINCT s
+WITH s, collect(DISTINCT CASE WHEN x:Queue THEN x END) AS dropped
+CALL (dropped) {
+  UNWIND dropped AS q
+  WITH q WHERE NOT (q)-[:USED_BY]->()
+  SET q.orphaned_at = $now
+}
+WITH s
 UNWIND $refs AS r
 MATCH (n:ComputeNode {node_id: r.node_id})
 MATCH (q:Queue {topic: r.topic})
 MERGE (n)-[:USED_BY]->(s)
 MERGE (q)-[:USED_BY]->(s)
+REMOVE q.orphaned_at
 """
 
 # After SET_REFS in the same transaction (its new USED_BY edges hold the queues' locks, so a
@@ -345,11 +352,37 @@ RETURN v {.*} AS v, COUNT { (v)-[:HAS]->() } AS has
 
 RELEASE = """
 MATCH (s:Strategy {strategy_id: $sid})
-OPTIONAL MATCH ()-[u:USED_BY]->(s)
-WITH s, collect(u) AS us
+OPTIONAL MATCH (x)-[u:USED_BY]->(s)
+WITH s, collect(u) AS us, collect(DISTINCT CASE WHEN x:Queue THEN x END) AS queues
 FOREACH (x IN us | DELETE x)
 DETACH DELETE s
+WITH us, queues
+CALL (queues) {
+  UNWIND queues AS q
+  WITH q WHERE NOT (q)-[:USED_BY]->()
+  SET q.orphaned_at = $now
+}
 RETURN size(us) AS dropped
+"""
+
+MARK_ORPHANED = """
+UNWIND $topics AS t
+MATCH (q:Queue {topic: t})
+WHERE q.orphaned_at IS NULL AND NOT (q)-[:USED_BY]->()
+SET q.orphaned_at = $now
+RETURN count(q) AS stamped
+"""
+
+SET_KEEP = """
+UNWIND $topics AS t
+MATCH (q:Queue {topic: t})
+WITH q, coalesce(q.keep_by, []) AS before
+WITH q, before, CASE WHEN $keep
+  THEN CASE WHEN $keeper IN before THEN before ELSE before + $keeper END
+  ELSE [k IN before WHERE k <> $keeper] END AS after
+WHERE size(after) <> size(before)
+SET q.keep_by = after
+RETURN count(q) AS changed
 """
 
 BY_TAGS = """
@@ -380,6 +413,8 @@ REMOVE q.gc_lock
 WITH q, current
 WHERE current IS NOT NULL AND elementId(current) = elementId(q)
   AND NOT (q)-[:USED_BY]->()
+  AND size(coalesce(q.keep_by, [])) = 0
+  AND ($orphaned_by IS NULL OR q.orphaned_at <= $orphaned_by)
   AND (q.gc_claim IS NULL OR q.gc_claim = $run OR q.gc_claim_at <= $stale)
 SET q.gc_claim = $run, q.gc_claim_at = $now
 REMOVE q.gc_deleting_at
@@ -628,6 +663,7 @@ class Neo4jGraphStore:
                     refs=r.refs,
                     node_ids=[x["node_id"] for x in r.refs],
                     topics=topics,
+                    now=now,
                 )
             ).consume()
             checked = [
@@ -773,12 +809,28 @@ class Neo4jGraphStore:
 
         return await self._write("gc deletion mark", tx)
 
-    async def release(self, strategy_id: str) -> int:
+    async def release(self, strategy_id: str, now: float) -> int:
         async def tx(t: neo4j.AsyncManagedTransaction) -> int:
-            rec = await (await t.run(RELEASE, sid=strategy_id)).single()
+            rec = await (await t.run(RELEASE, sid=strategy_id, now=now)).single()
             return int(rec["dropped"]) if rec else 0
 
         return await self._write("release", tx)
+
+    async def mark_orphaned(self, topics: Sequence[str], now: float) -> int:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> int:
+            rec = await (await t.run(MARK_ORPHANED, topics=list(topics), now=now)).single()
+            return int(rec["stamped"]) if rec else 0
+
+        return await self._write("orphan times", tx)
+
+    async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> int:
+            rec = await (
+                await t.run(SET_KEEP, topics=list(topics), keeper=keeper, keep=keep)
+            ).single()
+            return int(rec["changed"]) if rec else 0
+
+        return await self._write("keep marks", tx)
 
     async def queues_by_tags(
         self, tags: Sequence[str], interval: int, match_mode: str
@@ -825,6 +877,8 @@ class Neo4jGraphStore:
                     replication=int(q.get("replication") or 0),
                     retention_ms=int(q.get("retention_ms") or 0),
                     tags=tuple(row["tags"] or ()),
+                    orphaned_at=None if q.get("orphaned_at") is None else float(q["orphaned_at"]),
+                    keep_by=tuple(q.get("keep_by") or ()),
                 )
             )
         return out
@@ -838,10 +892,22 @@ class Neo4jGraphStore:
 
         return await self._write("forget queue", tx)
 
-    async def claim_queue(self, topic: str, run: str, now: float, stale_after: float) -> bool:
+    async def claim_queue(
+        self,
+        topic: str,
+        run: str,
+        now: float,
+        stale_after: float,
+        orphaned_by: float | None = None,
+    ) -> bool:
         async def tx(t: neo4j.AsyncManagedTransaction) -> bool:
             result = await t.run(
-                CLAIM_QUEUE, topic=topic, run=run, now=now, stale=now - stale_after
+                CLAIM_QUEUE,
+                topic=topic,
+                run=run,
+                now=now,
+                stale=now - stale_after,
+                orphaned_by=orphaned_by,
             )
             return await result.single() is not None
 

@@ -1,8 +1,15 @@
 """Garbage-collection decisions: which orphaned queues may go, and why.
 
-Never selected: a queue that is referenced, younger than TTL + grace, not owned by a graph node
-(unmanaged: absence is no evidence), internal to Kafka (`__` prefix), of a tag without a
-policy; never more than the per-run cap, which is halved while the broker is under load.
+A queue may go only once it has been unreferenced *continuously* for its policy's TTL +
+grace, counted from `orphaned_at` (when it lost its last reference; a new reference clears
+it), never from its creation: a 30-day-old queue orphaned now is kept until TTL + grace
+later, so a rollback or re-apply meanwhile finds its topic and its data. An unreferenced
+queue without `orphaned_at` (a graph written before the field existed) is stamped by the
+run that first sees it and kept from then on.
+
+Never selected either: a queue marked keep, not owned by a graph node (unmanaged: absence
+is no evidence), internal to Kafka (`__` prefix), of a tag without a policy; never more than
+the per-run cap, which is halved while the broker is under load.
 """
 
 from __future__ import annotations
@@ -42,13 +49,16 @@ class GcQueue:
     created_at: float  # epoch seconds
     ref_count: int
     owned: bool  # a graph node EMITS it
+    orphaned_at: float | None = None  # when it lost its last reference (None: referenced)
+    keep: bool = False  # protected: never collected
 
 
 class SkipReason(StrEnum):
     INTERNAL = "Internal"
     UNMANAGED = "Unmanaged"
     REFERENCED = "Referenced"
-    TOO_YOUNG = "TooYoung"
+    KEPT = "Kept"  # marked keep (the queue, or its StrategyDAG by annotation)
+    TOO_YOUNG = "TooYoung"  # unreferenced for less than TTL + grace
     NO_POLICY = "NoPolicy"
     OVER_CAP = "OverCap"
 
@@ -58,6 +68,18 @@ class GcDecision:
     topic: str
     action: GcAction
     reason: str
+    orphaned_by: float = 0.0  # claim only if still orphaned at or before this time
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """An unreferenced queue this run kept, and when it becomes due (None: never, kept)."""
+
+    topic: str
+    tag: str
+    orphaned_at: float
+    due: float | None
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +92,8 @@ class GcLimits:
 class GcReport:
     decisions: tuple[GcDecision, ...]
     skipped: Mapping[str, int] = field(default_factory=dict)
+    kept: tuple[Orphan, ...] = ()  # every unreferenced queue kept, with its due time
+    stamp: tuple[str, ...] = ()  # unreferenced queues without orphaned_at: record `now`
     cap: int = 0
     managed: int = 0
     loaded: bool = False  # the cap was halved because the broker reported high load
@@ -89,9 +113,11 @@ def select(
     *,
     loaded: bool = False,
 ) -> GcReport:
-    """Decide the queues to collect now, oldest first, within the cap."""
+    """Decide the queues to collect now, longest orphaned first, within the cap."""
     skipped: dict[str, int] = {}
-    eligible: list[tuple[GcQueue, GcPolicy]] = []
+    eligible: list[tuple[GcQueue, GcPolicy, float]] = []
+    kept: list[Orphan] = []
+    stamp: list[str] = []
     managed = 0
 
     def skip(reason: SkipReason) -> None:
@@ -108,26 +134,59 @@ def select(
         if q.ref_count > 0:
             skip(SkipReason.REFERENCED)
             continue
+        orphaned = q.orphaned_at
+        if orphaned is None:  # first seen unreferenced (a graph older than orphan times)
+            stamp.append(q.topic)
+            orphaned = now
+        if q.keep:
+            skip(SkipReason.KEPT)
+            kept.append(Orphan(q.topic, q.tag, orphaned, None, "marked keep"))
+            continue
         policy = policies.get(q.tag)
         if policy is None:
             skip(SkipReason.NO_POLICY)
+            kept.append(Orphan(q.topic, q.tag, orphaned, None, f"no GC policy for {q.tag!r}"))
             continue
-        if now - q.created_at < policy.ttl + policy.grace:
+        due = orphaned + policy.ttl + policy.grace
+        if now < due:
             skip(SkipReason.TOO_YOUNG)
+            kept.append(
+                Orphan(
+                    q.topic,
+                    q.tag,
+                    orphaned,
+                    due,
+                    f"unreferenced for {_days(now - orphaned)} of "
+                    f"TTL {_days(policy.ttl)} + grace {_days(policy.grace)}",
+                )
+            )
             continue
-        eligible.append((q, policy))
+        eligible.append((q, policy, orphaned))
     cap = cap_for(managed, limits, loaded)
-    eligible.sort(key=lambda qp: (qp[0].created_at, qp[0].topic))
+    eligible.sort(key=lambda e: (e[2], e[0].topic))
     chosen = eligible[:cap]
+    for q, _, orphaned in eligible[cap:]:
+        kept.append(Orphan(q.topic, q.tag, orphaned, now, "due, over this run's cap"))
     if len(eligible) > cap:
         skipped[SkipReason.OVER_CAP.value] = len(eligible) - cap
     decisions = tuple(
         GcDecision(
             q.topic,
             p.action,
-            f"unreferenced {q.tag} queue, {(now - q.created_at) / DAY:.1f} d old "
-            f"(TTL {p.ttl / DAY:g} d + grace {p.grace / DAY:g} d)",
+            f"unreferenced {q.tag} queue for {_days(now - orphaned)} "
+            f"(TTL {_days(p.ttl)} + grace {_days(p.grace)})",
+            now - p.ttl - p.grace,
         )
-        for q, p in chosen
+        for q, p, orphaned in chosen
     )
-    return GcReport(decisions, skipped, cap, managed, loaded)
+    kept.sort(key=lambda o: (o.due is None, o.due or 0.0, o.topic))
+    return GcReport(
+        decisions, skipped, tuple(kept), tuple(stamp), cap=cap, managed=managed, loaded=loaded
+    )
+
+
+def _days(seconds: float) -> str:
+    """A span for a report: days when at least one, else seconds."""
+    if seconds >= DAY:
+        return f"{seconds / DAY:.1f} d"
+    return f"{seconds:.0f} s"

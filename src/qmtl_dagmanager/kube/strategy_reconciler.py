@@ -139,7 +139,16 @@ class Reconciler:
                 "; ".join(f"{t}: {m}" for t, m in list(drift.altered.items())[:5]),
             )
         name = str(meta.get("name"))
+        keep = gc_keep(meta)
+        if not outcome.dry_run and (keep or old.get("gcKeep")):
+            try:
+                await self.strategies.protect(outcome.plan, keeper(meta), keep)
+            except DagManagerError as e:
+                self.metrics.reconcile_errors.labels(e.reason).inc()
+                self._failed(sink, old, e, generation)
+                return "failed"
         new = status.for_plan(old, outcome.plan, outcome.dry_run, now(), generation, name)
+        new["gcKeep"] = keep and not outcome.dry_run
         if same(old, new):
             return "unchanged"  # level-based resync: nothing changed, nothing written
         if new.get("topicsConfigMap"):
@@ -185,6 +194,20 @@ class Reconciler:
         kopf.info(
             body, reason="Deleted", message=f"{dropped} references dropped ({s.deletion_policy})"
         )
+
+
+KEEP_ANNOTATION = "qmtl.io/gc-keep"
+
+
+def gc_keep(meta: Mapping[str, Any]) -> bool:
+    """Whether the StrategyDAG asks GC to keep its queues (annotation `qmtl.io/gc-keep`)."""
+    value = str((meta.get("annotations") or {}).get(KEEP_ANNOTATION, "")).strip().lower()
+    return value in ("true", "yes", "1")
+
+
+def keeper(meta: Mapping[str, Any]) -> str:
+    """The marker a StrategyDAG leaves on the queues it keeps."""
+    return f"strategydag/{meta.get('namespace')}/{meta.get('name')}"
 
 
 def _write_topics(

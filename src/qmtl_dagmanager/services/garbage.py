@@ -52,6 +52,16 @@ class GcRun:
     def as_json(self) -> dict[str, Any]:
         return {
             "processed": self.processed,
+            "kept": [
+                {
+                    "queue": o.topic,
+                    "tag": o.tag,
+                    "orphaned_at": o.orphaned_at,
+                    "due": o.due,
+                    "why": o.why,
+                }
+                for o in self.report.kept
+            ],
             "report": {
                 "dry_run": self.dry_run,
                 "ran_at": self.ran_at,
@@ -61,6 +71,8 @@ class GcRun:
                 "managed": self.report.managed,
                 "selected": len(self.report.decisions),
                 "skipped": dict(self.report.skipped),
+                "kept": len(self.report.kept),
+                "orphan_times_recorded": len(self.report.stamp),
                 "failed": self.failed,
             },
         }
@@ -110,6 +122,12 @@ class GcService:
                 self.load_threshold,
                 report.cap,
             )
+        if report.stamp and not dry_run:
+            # unreferenced queues of a graph older than orphan times: their grace starts now
+            stamped = await self.graph.mark_orphaned(report.stamp, now)
+            log.info("gc: recorded the orphan time of %d unreferenced queue(s)", stamped)
+        for o in report.kept:
+            log.debug("gc: kept %s (%s), due %s", o.topic, o.why, o.due)
         processed: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         existing = await self.topics.list_topics() if report.decisions and not dry_run else set()
@@ -124,7 +142,7 @@ class GcService:
                 continue
             # Claim just before acting: a diff may have referenced the queue meanwhile, or
             # another GC run (another process) may be dropping it.
-            if not await self.graph.claim_queue(d.topic, run_id, now, CLAIM_TTL):
+            if not await self.graph.claim_queue(d.topic, run_id, now, CLAIM_TTL, d.orphaned_by):
                 raced += 1
                 continue
             try:

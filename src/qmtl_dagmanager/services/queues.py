@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from qmtl_dagmanager.core.errors import InvalidSpec
 from qmtl_dagmanager.metrics import Metrics
-from qmtl_dagmanager.ports import GraphStore, QueueRef, TopicAdmin
+from qmtl_dagmanager.ports import Clock, GraphStore, QueueRef, TopicAdmin
 
 log = logging.getLogger(__name__)
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -59,6 +59,7 @@ class QueueService:
     graph: GraphStore
     topics: TopicAdmin
     metrics: Metrics
+    clock: Clock
 
     async def by_tags(self, tags: list[str], interval: int, match_mode: str) -> list[QueueRef]:
         mode = (match_mode or "any").strip().lower()
@@ -85,7 +86,7 @@ class QueueService:
     async def cleanup(self, strategy_id: str) -> int:
         if not strategy_id.strip():
             raise InvalidSpec("strategy_id is required", reason="MissingField")
-        dropped = await self.graph.release(strategy_id)
+        dropped = await self.graph.release(strategy_id, self.clock.now())
         log.info("cleanup %s: %d references dropped", strategy_id, dropped)
         orphans = sum(1 for q in await self.graph.queues() if q.ref_count == 0 and q.managed)
         self.metrics.orphan_queues.set(orphans)

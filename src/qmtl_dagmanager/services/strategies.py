@@ -13,7 +13,7 @@ import orjson
 
 from qmtl_dagmanager.core import dag
 from qmtl_dagmanager.core.errors import InvalidSpec
-from qmtl_dagmanager.core.plan import Request
+from qmtl_dagmanager.core.plan import Plan, Request
 from qmtl_dagmanager.core.strategy_spec import DeletionPolicy, StrategySpec
 from qmtl_dagmanager.core.topics import TopicSpec
 from qmtl_dagmanager.ports import GraphStore, TopicStatus
@@ -120,12 +120,21 @@ class StrategyService:
             self.diffs.metrics.drift_detected.inc(len(drift.recreated) + len(drift.altered))
         return drift
 
+    async def protect(self, outcome_plan: Plan, keeper: str, keep: bool) -> int:
+        """Mark (or unmark) the plan's queues as kept by `keeper`: GC never touches a queue
+        while any marker remains. Returns how many queues changed."""
+        topics = sorted({n.topic for n in outcome_plan.nodes})
+        changed = await self.graph.set_keep(topics, keeper, keep)
+        if changed:
+            log.info("%s: %s %d queue(s)", keeper, "kept" if keep else "released", changed)
+        return changed
+
     async def delete(self, spec: StrategySpec, topics: list[str]) -> int:
         """Drop the strategy's references; with Retain, keep its topics as unmanaged."""
         async with self._lock(spec.strategy_id):
             if spec.deletion_policy is DeletionPolicy.RETAIN and topics:
                 await self.graph.set_unmanaged(topics)
-            dropped = await self.graph.release(spec.strategy_id)
+            dropped = await self.graph.release(spec.strategy_id, self.diffs.clock.now())
         self._locks.pop(spec.strategy_id, None)
         log.info(
             "strategy %s deleted (%s): %d references dropped",

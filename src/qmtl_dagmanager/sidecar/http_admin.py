@@ -1,4 +1,5 @@
-"""HTTP admin (contract §10): GET /status, POST /admin/gc-trigger, GET /metrics."""
+"""HTTP admin (contract §10): GET /status, POST /admin/gc-trigger, GET /metrics; and
+POST /admin/gc-keep, which marks queues keep (or removes a marker)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,49 @@ def make_app(
         )
         return web.json_response({"id": body["id"], **run.as_json()}, status=202)
 
+    async def gc_keep(request: web.Request) -> web.Response:
+        denied = refused(request)
+        if denied is not None:
+            return denied
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        topics = body.get("topics") if isinstance(body, dict) else None
+        if (
+            not isinstance(topics, list)
+            or not topics
+            or not all(isinstance(x, str) and x for x in topics)
+        ):
+            return web.json_response(
+                {"detail": [{"loc": ["body", "topics"], "msg": "a list of topic names"}]},
+                status=422,
+            )
+        assert isinstance(body, dict)  # noqa: S101 - narrowed above
+        keep = body.get("keep", True)
+        by = body.get("by", "operator")
+        if not isinstance(keep, bool) or not isinstance(by, str) or not by.strip():
+            return web.json_response(
+                {"detail": "keep must be true or false and by a non-empty marker name"},
+                status=422,
+            )
+        try:
+            changed = await graph.set_keep(topics, by.strip(), keep)
+        except DagManagerError as e:
+            return web.json_response(
+                {"detail": f"{e.reason}: {e.message}"}, status=503 if e.retryable else 409
+            )
+        audit_log.info(
+            "gc-keep by %s: by=%s keep=%s topics=%d changed=%d",
+            request.remote,
+            by,
+            keep,
+            len(topics),
+            changed,
+            extra={"audit": "gc-keep", "who": str(request.remote), "queues": topics},
+        )
+        return web.json_response({"keep": keep, "by": by.strip(), "changed": changed})
+
     async def prometheus(_: web.Request) -> web.Response:
         resp = web.Response(body=generate_latest(metrics.registry))
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
@@ -104,5 +148,6 @@ def make_app(
     app = web.Application()
     app.router.add_get("/status", status)
     app.router.add_post("/admin/gc-trigger", gc_trigger)
+    app.router.add_post("/admin/gc-keep", gc_keep)
     app.router.add_get("/metrics", prometheus)
     return app

@@ -131,6 +131,11 @@ class Status:
         "When the spec was last reconciled.", default="", format="date-time"
     )
     plan: Free | None = field("The plan of a dry run: counts and per-node decisions.")
+    gc_keep: bool = field(
+        'The queues are marked keep (annotation qmtl.io/gc-keep: "true"): GC never '
+        "collects them, even after this resource is deleted, until the annotation is removed.",
+        default=False,
+    )
 
 
 STRATEGY_DAG = Kind(
