@@ -82,7 +82,11 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int
         yield grpc_port, http_port
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        code = proc.wait(30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        assert code == 0
 
 
 def test_cli_against_a_running_server(server: tuple[int, int], tmp_path: Path) -> None:
