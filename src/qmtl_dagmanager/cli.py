@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -204,18 +205,46 @@ async def cmd_queue_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _gc_trigger(url: str, payload: dict[str, Any]) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.post(url, json=payload) as r:
+        return r.status, await r.text()
+
+
 async def cmd_gc(args: argparse.Namespace) -> int:
+    """A GC run on a running sidecar; with --sentinel, the queues of one retired version:
+    first a preview, then (unless --dry-run) the collection, archives included."""
     url = f"http://{args.target}/admin/gc-trigger"
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(url, json={"id": f"cli-{os.getpid()}", "dry_run": args.dry_run}) as r,
-    ):
-        body = await r.text()
-        if r.status != 202:
-            print(f"error: {url} answered {r.status}: {body}", file=sys.stderr)
-            return EXIT_UNAVAILABLE if r.status >= 500 else EXIT_OTHER
-    print(body)
-    return EXIT_OK
+    if not args.sentinel:
+        status, body = await _gc_trigger(url, {"id": f"cli-{os.getpid()}", "dry_run": args.dry_run})
+        if status != 202:
+            print(f"error: {url} answered {status}: {body}", file=sys.stderr)
+            return EXIT_UNAVAILABLE if status >= 500 else EXIT_OTHER
+        print(body)
+        return EXIT_OK
+    payload = {"id": args.sentinel, "force": True}
+    status, body = await _gc_trigger(url, {**payload, "dry_run": True})
+    if status == 422:
+        raise UsageError(f"{args.sentinel!r} is not a retired version with queues: {body}")
+    if status != 202:
+        print(f"error: {url} answered {status}: {body}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if status >= 500 else EXIT_OTHER
+    preview = json.loads(body)
+    print(f"preview: {len(preview['processed'])} queue(s) of retired version {args.sentinel}")
+    for p in preview["processed"]:
+        print(f"  {p['action']:8} {p['queue']}")
+    if args.dry_run:
+        return EXIT_OK
+    status, body = await _gc_trigger(url, payload)
+    if status != 202:
+        print(f"error: {url} answered {status}: {body}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if status >= 500 else EXIT_OTHER
+    run = json.loads(body)
+    print(f"collected: {len(run['processed'])}, failed: {len(run['report']['failed'])}")
+    for p in run["processed"]:
+        print(f"  {p['action']:8} {p['queue']}")
+    for f in run["report"]["failed"]:
+        print(f"  failed   {f['queue']}: {f['error']}")
+    return EXIT_OK if not run["report"]["failed"] else EXIT_UNAVAILABLE
 
 
 async def cmd_gc_keep(args: argparse.Namespace) -> int:
@@ -231,6 +260,25 @@ async def cmd_gc_keep(args: argparse.Namespace) -> int:
 
 
 async def cmd_redo(args: argparse.Namespace) -> int:
+    if args.rollback:
+        url = f"http://{args.admin}/admin/rollback"
+        payload = {"sentinel_id": args.sentinel, "world_id": args.world}
+        async with aiohttp.ClientSession() as http, http.post(url, json=payload) as r:
+            body = await r.text()
+            if r.status == 409:
+                raise Conflict(body)
+            if r.status != 200:
+                print(f"error: {url} answered {r.status}: {body}", file=sys.stderr)
+                return EXIT_UNAVAILABLE if r.status >= 500 else EXIT_INPUT
+        done = json.loads(body)
+        print(
+            f"sentinel_id={done['sentinel_id']} rolled back from {done['from']} to "
+            f"{done['to']}; {done['retired_queues']} queue(s) of {done['from']} kept as "
+            "sentinel queues"
+        )
+        return EXIT_OK
+    if args.file is None:
+        raise UsageError("redo-diff needs --file (or --rollback)")
     client = GatewayClient(args.target)
     try:
         result = await client.redo_diff(args.sentinel, _read_dag(args.file))
@@ -287,6 +335,12 @@ def parser() -> argparse.ArgumentParser:
     qs.add_argument("--target", default="127.0.0.1:50051")
     gc = sub.add_parser("gc", help="trigger garbage collection on a running sidecar")
     gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument(
+        "--sentinel",
+        metavar="VERSION",
+        help="collect the queues of one retired version (SENTINEL_ID@VERSION or a version "
+        "label): preview, then collect with archives; not referenced or kept ones",
+    )
     gc.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
     keep = sub.add_parser(
         "gc-keep", help="mark queues keep on a running sidecar (GC never collects them)"
@@ -295,10 +349,20 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("--remove", action="store_true", help="remove this marker instead")
     keep.add_argument("--by", default="operator", help="the marker's name (default operator)")
     keep.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
-    redo = sub.add_parser("redo-diff", help="re-run a diff for a hotfix under a new version")
+    redo = sub.add_parser(
+        "redo-diff",
+        help="re-run a diff for a hotfix under a new version, or (--rollback) point traffic back",
+    )
     redo.add_argument("--sentinel", required=True)
-    redo.add_argument("--file", type=Path, required=True)
+    redo.add_argument("--file", type=Path)
     redo.add_argument("--target", default="127.0.0.1:50051")
+    redo.add_argument(
+        "--rollback",
+        action="store_true",
+        help="instead of a diff: all traffic of the sentinel back to its previous version",
+    )
+    redo.add_argument("--world", default="", help="world id carried by the weight events")
+    redo.add_argument("--admin", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
     return ap
 
 

@@ -67,6 +67,15 @@ class Metrics:
         self.gc_collected = Counter(
             "gc_queues_collected_total", "Queues collected by GC", ["action"], registry=r
         )
+        self.retired_queues = Counter(
+            "queues_retired_total",
+            "Queues marked as a retired version's (kept as sentinel queues) or restored",
+            ["change"],
+            registry=r,
+        )
+        self.gc_kept = Gauge(
+            "gc_orphans_kept", "Unreferenced queues the last GC run kept (not yet due)", registry=r
+        )
         self.queues_revived = Counter(
             "queues_revived_total",
             "Queues a diff took back from a GC run that had claimed them (kept, topic ensured)",

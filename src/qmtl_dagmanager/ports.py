@@ -103,6 +103,7 @@ class QueueDetail:
     tags: tuple[str, ...] = ()  # the emitting node's tags
     orphaned_at: float | None = None  # when it lost its last reference; None while used
     keep_by: tuple[str, ...] = ()  # who marked it keep (a StrategyDAG, an operator)
+    retired: str = ""  # `<sentinel id>@<version>` when only a retired version used it
 
     def as_gc_queue(self) -> GcQueue:
         return GcQueue(
@@ -113,6 +114,7 @@ class QueueDetail:
             self.node_id is not None and self.managed,
             self.orphaned_at,
             bool(self.keep_by),
+            self.retired,
         )
 
 
@@ -279,6 +281,15 @@ class GraphStore(Protocol):
     async def mark_orphaned(self, topics: Sequence[str], now: float) -> int:
         """Record `now` as the orphan time of those queues that are unreferenced and have
         none (graphs written before orphan times); returns how many were stamped."""
+        ...
+
+    async def retire_version(
+        self, sentinel_id: str, version: str, now: float, retired: bool = True
+    ) -> list[str]:
+        """A version stopped taking traffic for good (True) or takes it again (False). The
+        queues emitted by its sentinel node's compute nodes that no other live version of
+        the same sentinel has get (or lose) the mark `<sentinel id>@<version>`: GC treats a
+        marked queue as a sentinel queue. Returns the topics marked (or unmarked)."""
         ...
 
     async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:

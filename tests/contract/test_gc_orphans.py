@@ -4,16 +4,22 @@ queues of older graphs get the time of the first run that sees them, and kept qu
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import neo4j
+import pytest
 
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.core.gc import DAY
+from qmtl_dagmanager.core.plan import Request
 from qmtl_dagmanager.ports import GraphStore, TopicAdmin
+from qmtl_dagmanager.services.canary import CanaryService, Versions
+from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.queues import QueueService
 from tests.contract.test_gc_races import Hooked, World, world
+from tests.unit.dags import encode, node
 
 RAW = 8 * DAY  # the raw policy: TTL 7 d + grace 1 d
 
@@ -148,3 +154,58 @@ async def test_kept_queues_are_never_collected_and_are_reported(
     assert collected(await w.gc().collect(), mine) == [mine[1]]
     details = {q.topic: q.keep_by for q in await graph.queues(mine[:1])}
     assert details == {mine[0]: ("operator",)}
+
+
+async def test_a_retired_versions_queues_wait_for_a_rollback(
+    graph: GraphStore, topic_admin: TopicAdmin
+) -> None:
+    """v2 replaces v1; the queues only v1 used become sentinel queues (kept 180 d + 30 d),
+    so a rollback a month after v1's StrategyDAG is gone still finds them; the rollback
+    retires v2 instead, and `gc --sentinel` collects v2's queues at once, sparing what a
+    live version uses."""
+    w = world(graph, topic_admin)
+    salt = uuid.uuid4().hex[:8]
+    shared = node("RawPriceFeed", tags=["BTC"], code=f"shared-{salt}")
+    only_v1 = node("RawPriceFeed", tags=["BTC"], code=f"v1-{salt}")
+    only_v2 = node("RawPriceFeed", tags=["BTC"], code=f"v2-{salt}")
+    diffs = w.diffs()
+    s1, s2 = f"alpha-v1-{salt}", f"alpha-v2-{salt}"
+    p1 = (await diffs.diff(Request(s1, world_id="w1"), encode([shared, only_v1]))).plan
+    p2 = (await diffs.diff(Request(s2, world_id="w1"), encode([shared, only_v2]))).plan
+    topic = {n.node.node_id: n.topic for n in [*p1.nodes, *p2.nodes]}
+    canary = CanaryService(graph, ControlBus(w.events, w.clock), w.clock, w.metrics, NoGates())
+    sid = f"alpha-{salt}-sentinel"
+    versions = Versions(sid, "w1", "v2", "v1")
+    await canary.link(Versions(sid, "w1", "v1", ""), s1)
+    await canary.link(versions, s2)
+    await canary.shift(Versions(sid, "w1", "v1", ""), 100)
+    await canary.shift(versions, 100)  # v2 promoted
+    assert await canary.retire(versions, "v1", True) == [topic[only_v1["node_id"]]]
+    v1_queue, v2_queue = topic[only_v1["node_id"]], topic[only_v2["node_id"]]
+    await release(w, s1)  # v1's StrategyDAG deleted
+    w.clock.advance(30 * DAY)
+    run = await w.gc().collect()
+    assert v1_queue not in {p["queue"] for p in run.processed}
+    (kept_v1,) = [o for o in run.report.kept if o.topic == v1_queue]
+    assert kept_v1.tag == "sentinel" and kept_v1.due is not None
+    assert kept_v1.due - (w.clock.now() - 30 * DAY) == pytest.approx(210 * DAY, abs=5)
+    await w.eventually(lambda listed: v1_queue in listed)
+    # the rollback: v1 takes all traffic again, its queues are back in service, v2 retired
+    old, new, retired = await canary.rollback(sid, "w1")
+    assert (old, new, retired) == ("v2", "v1", 1)
+    assert await graph.sentinel_weights(sid) == {"v1": 1.0, "v2": 0.0}
+    marks = {q.topic: q.retired for q in await graph.queues([v1_queue, v2_queue])}
+    assert marks == {v1_queue: "", v2_queue: f"{sid}@v2"}
+    # collecting v2 by hand: nothing while its StrategyDAG references it, then at once
+    forced = await w.gc().collect(scope=f"{sid}@v2", force=True)
+    assert forced.processed == [] and forced.report.skipped.get("Referenced") == 1
+    await release(w, s2)
+    forced = await w.gc().collect(scope="v2", force=True)
+    assert [p["queue"] for p in forced.processed] == [v2_queue]
+    left = {q.topic for q in await graph.queues(list(topic.values()))}
+    assert left == {v1_queue, topic[shared["node_id"]]}
+
+
+class NoGates:
+    async def value(self, base_url: str, query: str) -> float:
+        raise AssertionError("no gates in this test")

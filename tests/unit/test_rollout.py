@@ -12,14 +12,19 @@ import pytest
 from qmtl_dagmanager.adapters.clock import ManualClock
 from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
+from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.api.v1alpha1.versionsentinel import parse_spec
+from qmtl_dagmanager.core import canary
 from qmtl_dagmanager.core.conditions import same
-from qmtl_dagmanager.core.errors import InvalidSpec, Unavailable
-from qmtl_dagmanager.core.rollout import SentinelSpec
+from qmtl_dagmanager.core.errors import Conflict, InvalidSpec, Unavailable
+from qmtl_dagmanager.core.plan import Request
+from qmtl_dagmanager.core.rollout import Run, SentinelSpec, rollback_target
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.controlbus import ControlBus
+from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.rollout import RolloutOutcome, RolloutService
+from tests.unit.dags import encode, node
 
 
 class Readiness:
@@ -258,3 +263,54 @@ def test_same_ignores_nulls_and_timestamps() -> None:
     }
     assert same(old, new)
     assert not same(old, {**new, "phase": "Degraded"})
+
+
+async def test_promotion_retires_the_stable_version_and_an_abort_the_canary() -> None:
+    """Promoted (no rollback window): v1's own queues become sentinel queues; a new
+    rollout of v3 aborted: v3's own queues do, and a retry brings them back."""
+    rig = Rig()
+    shared = node("RawPriceFeed", tags=["BTC"], code="retire-shared")
+    v1_only = node("RawPriceFeed", tags=["BTC"], code="retire-v1")
+    v2_only = node("RawPriceFeed", tags=["BTC"], code="retire-v2")
+    diffs = DiffService(rig.graph, MemoryTopicAdmin(), rig.controlbus, rig.clock, rig.metrics)
+    p1 = (await diffs.diff(Request("alpha", world_id="w"), encode([shared, v1_only]))).plan
+    await diffs.diff(Request("alpha-v2", world_id="w"), encode([shared, v2_only]))
+    s = spec(steps=[{"weight": 100}])
+    rig.readiness.ready_ids["alpha-v2"] = "alpha-v2"
+    await rig.tick(s)  # starts at 100
+    await rig.tick(s)  # promoted
+    assert rig.status["phase"] == "Promoted"
+    v1_topic = next(n.topic for n in p1.nodes if n.node.node_id == v1_only["node_id"])
+    marks = {q.topic: q.retired for q in await rig.graph.queues()}
+    assert {t for t, m in marks.items() if m} == {v1_topic}
+    assert marks[v1_topic] == f"{s.sentinel_id}@v1"
+    assert "VersionRetired" in {reason for _, reason, _ in rig.events}
+    # a rollback window delays the stable version's retirement until it closes
+    windowed = spec(steps=[{"weight": 100}], rollbackWindow=60)
+    run = Run.start(windowed, canary.State(), 0.0, {})
+    run.do(canary.Event.START)
+    run.tick()
+    assert run.retirements() == []  # promoted, window open: v1 can still take traffic back
+    run.now = 61.0
+    run.tick()
+    assert run.retirements() == [("v1", True)]
+
+
+def test_retirements_apply_the_last_change_restores_first() -> None:
+    s = spec(steps=[{"weight": 50}])
+    run = Run.start(s, canary.State(), 0.0, {})
+    run.do(canary.Event.START)
+    run.do(canary.Event.ABORT)
+    assert run.retirements() == [("v2", True)]
+    run.do(canary.Event.RETRY)
+    assert run.retirements() == [("v2", False)]  # aborted, then retried: back in service
+
+
+def test_rollback_target_is_the_version_that_took_traffic_last() -> None:
+    weights = {"v1": 0.0, "v2": 0.0, "v3": 1.0}
+    histories = {"v1": [(1.0, 1.0), (5.0, 0.0)], "v2": [(5.0, 1.0), (9.0, 0.0)], "v3": []}
+    assert rollback_target(weights, histories) == ("v3", "v2")
+    with pytest.raises(Conflict, match="nothing to roll back from"):
+        rollback_target({"v1": 0.0}, {})
+    with pytest.raises(Conflict, match="before v3"):
+        rollback_target({"v3": 1.0}, {"v3": [(1.0, 1.0)]})

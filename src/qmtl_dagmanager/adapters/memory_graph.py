@@ -13,6 +13,7 @@ from typing import Any
 from qmtl_dagmanager.adapters import graph_rows
 from qmtl_dagmanager.core import tag_match
 from qmtl_dagmanager.core.errors import QueueBusy, QueueGone, StaleRead
+from qmtl_dagmanager.core.gc import retired_key
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
@@ -236,6 +237,36 @@ class MemoryGraphStore:
                 stamped += 1
         return stamped
 
+    async def retire_version(
+        self, sentinel_id: str, version: str, now: float, retired: bool = True
+    ) -> list[str]:
+        s = self.sentinels.get((sentinel_id, version))
+        if s is None:
+            return []
+        if retired:
+            s.props["retired_at"] = now
+        else:
+            s.props.pop("retired_at", None)
+        live = set().union(
+            *(
+                o.has
+                for (sid, v), o in self.sentinels.items()
+                if sid == sentinel_id and v != version and "retired_at" not in o.props
+            )
+        )
+        key = retired_key(sentinel_id, version)
+        out = []
+        for nid in sorted(s.has - live):
+            for topic in self._emits.get(nid, []):
+                q = self._queues[topic]
+                if retired and q.get("retired") != key:
+                    q["retired"] = key
+                    out.append(topic)
+                elif not retired and q.get("retired") == key:
+                    del q["retired"]
+                    out.append(topic)
+        return sorted(out)
+
     async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:
         changed = 0
         for t in topics:
@@ -405,6 +436,7 @@ class MemoryGraphStore:
                     else (),
                     orphaned_at=q.get("orphaned_at"),
                     keep_by=tuple(q.get("keep_by", ())),
+                    retired=str(q.get("retired", "")),
                 )
             )
         return out

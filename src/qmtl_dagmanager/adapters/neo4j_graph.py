@@ -25,6 +25,7 @@ from qmtl_dagmanager.core.errors import (
     StaleRead,
     Unavailable,
 )
+from qmtl_dagmanager.core.gc import retired_key
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
@@ -371,6 +372,24 @@ MATCH (q:Queue {topic: t})
 WHERE q.orphaned_at IS NULL AND NOT (q)-[:USED_BY]->()
 SET q.orphaned_at = $now
 RETURN count(q) AS stamped
+"""
+
+# A version retired (or back): its sentinel node is marked, and the queues of its compute
+# nodes that no other live version of the sentinel HAS get (or lose) the version's key.
+RETIRE_VERSION = """
+MATCH (v:VersionSentinel {sentinel_id: $sid, version: $version})
+FOREACH (_ IN CASE WHEN $retired THEN [1] ELSE [] END | SET v.retired_at = $now)
+FOREACH (_ IN CASE WHEN $retired THEN [] ELSE [1] END | REMOVE v.retired_at)
+WITH v
+MATCH (v)-[:HAS]->(n:ComputeNode)-[:EMITS]->(q:Queue)
+WHERE NOT EXISTS {
+  MATCH (o:VersionSentinel {sentinel_id: $sid})-[:HAS]->(n)
+  WHERE o.version <> $version AND o.retired_at IS NULL
+}
+  AND CASE WHEN $retired THEN coalesce(q.retired, '') <> $key ELSE q.retired = $key END
+FOREACH (_ IN CASE WHEN $retired THEN [1] ELSE [] END | SET q.retired = $key)
+FOREACH (_ IN CASE WHEN $retired THEN [] ELSE [1] END | REMOVE q.retired)
+RETURN collect(q.topic) AS topics
 """
 
 SET_KEEP = """
@@ -823,6 +842,24 @@ class Neo4jGraphStore:
 
         return await self._write("orphan times", tx)
 
+    async def retire_version(
+        self, sentinel_id: str, version: str, now: float, retired: bool = True
+    ) -> list[str]:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> list[str]:
+            rec = await (
+                await t.run(
+                    RETIRE_VERSION,
+                    sid=sentinel_id,
+                    version=version,
+                    now=now,
+                    retired=retired,
+                    key=retired_key(sentinel_id, version),
+                )
+            ).single()
+            return sorted(rec["topics"]) if rec else []
+
+        return await self._write("retire version", tx)
+
     async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:
         async def tx(t: neo4j.AsyncManagedTransaction) -> int:
             rec = await (
@@ -879,6 +916,7 @@ class Neo4jGraphStore:
                     tags=tuple(row["tags"] or ()),
                     orphaned_at=None if q.get("orphaned_at") is None else float(q["orphaned_at"]),
                     keep_by=tuple(q.get("keep_by") or ()),
+                    retired=str(q.get("retired") or ""),
                 )
             )
         return out

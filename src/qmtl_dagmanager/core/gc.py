@@ -20,6 +20,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 DAY = 86_400.0
+SENTINEL_TAG = "sentinel"
+
+
+def retired_key(sentinel_id: str, version: str) -> str:
+    """How a retired version is named on its queues and in `gc --sentinel`."""
+    return f"{sentinel_id}@{version}"
+
+
+def in_scope(retired: str, scope: str) -> bool:
+    """Whether a queue of retired version `retired` belongs to `scope`: a whole key
+    (`<sentinel id>@<version>`) or a bare version label (that version of any sentinel)."""
+    if not retired:
+        return False
+    return retired == scope or ("@" not in scope and retired.rpartition("@")[2] == scope)
 
 
 class GcAction(StrEnum):
@@ -51,6 +65,13 @@ class GcQueue:
     owned: bool  # a graph node EMITS it
     orphaned_at: float | None = None  # when it lost its last reference (None: referenced)
     keep: bool = False  # protected: never collected
+    retired: str = ""  # `<sentinel id>@<version>` of the retired version it belongs to
+
+    @property
+    def policy_tag(self) -> str:
+        """A retired version's queue is a sentinel queue, whatever its own tag: it is kept
+        for the sentinel policy's TTL + grace so that a rollback finds its data."""
+        return SENTINEL_TAG if self.retired else self.tag
 
 
 class SkipReason(StrEnum):
@@ -68,7 +89,7 @@ class GcDecision:
     topic: str
     action: GcAction
     reason: str
-    orphaned_by: float = 0.0  # claim only if still orphaned at or before this time
+    orphaned_by: float | None = 0.0  # claim only if orphaned at or before this (None: any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +133,13 @@ def select(
     limits: GcLimits = GcLimits(),
     *,
     loaded: bool = False,
+    scope: str | None = None,
+    force: bool = False,
 ) -> GcReport:
-    """Decide the queues to collect now, longest orphaned first, within the cap."""
+    """Decide the queues to collect now, longest orphaned first, within the cap. With a
+    `scope` (a retired version, see `in_scope`) only that version's queues are considered;
+    `force` (an operator collecting one retired version by hand) ignores TTL + grace, never
+    references, keep marks or the cap."""
     skipped: dict[str, int] = {}
     eligible: list[tuple[GcQueue, GcPolicy, float]] = []
     kept: list[Orphan] = []
@@ -124,6 +150,8 @@ def select(
         skipped[reason.value] = skipped.get(reason.value, 0) + 1
 
     for q in queues:
+        if scope is not None and not in_scope(q.retired, scope):
+            continue
         if q.topic.startswith("__"):
             skip(SkipReason.INTERNAL)
             continue
@@ -142,18 +170,19 @@ def select(
             skip(SkipReason.KEPT)
             kept.append(Orphan(q.topic, q.tag, orphaned, None, "marked keep"))
             continue
-        policy = policies.get(q.tag)
+        tag = q.policy_tag
+        policy = policies.get(tag)
         if policy is None:
             skip(SkipReason.NO_POLICY)
-            kept.append(Orphan(q.topic, q.tag, orphaned, None, f"no GC policy for {q.tag!r}"))
+            kept.append(Orphan(q.topic, tag, orphaned, None, f"no GC policy for {tag!r}"))
             continue
-        due = orphaned + policy.ttl + policy.grace
+        due = orphaned if force else orphaned + policy.ttl + policy.grace
         if now < due:
             skip(SkipReason.TOO_YOUNG)
             kept.append(
                 Orphan(
                     q.topic,
-                    q.tag,
+                    tag,
                     orphaned,
                     due,
                     f"unreferenced for {_days(now - orphaned)} of "
@@ -162,20 +191,23 @@ def select(
             )
             continue
         eligible.append((q, policy, orphaned))
-    cap = cap_for(managed, limits, loaded)
+    cap = len(eligible) if force else cap_for(managed, limits, loaded)
     eligible.sort(key=lambda e: (e[2], e[0].topic))
     chosen = eligible[:cap]
     for q, _, orphaned in eligible[cap:]:
-        kept.append(Orphan(q.topic, q.tag, orphaned, now, "due, over this run's cap"))
+        kept.append(Orphan(q.topic, q.policy_tag, orphaned, now, "due, over this run's cap"))
     if len(eligible) > cap:
         skipped[SkipReason.OVER_CAP.value] = len(eligible) - cap
     decisions = tuple(
         GcDecision(
             q.topic,
             p.action,
-            f"unreferenced {q.tag} queue for {_days(now - orphaned)} "
-            f"(TTL {_days(p.ttl)} + grace {_days(p.grace)})",
-            now - p.ttl - p.grace,
+            f"retired version {q.retired}, collected by hand"
+            if force
+            else f"unreferenced {q.policy_tag} queue for {_days(now - orphaned)} "
+            f"(TTL {_days(p.ttl)} + grace {_days(p.grace)})"
+            + (f", of retired version {q.retired}" if q.retired else ""),
+            None if force else now - p.ttl - p.grace,
         )
         for q, p, orphaned in chosen
     )

@@ -5,11 +5,13 @@ transitions and the notices to report."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from qmtl_dagmanager.core import canary
 from qmtl_dagmanager.core.canary import Event, Phase
+from qmtl_dagmanager.core.errors import Conflict
 from qmtl_dagmanager.core.plan import sentinel_id
 
 ACTION_EVENTS = {
@@ -130,6 +132,27 @@ class Run:
         the rollout starts, and again after a spec change."""
         return self.state.phase is Phase.PENDING or generation != self.old.get("observedGeneration")
 
+    def retirements(self) -> list[tuple[str, bool]]:
+        """The versions this reconcile's transitions retire (True) or bring back (False),
+        restores first: the canary when it is aborted or rolled back (back on a retry), the stable
+        version once the canary is promoted and no rollback to it is possible any more (at
+        promotion without a rollback window, else when the window closes)."""
+        canary_v, stable_v = self.spec.version, self.spec.stable_version
+        out: list[tuple[str, bool]] = []
+        for t in self.transitions:
+            after, before = t.after.phase, t.before.phase
+            if after in (Phase.ABORTED, Phase.ROLLED_BACK) and before is not after:
+                out.append((canary_v, True))
+                if stable_v and before is Phase.PROMOTED:
+                    out.append((stable_v, False))
+            elif before in (Phase.ABORTED, Phase.ROLLED_BACK) and after is not before:
+                out.append((canary_v, False))
+            if stable_v and after is Phase.PROMOTED and t.after.window_until is None:
+                out.append((stable_v, True))
+        final = dict(out)  # the last change of each version wins
+        # versions back in service first: a version retired next shares nothing with them
+        return sorted(final.items(), key=lambda vr: vr[1])
+
     def weight_to_publish(self) -> int | None:
         """The weight whose effects (graph, ControlBus) are due: whenever it differs from
         the published one, and on the first step out of Pending. None: nothing to do."""
@@ -143,3 +166,24 @@ class Run:
         ):
             return self.state.weight
         return None
+
+
+def rollback_target(
+    weights: Mapping[str, float], histories: Mapping[str, Sequence[tuple[float, float]]]
+) -> tuple[str, str]:
+    """(current, previous) for a rollback of one sentinel: the version with the most traffic
+    now, and the other version that took traffic most recently (its last positive weight).
+    Conflict when no version takes traffic or none took it before."""
+    live = {v: w for v, w in weights.items() if w > 0}
+    if not live:
+        raise Conflict("no version of this sentinel takes traffic: nothing to roll back from")
+    current = max(live, key=lambda v: (live[v], v))
+    last_positive = {
+        v: max(when for when, w in h if w > 0)
+        for v, h in histories.items()
+        if v != current and any(w > 0 for _, w in h)
+    }
+    if not last_positive:
+        raise Conflict(f"no version before {current} took traffic: nothing to roll back to")
+    previous = max(last_positive, key=lambda v: (last_positive[v], v))
+    return current, previous

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from qmtl_dagmanager.core.canary import Gate
 from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec
+from qmtl_dagmanager.core.rollout import rollback_target
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Clock, GraphStore, MetricQuery, SentinelWrite
 from qmtl_dagmanager.services.controlbus import ControlBus
@@ -59,6 +60,41 @@ class CanaryService:
             weight,
             f", {v.stable} at {100 - weight}%" if v.stable else "",
         )
+
+    async def retire(self, v: Versions, version: str, retired: bool) -> list[str]:
+        """Mark (or unmark) the queues only `version` used as a retired version's: GC keeps
+        them as sentinel queues (180 d + 30 d by default, then archived), so that a rollback
+        finds their topics and data."""
+        topics = await self.graph.retire_version(v.sentinel_id, version, self.clock.now(), retired)
+        self.metrics.retired_queues.labels("retired" if retired else "restored").inc(len(topics))
+        log.info(
+            "sentinel %s: version %s %s; %d queue(s) %s",
+            v.sentinel_id,
+            version,
+            "retired" if retired else "back in service",
+            len(topics),
+            "kept as sentinel queues" if retired else "back to their own GC policy",
+        )
+        return topics
+
+    async def rollback(self, sentinel_id: str, world_id: str = "") -> tuple[str, str, int]:
+        """Point all traffic of a sentinel back to its previous version (the Gateway-side
+        rollback of `redo-diff --rollback`): weights in the graph and on the ControlBus,
+        the current version retired (its queues kept as sentinel queues) and the previous
+        one back in service. Returns (from, to, queues retired)."""
+        weights = await self.graph.sentinel_weights(sentinel_id)
+        histories: dict[str, tuple[tuple[float, float], ...]] = {}
+        for version in weights:
+            record = await self.graph.sentinel(sentinel_id, version)
+            if record is not None:
+                histories[version] = record.history
+        current, previous = rollback_target(weights, histories)
+        v = Versions(sentinel_id, world_id, previous, current)
+        await self.shift(v, 100)
+        await self.retire(v, previous, False)  # first: what it uses is live again
+        retired = await self.retire(v, current, True)
+        log.warning("sentinel %s: rolled back from %s to %s", sentinel_id, current, previous)
+        return current, previous, len(retired)
 
     async def link(
         self, v: Versions, strategy_id: str, commit_hash: str = "", release_tag: str = ""

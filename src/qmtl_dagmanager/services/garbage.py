@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmtl_dagmanager.core import gc
-from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec
 from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
@@ -48,6 +48,8 @@ class GcRun:
     dry_run: bool
     ran_at: float
     load: float | None = None  # the broker load metric read for this run, if configured
+    run_id: str = ""
+    scope: str | None = None  # the retired version a scoped run was limited to
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +65,8 @@ class GcRun:
                 for o in self.report.kept
             ],
             "report": {
+                "run_id": self.run_id,
+                "scope": self.scope,
                 "dry_run": self.dry_run,
                 "ran_at": self.ran_at,
                 "cap": self.report.cap,
@@ -106,13 +110,31 @@ class GcService:
             return True, None
         return value > self.load_threshold, value
 
-    async def collect(self, *, dry_run: bool = False) -> GcRun:
+    async def collect(
+        self,
+        *,
+        dry_run: bool = False,
+        scope: str | None = None,
+        force: bool = False,
+        run_id: str | None = None,
+    ) -> GcRun:
+        """One run. `scope`: only the queues of one retired version (`<sentinel id>@<version>`
+        or a version label); `force` (with a scope) collects them now, TTL or not, still
+        never a referenced or kept one. `run_id` names the run in claims and the report."""
+        if force and not scope:
+            raise InvalidSpec("a forced GC run needs a retired version as its scope")
         now = self.clock.now()
         loaded, load = await self._loaded()
         queues = await self.graph.queues()
         self.metrics.orphan_queues.set(sum(1 for q in queues if q.ref_count == 0 and q.managed))
         report = gc.select(
-            [q.as_gc_queue() for q in queues], now, self.policies, self.limits, loaded=loaded
+            [q.as_gc_queue() for q in queues],
+            now,
+            self.policies,
+            self.limits,
+            loaded=loaded,
+            scope=scope,
+            force=force,
         )
         if loaded:
             self.metrics.gc_throttled.inc()
@@ -126,14 +148,19 @@ class GcService:
             # unreferenced queues of a graph older than orphan times: their grace starts now
             stamped = await self.graph.mark_orphaned(report.stamp, now)
             log.info("gc: recorded the orphan time of %d unreferenced queue(s)", stamped)
+        self.metrics.gc_kept.set(len(report.kept))
         for o in report.kept:
             log.debug("gc: kept %s (%s), due %s", o.topic, o.why, o.due)
         processed: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         existing = await self.topics.list_topics() if report.decisions and not dry_run else set()
-        run_id = uuid.uuid4().hex
+        run_id = run_id or uuid.uuid4().hex
         sweep_cap = max(1, self.limits.max_count // (2 if loaded else 1))
-        unowned = await self._sweep_intents(run_id, now, sweep_cap, dry_run, processed, failed)
+        unowned = (
+            0
+            if scope is not None  # a scoped run collects one version's queues, nothing else
+            else await self._sweep_intents(run_id, now, sweep_cap, dry_run, processed, failed)
+        )
         raced = 0
         for d in report.decisions:
             entry: dict[str, Any] = {"queue": d.topic, "action": d.action.value, "reason": d.reason}
@@ -167,7 +194,13 @@ class GcService:
                 unowned,
                 dict(report.skipped),
             )
-        return GcRun(report, processed, failed, dry_run, now, load)
+        return GcRun(report, processed, failed, dry_run, now, load, run_id, scope)
+
+    async def retired_scope(self, name: str) -> str | None:
+        """`name` as a scope when it names a retired version some queue belongs to (a whole
+        `<sentinel id>@<version>` key or a version label); None otherwise."""
+        queues = await self.graph.queues()
+        return name if any(gc.in_scope(q.retired, name) for q in queues) else None
 
     async def every(
         self,

@@ -118,6 +118,17 @@ class RolloutService:
         weight = run.weight_to_publish()
         if weight is not None:
             await self.effects.shift(versions, weight)
+        for version, retired in run.retirements():
+            topics = await self.effects.retire(versions, version, retired)
+            if retired:
+                run.notices.append(
+                    Notice(
+                        False,
+                        "VersionRetired",
+                        f"version {version} retired: {len(topics)} queue(s) only it used are "
+                        "kept as sentinel queues for a rollback",
+                    )
+                )
 
     @staticmethod
     def _announce(t: canary.Transition, namespace: str, name: str) -> Notice:

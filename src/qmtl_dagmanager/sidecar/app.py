@@ -107,6 +107,7 @@ async def start(settings: Settings) -> Sidecar:
             token=settings.http_admin_token,
             open_mutations=loopback(settings.http_host),
             gc_limit=RateLimit(1.0 / max(settings.gc_trigger_interval_seconds, 1e-3)),
+            canary=container.canary(),
         ),
         access_log=None,
     )

@@ -1,11 +1,13 @@
 """HTTP admin (contract §10): GET /status, POST /admin/gc-trigger, GET /metrics; and
-POST /admin/gc-keep, which marks queues keep (or removes a marker)."""
+POST /admin/gc-keep (mark queues keep, or remove a marker) and POST /admin/rollback (all
+traffic of a sentinel back to its previous version)."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,10 +15,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import GraphStore
+from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.sidecar.security import RateLimit, audit_log
 
 log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+Refusal = Callable[[web.Request], web.Response | None]
 
 
 def make_app(
@@ -27,6 +32,7 @@ def make_app(
     token: str = "",
     open_mutations: bool = True,
     gc_limit: RateLimit | None = None,
+    canary: CanaryService | None = None,
 ) -> web.Application:
     """`token`: required as `Authorization: Bearer <token>` by mutating endpoints; without
     one they are open only when the listener is on loopback (`open_mutations`)."""
@@ -69,6 +75,8 @@ def make_app(
                 {"detail": [{"loc": ["body", "id"], "msg": "field required"}]}, status=422
             )
         dry_run = bool(body.get("dry_run", False))
+        force = bool(body.get("force", False))
+        run_name = str(body["id"])
         if gc_limit is not None and not gc_limit.allow():
             wait = max(1, round(1 / gc_limit.rate))
             return web.json_response(
@@ -77,14 +85,30 @@ def make_app(
                 headers={"Retry-After": str(wait)},
             )
         try:
-            run = await gc.collect(dry_run=dry_run)
+            # an id naming a retired version scopes the run to its queues; any other id
+            # names the run (echoed in the report and the audit line)
+            scope = await gc.retired_scope(run_name)
+            if force and scope is None:
+                return web.json_response(
+                    {"detail": f"force needs an id naming a retired version: {run_name!r}"},
+                    status=422,
+                )
+            run = await gc.collect(
+                dry_run=dry_run,
+                scope=scope,
+                force=force,
+                run_id=None if scope is not None else run_name,
+            )
         except DagManagerError as e:
             status_code = 503 if e.retryable else 409
             return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=status_code)
         audit_log.info(
-            "gc-trigger by %s: id=%s dry_run=%s outcome=OK dropped=%d",
+            "gc-trigger by %s: id=%s run=%s scope=%s force=%s dry_run=%s outcome=OK dropped=%d",
             request.remote,
-            body["id"],
+            run_name,
+            run.run_id,
+            scope,
+            force,
             dry_run,
             len(run.processed),
             extra={
@@ -92,11 +116,28 @@ def make_app(
                 "who": str(request.remote),
                 "outcome": "OK",
                 "dry_run": dry_run,
+                "run": run.run_id,
+                "scope": scope,
                 "queues": [p["queue"] for p in run.processed],
             },
         )
         return web.json_response({"id": body["id"], **run.as_json()}, status=202)
 
+    async def prometheus(_: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(metrics.registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    app.router.add_post("/admin/gc-trigger", gc_trigger)
+    app.router.add_post("/admin/gc-keep", _gc_keep_handler(graph, refused))
+    app.router.add_post("/admin/rollback", _rollback_handler(canary, refused))
+    app.router.add_get("/metrics", prometheus)
+    return app
+
+
+def _gc_keep_handler(graph: GraphStore, refused: Refusal) -> Handler:
     async def gc_keep(request: web.Request) -> web.Response:
         denied = refused(request)
         if denied is not None:
@@ -105,26 +146,12 @@ def make_app(
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
-        topics = body.get("topics") if isinstance(body, dict) else None
-        if (
-            not isinstance(topics, list)
-            or not topics
-            or not all(isinstance(x, str) and x for x in topics)
-        ):
-            return web.json_response(
-                {"detail": [{"loc": ["body", "topics"], "msg": "a list of topic names"}]},
-                status=422,
-            )
-        assert isinstance(body, dict)  # noqa: S101 - narrowed above
-        keep = body.get("keep", True)
-        by = body.get("by", "operator")
-        if not isinstance(keep, bool) or not isinstance(by, str) or not by.strip():
-            return web.json_response(
-                {"detail": "keep must be true or false and by a non-empty marker name"},
-                status=422,
-            )
+        parsed = _keep_request(body)
+        if isinstance(parsed, web.Response):
+            return parsed
+        topics, keep, by = parsed
         try:
-            changed = await graph.set_keep(topics, by.strip(), keep)
+            changed = await graph.set_keep(topics, by, keep)
         except DagManagerError as e:
             return web.json_response(
                 {"detail": f"{e.reason}: {e.message}"}, status=503 if e.retryable else 409
@@ -138,16 +165,65 @@ def make_app(
             changed,
             extra={"audit": "gc-keep", "who": str(request.remote), "queues": topics},
         )
-        return web.json_response({"keep": keep, "by": by.strip(), "changed": changed})
+        return web.json_response({"keep": keep, "by": by, "changed": changed})
 
-    async def prometheus(_: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(metrics.registry))
-        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return resp
+    return gc_keep
 
-    app = web.Application()
-    app.router.add_get("/status", status)
-    app.router.add_post("/admin/gc-trigger", gc_trigger)
-    app.router.add_post("/admin/gc-keep", gc_keep)
-    app.router.add_get("/metrics", prometheus)
-    return app
+
+def _rollback_handler(canary: CanaryService | None, refused: Refusal) -> Handler:
+    async def rollback(request: web.Request) -> web.Response:
+        denied = refused(request)
+        if denied is not None:
+            return denied
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        sid = body.get("sentinel_id") if isinstance(body, dict) else None
+        world = body.get("world_id", "") if isinstance(body, dict) else ""
+        if not isinstance(sid, str) or not sid.strip() or not isinstance(world, str):
+            return web.json_response(
+                {"detail": [{"loc": ["body", "sentinel_id"], "msg": "field required"}]},
+                status=422,
+            )
+        if canary is None:
+            return web.json_response({"detail": "rollbacks are not served here"}, status=404)
+        try:
+            old, new, retired = await canary.rollback(sid.strip(), world)
+        except DagManagerError as e:
+            code = 503 if e.retryable else 409
+            return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=code)
+        audit_log.info(
+            "rollback by %s: sentinel=%s from=%s to=%s retired_queues=%d",
+            request.remote,
+            sid,
+            old,
+            new,
+            retired,
+            extra={"audit": "rollback", "who": str(request.remote), "sentinel": sid},
+        )
+        return web.json_response(
+            {"sentinel_id": sid, "from": old, "to": new, "retired_queues": retired}
+        )
+
+    return rollback
+
+
+def _keep_request(body: object) -> tuple[list[str], bool, str] | web.Response:
+    """The topics, keep flag and marker of a gc-keep body, or the 422 that names the field."""
+    topics = body.get("topics") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not isinstance(topics, list) or not topics:
+        return web.json_response(
+            {"detail": [{"loc": ["body", "topics"], "msg": "a list of topic names"}]}, status=422
+        )
+    if not all(isinstance(x, str) and x for x in topics):
+        return web.json_response(
+            {"detail": [{"loc": ["body", "topics"], "msg": "topic names are strings"}]},
+            status=422,
+        )
+    keep, by = body.get("keep", True), body.get("by", "operator")
+    if not isinstance(keep, bool) or not isinstance(by, str) or not by.strip():
+        return web.json_response(
+            {"detail": "keep must be true or false and by a non-empty marker name"}, status=422
+        )
+    return [str(x) for x in topics], keep, by.strip()
