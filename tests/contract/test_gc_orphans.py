@@ -9,8 +9,11 @@ from typing import Any
 
 import neo4j
 import pytest
+from confluent_kafka import Producer
 
+from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
+from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.core.gc import DAY
 from qmtl_dagmanager.core.plan import Request
@@ -182,6 +185,7 @@ async def test_a_retired_versions_queues_wait_for_a_rollback(
     await canary.shift(versions, 100)  # v2 promoted
     assert await canary.retire(versions, "v1", True) == [topic[only_v1["node_id"]]]
     v1_queue, v2_queue = topic[only_v1["node_id"]], topic[only_v2["node_id"]]
+    await produce(topic_admin, v1_queue, 3)  # v1's data
     await release(w, s1)  # v1's StrategyDAG deleted
     w.clock.advance(30 * DAY)
     run = await w.gc().collect()
@@ -190,6 +194,7 @@ async def test_a_retired_versions_queues_wait_for_a_rollback(
     assert kept_v1.tag == "sentinel" and kept_v1.due is not None
     assert kept_v1.due - (w.clock.now() - 30 * DAY) == pytest.approx(210 * DAY, abs=5)
     await w.eventually(lambda listed: v1_queue in listed)
+    assert await topic_admin.message_counts([v1_queue]) == {v1_queue: 3}  # with its data
     # the rollback: v1 takes all traffic again, its queues are back in service, v2 retired
     old, new, retired = await canary.rollback(sid, "w1")
     assert (old, new, retired) == ("v2", "v1", 1)
@@ -209,3 +214,15 @@ async def test_a_retired_versions_queues_wait_for_a_rollback(
 class NoGates:
     async def value(self, base_url: str, query: str) -> float:
         raise AssertionError("no gates in this test")
+
+
+async def produce(admin: TopicAdmin, topic: str, count: int) -> None:
+    """Messages into a queue: through Kafka for the real admin, counted by the twin."""
+    if isinstance(admin, MemoryTopicAdmin):
+        admin.messages[topic] = admin.messages.get(topic, 0) + count
+        return
+    assert isinstance(admin, KafkaTopicAdmin)
+    producer = Producer({"bootstrap.servers": admin.bootstrap})
+    for i in range(count):
+        producer.produce(topic, key=f"k{i}".encode(), value=f"v{i}".encode())
+    assert producer.flush(30) == 0

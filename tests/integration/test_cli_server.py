@@ -207,6 +207,12 @@ def test_gc_policies_of_seconds_work_from_outside(tmp_path: Path) -> None:
         assert dropped == set(topics[1:])
         assert time.time() >= min(d for d in due.values() if d is not None)
         assert topics[0] in {k["queue"] for k in _trigger(http_port)["kept"]}
+        # the commands of retired versions, wired through: nothing to roll back or collect
+        admin = f"127.0.0.1:{http_port}"
+        r = run("redo-diff", "--sentinel", "gc-s-sentinel", "--rollback", "--admin", admin)
+        assert r.returncode == 4 and "nothing to roll back" in r.stderr, r.stderr
+        r = run("gc", "--sentinel", "gc-s-sentinel@v9", "--target", admin)
+        assert r.returncode == 2 and "not a retired version" in r.stderr, r.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)

@@ -92,6 +92,7 @@ class KafkaTopicAdmin:
         timeout: float = 10.0,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
+        self.bootstrap = bootstrap
         self._timeout = timeout
         self._profile = profile
         self._listing: tuple[float, int, set[str]] | None = None
