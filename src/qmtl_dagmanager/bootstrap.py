@@ -98,6 +98,7 @@ class Container:
             limits=s.limits,
             ids=s.node_ids,
             dry_run_strategy=s.dry_run_strategy,
+            buffer_max_age=float(s.buffer_max_age_seconds),
             namespaces=s.enable_topic_namespace,
             cache=self.node_cache,
             resubmissions=self.resubmissions,

@@ -325,6 +325,15 @@ class Settings:
         _text,
         "diffs of this strategy id write nothing",
     )
+    buffer_max_age_seconds: int = setting(
+        7 * 86_400,
+        "buffer_max_age_seconds",
+        "QMTL_BUFFER_MAX_AGE_SECONDS",
+        _nonneg,
+        "a node buffering (back-compatible schema change) this long is fully recomputed at its "
+        "next diff: a new queue generation; the old queue is left to GC (0: never)",
+        shown="604800 (7 d)",
+    )
     node_cache_ttl_seconds: int = setting(
         60,
         "node_cache_ttl_seconds",

@@ -67,6 +67,11 @@ class Metrics:
         self.gc_collected = Counter(
             "gc_queues_collected_total", "Queues collected by GC", ["action"], registry=r
         )
+        self.recomputes = Counter(
+            "node_recomputes_total",
+            "Buffered nodes fully recomputed (a new queue generation) after buffer_max_age",
+            registry=r,
+        )
         self.retired_queues = Counter(
             "queues_retired_total",
             "Queues marked as a retired version's (kept as sentinel queues) or restored",

@@ -226,3 +226,43 @@ async def produce(admin: TopicAdmin, topic: str, count: int) -> None:
     for i in range(count):
         producer.produce(topic, key=f"k{i}".encode(), value=f"v{i}".encode())
     assert producer.flush(30) == 0
+
+
+async def test_a_node_buffering_for_a_week_is_recomputed_and_its_old_queue_orphaned(
+    graph: GraphStore, topic_admin: TopicAdmin
+) -> None:
+    """A back-compatible schema change buffers the node; a week later its next diff creates a
+    new queue generation, announces the recompute, and the buffering queue, unreferenced
+    from then on, is kept by GC until TTL + grace later."""
+    w = world(graph, topic_admin)
+    salt = uuid.uuid4().hex[:8]
+    src = node("RawPriceFeed", tags=["BTC"], code=f"buf-src-{salt}", schema_hash="s1")
+    strategy = f"buffering-{salt}"
+    first = (await w.diffs().diff(Request(strategy, world_id="w1"), encode([src]))).plan
+    (old_topic,) = [n.topic for n in first.nodes]
+    changed = {**src, "schema_hash": "s2"}  # the same node id, a new schema under one compat
+    buffered = (await w.diffs().diff(Request(strategy, world_id="w1"), encode([changed]))).plan
+    assert [n.action.value for n in buffered.nodes] == ["buffer"]
+    w.clock.advance(7 * DAY - 60)
+    soon = await w.diffs().diff(Request(strategy, world_id="w1"), encode([changed]))
+    assert soon.plan.recomputes == () and [n.topic for n in soon.plan.nodes] == [old_topic]
+    w.clock.advance(60)
+    due = await w.diffs().diff(Request(strategy, world_id="w1"), encode([changed]))
+    (r,) = due.plan.recomputes
+    assert r.replaces == old_topic and r.topic != old_topic
+    await w.eventually(lambda listed: {r.topic, old_topic} <= listed)
+    announced = [
+        e.value["data"]
+        for e in w.events.read("queue")
+        if e.value["type"] == "queue_lifecycle" and e.value["data"]["queue"] == r.topic
+    ]
+    assert [a["action"] for a in announced] == ["recompute"]
+    refs = {q.topic: (q.ref_count, q.orphaned_at) for q in await graph.queues([old_topic, r.topic])}
+    assert refs == {old_topic: (0, w.clock.now()), r.topic: (1, None)}
+    run = await w.gc().collect()  # orphaned just now: kept for the raw policy's 8 days
+    assert {o.topic: o.due for o in run.report.kept if o.topic == old_topic} == {
+        old_topic: w.clock.now() + RAW
+    }
+    # resubmitted (any process): the new generation is reused, nothing more is created
+    again = await w.diffs().diff(Request(strategy, world_id="w1"), encode([changed]))
+    assert again.plan.creates == () and [n.topic for n in again.plan.nodes] == [r.topic]

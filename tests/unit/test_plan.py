@@ -40,7 +40,9 @@ def test_sample_dag_first_diff_creates_everything() -> None:
     d = dag.parse((DATA / "sample-dag.json").read_bytes())
     p = plan.plan(d, REQ, {}, {}, CATALOG)
     assert p.sentinel_id == "s1-sentinel" and p.version == "v1" and p.namespace == "w1.dryrun"
-    assert p.counts == {"total": 3, "reused": 0, "buffered": 0, "new": 3, "sentinels": 0}
+    assert p.counts == {
+        "total": 3, "reused": 0, "buffered": 0, "new": 3, "recomputed": 0, "sentinels": 0
+    }  # fmt: skip
     assert len(p.queue_map) == 3
     for key, topic in p.queue_map.items():
         nid = key.partition("#")[0].rsplit(":", 2)[0]  # exactly how the Gateway reads it
@@ -170,3 +172,35 @@ def test_plan_invariants(length: int, tags: list[str], world: str, domain: str, 
     # applying the plan reaches its target: the next plan creates nothing
     again = plan.plan(d, req, applied(p), taken_by(p), CATALOG)
     assert again.creates == () and again.queue_map == p.queue_map and not again.violations
+
+
+def test_a_node_buffering_past_the_max_age_is_recomputed_as_a_new_generation() -> None:
+    nodes = chain(3)
+    d = dag.parse(encode(nodes))
+    first = plan.plan(d, REQ, {}, {}, CATALOG)
+    records = applied(first)
+    nid = nodes[1]["node_id"]
+    old = records[nid]
+    week = 7 * 86_400.0
+    records[nid] = NodeRecord(nid, old.schema_hash, old.schema_compat_id, old.queues, 1_000.0)
+    young = plan.plan(d, REQ, records, taken_by(first), CATALOG, now=1_000 + week - 1,
+                      buffer_max_age=week)  # fmt: skip
+    assert young.counts["reused"] == 3 and young.recompute_due == 1_000 + week
+    due = plan.plan(d, REQ, records, taken_by(first), CATALOG, now=1_000 + week,
+                    buffer_max_age=week)  # fmt: skip
+    (r,) = due.recomputes
+    was = next(n.topic for n in first.nodes if n.node.node_id == nid)
+    assert r.node.node_id == nid and r.action is Action.CREATE and r.replaces == was
+    assert r.recompute == 1 and r.topic != was and r.topic.endswith("_v1")
+    assert r.compute_key != next(n.compute_key for n in first.nodes if n.node.node_id == nid)
+    assert due.counts["recomputed"] == 1 and due.counts["new"] == 1
+    # once written, the generation is the node's: other plans reuse the new queue
+    after = applied(due)
+    after[nid] = NodeRecord(nid, old.schema_hash, old.schema_compat_id,
+                            after[nid].queues, None, 1)  # fmt: skip
+    again = plan.plan(d, REQ, after, taken_by(due), CATALOG, now=1_000 + 2 * week,
+                      buffer_max_age=week)  # fmt: skip
+    assert again.creates == () and again.queue_map == due.queue_map
+    # without a max age nothing is ever recomputed
+    never = plan.plan(d, REQ, records, taken_by(first), CATALOG, now=10**12)
+    assert never.recomputes == () and never.recompute_due is None

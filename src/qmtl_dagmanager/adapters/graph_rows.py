@@ -57,6 +57,7 @@ def rows(plan: Plan, now: float) -> Rows:
                 "query_tags": list(n.query_tags),
                 "compute_key": p.compute_key,
                 "buffer": p.action is Action.BUFFER,
+                "recompute": p.recompute,
                 "created_at": now,
                 "owner": plan.strategy_id,
             }

@@ -106,6 +106,8 @@ class MemoryGraphStore:
                         for q in queues
                         if not q.get("superseded")
                     ),
+                    n.get("buffering_since"),
+                    int(n.get("recompute", 0)),
                 )
         owners = {t: self._queues[t]["node_id"] for t in topics if t in self._queues}
         return GraphRead(records, owners, self.fingerprints.get(strategy_id))
@@ -171,9 +173,13 @@ class MemoryGraphStore:
                 self.nodes[row["node_id"]] = n
             if row["compute_key"] not in n["compute_keys"]:
                 n["compute_keys"] = [*n["compute_keys"], row["compute_key"]]
-            if row["buffer"]:
+            if row["buffer"] and n["schema_hash"] != row["schema_hash"]:
                 n["schema_hash"] = row["schema_hash"]
                 n["buffering_since"] = now
+            if row["recompute"] > n.get("recompute", 0):
+                n["recompute"] = row["recompute"]
+                n["schema_hash"] = row["schema_hash"]
+                n.pop("buffering_since", None)
         for row in r.queues:
             if row["topic"] not in adopted:
                 self._queues[row["topic"]] = {**row, "managed": True}

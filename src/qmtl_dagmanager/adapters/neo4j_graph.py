@@ -92,7 +92,8 @@ CALL () {
   MATCH (n:ComputeNode {node_id: id})
   OPTIONAL MATCH (n)-[:EMITS]->(q:Queue) WHERE q.superseded IS NULL
   WITH n, collect([q.topic, q.compute_key]) AS qs
-  RETURN collect([n.node_id, n.schema_hash, n.schema_compat_id, qs]) AS nodes
+  RETURN collect([n.node_id, n.schema_hash, n.schema_compat_id, qs, n.buffering_since,
+                  coalesce(n.recompute, 0)]) AS nodes
 }
 CALL () {
   UNWIND $topics AS t
@@ -120,6 +121,8 @@ SET n.compute_keys = CASE WHEN r.compute_key IN n.compute_keys THEN n.compute_ke
                           ELSE n.compute_keys + r.compute_key END
 FOREACH (_ IN CASE WHEN r.buffer AND n.schema_hash <> r.schema_hash THEN [1] ELSE [] END |
   SET n.schema_hash = r.schema_hash, n.buffering_since = r.created_at)
+FOREACH (_ IN CASE WHEN r.recompute > coalesce(n.recompute, 0) THEN [1] ELSE [] END |
+  SET n.recompute = r.recompute, n.schema_hash = r.schema_hash REMOVE n.buffering_since)
 """
 
 # A created queue's name must be free or already this (node, compute key)'s queue; the slot
@@ -634,12 +637,14 @@ class Neo4jGraphStore:
             sid=strategy_id,
         )
         records: dict[NodeId, NodeRecord] = {}
-        for nid, schema_hash, compat, queues in rows[0]["nodes"]:
+        for nid, schema_hash, compat, queues, buffering, recompute in rows[0]["nodes"]:
             records[nid] = NodeRecord(
                 nid,
                 schema_hash,
                 compat,
                 tuple(QueueRecord(t, ck) for t, ck in queues if t is not None),
+                None if buffering is None else float(buffering),
+                int(recompute),
             )
         owners = {t: NodeId(o) for t, o in rows[0]["owners"]}
         return GraphRead(records, owners, rows[0]["fingerprint"])

@@ -44,6 +44,8 @@ class NodeRecord:
     schema_hash: str
     schema_compat_id: str
     queues: tuple[QueueRecord, ...] = ()
+    buffering_since: float | None = None  # a back-compatible schema change replays since
+    recompute: int = 0  # how many times the node was fully recomputed (its queue generation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,8 @@ class NodePlan(NamedTuple):
     compute_key: ComputeKey
     spec: TopicSpec | None = None  # set when a topic must be created
     previous_schema_hash: str = ""  # set when buffering
+    recompute: int = 0  # the queue generation (> 0 after a full recompute)
+    replaces: str = ""  # the buffering queue a full recompute replaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,13 @@ class Plan:
     violations: tuple[Violation, ...]
     query_groups: tuple[QueryGroup, ...]
     counts: Mapping[str, int] = field(default_factory=dict)
+    # the first time a node this plan reuses while it buffers is due for a full recompute:
+    # from then on an identical resubmission must be planned again, not answered from cache
+    recompute_due: float | None = None
+
+    @property
+    def recomputes(self) -> tuple[NodePlan, ...]:
+        return tuple(p for p in self.nodes if p.replaces)
 
     @property
     def creates(self) -> tuple[NodePlan, ...]:
@@ -185,9 +196,14 @@ def plan(
     catalog: TopicCatalog,
     *,
     namespaces: bool = True,
+    now: float = 0.0,
+    buffer_max_age: float | None = None,
 ) -> Plan:
     """Decide every node of `dag`. Never raises for cross-context reuse: the plan lists it.
-    With `namespaces` off, topic names carry no `<world>.<domain>.` prefix."""
+    With `namespaces` off, topic names carry no `<world>.<domain>.` prefix. A node that has
+    been buffering (a back-compatible schema change) for `buffer_max_age` seconds at `now`
+    is fully recomputed: a new queue generation (its own compute key and topic name) is
+    created, and the buffering queue, no longer referenced, is left to GC's rules."""
     ctx = context.resolve(request.context_layer(), *dag.context_layers)
     ns = resolve_namespace(dag, request) if namespaces else None
     key_suffix = ctx.key_suffix()
@@ -198,17 +214,14 @@ def plan(
     violations: list[Violation] = []
     queue_map: dict[str, str] = {}
     specs: dict[str, TopicSpec] = {}
-    reused = buffered = created = 0
+    reused = buffered = created = recomputed = 0
+    recompute_due: float | None = None
     for node in dag.nodes:
         nid = node.node_id
-        ck = ComputeKey("blake3:" + blake3(f"{nid}{key_suffix}".encode()).hexdigest())
         rec = records.get(nid)
-        own = None
-        if rec is not None:
-            for q in rec.queues:
-                if q.compute_key == ck:
-                    own = q.topic
-                    break
+        generation, replaces, due = _generation(rec, nid, key_suffix, now, buffer_max_age)
+        ck = _compute_key(nid, key_suffix, generation)
+        own = _own_topic(rec, ck)
         if rec is not None and own is not None:
             if rec.schema_hash != node.schema_hash:
                 planned.append(
@@ -216,13 +229,17 @@ def plan(
                 )
                 buffers.append(Buffer(node, node.period))
                 buffered += 1
+                if buffer_max_age:
+                    due = (rec.buffering_since or now) + buffer_max_age
             else:
                 planned.append(NodePlan(node, Action.REUSE, TopicName(own), ck))
                 reused += 1
+            if due is not None:
+                recompute_due = due if recompute_due is None else min(recompute_due, due)
             claimed[own] = nid
             queue_map[f"{nid}:{node.interval}:{node.bucket}#ck={ck}"] = own
             continue
-        name, clash = _free_name(node, namer, taken, claimed, rec)
+        name, clash = _free_name(node, namer, taken, claimed, rec, generation)
         if clash is not None:
             violations.append(Violation(nid, name, ck, clash))
             continue
@@ -230,9 +247,12 @@ def plan(
         spec = specs.get(node.node_type)
         if spec is None:
             spec = specs[node.node_type] = catalog.spec_for(node.node_type)
-        planned.append(NodePlan(node, Action.CREATE, name, ck, spec))
+        planned.append(
+            NodePlan(node, Action.CREATE, name, ck, spec, "", generation, TopicName(replaces))
+        )
         queue_map[f"{nid}:{node.interval}:{node.bucket}#ck={ck}"] = name
         created += 1
+        recomputed += bool(replaces)
     groups = _changed_groups(dag, planned)
     return Plan(
         strategy_id=request.strategy_id,
@@ -251,9 +271,40 @@ def plan(
             "reused": reused,
             "buffered": buffered,
             "new": created,
+            "recomputed": recomputed,
             "sentinels": len(dag.sentinels),
         },
+        recompute_due=recompute_due,
     )
+
+
+def _generation(
+    rec: NodeRecord | None, nid: NodeId, key_suffix: str, now: float, max_age: float | None
+) -> tuple[int, str, float | None]:
+    """The node's queue generation for this plan, the queue a full recompute replaces (or
+    ""), and when the node's buffering is due for one (None: not buffering)."""
+    if rec is None:
+        return 0, "", None
+    due = rec.buffering_since + max_age if rec.buffering_since is not None and max_age else None
+    if due is not None and now >= due:
+        old = _own_topic(rec, _compute_key(nid, key_suffix, rec.recompute)) or ""
+        return rec.recompute + 1, old, due
+    return rec.recompute, "", due
+
+
+def _compute_key(nid: NodeId, key_suffix: str, generation: int) -> ComputeKey:
+    """The node's compute key in a context; a recomputed node's queue generation is part of
+    it, so each generation is its own (node, compute key) queue."""
+    text = f"{nid}{key_suffix}" if generation == 0 else f"{nid}{key_suffix}#recompute={generation}"
+    return ComputeKey("blake3:" + blake3(text.encode()).hexdigest())
+
+
+def _own_topic(rec: NodeRecord | None, ck: ComputeKey) -> str | None:
+    if rec is not None:
+        for q in rec.queues:
+            if q.compute_key == ck:
+                return q.topic
+    return None
 
 
 def _changed_groups(dag: Dag, planned: list[NodePlan]) -> tuple[QueryGroup, ...]:
@@ -286,13 +337,20 @@ def _free_name(
     taken: Mapping[str, NodeId],
     claimed: Mapping[str, NodeId],
     rec: NodeRecord | None,
+    generation: int = 0,
 ) -> tuple[TopicName, str | None]:
     """The first name no other node holds, lengthening the short hash by 2 on each clash.
-    A name this node already holds under another compute key is a cross-context reuse."""
+    A name this node already holds under another compute key is a cross-context reuse. A
+    recomputed generation's names come from its own digest."""
     own_other = {q.topic: q.compute_key for q in rec.queues} if rec is not None else {}
+    digest = (
+        node.digest
+        if generation == 0
+        else blake3(f"{node.digest}#recompute={generation}".encode()).hexdigest()
+    )
     hash_len = topics.SHORT_HASH
     while True:
-        name = namer.name(node.tags, node.node_type, node.digest, hash_len)
+        name = namer.name(node.tags, node.node_type, digest, hash_len)
         if name in own_other:
             return name, (
                 f"its queue {name} belongs to compute key {own_other[name]}; reusing it in "

@@ -85,6 +85,7 @@ class DiffService:
     limits: dag.Limits = field(default_factory=dag.Limits)
     ids: dag.IdMode = dag.IdMode.VERIFY
     dry_run_strategy: str = "dryrun"
+    buffer_max_age: float = 7 * 86_400.0  # a node buffering this long is fully recomputed
     namespaces: bool = True
     cache: NodeCache = field(default_factory=NodeCache.disabled)
     max_inflight: int = 8
@@ -172,7 +173,16 @@ class DiffService:
         confirmations = 0
         rounds = 0
         while True:
-            p = plan.plan(d, request, records, owners, self.catalog, namespaces=self.namespaces)
+            p = plan.plan(
+                d,
+                request,
+                records,
+                owners,
+                self.catalog,
+                namespaces=self.namespaces,
+                now=self.clock.now(),
+                buffer_max_age=self.buffer_max_age or None,
+            )
             if p.violations:
                 self.cache.evict(v.node_id for v in p.violations)
                 if confirmations >= CONFIRM_READS:
@@ -210,7 +220,8 @@ class DiffService:
             # The same bytes in the same context were diffed and written before: if the
             # graph still records exactly that write for the strategy, the answer stands.
             read = await self.graph.read([], [], request.strategy_id)
-            if seen.plan.unchanged(read.fingerprint):
+            due = seen.plan.recompute_due
+            if seen.plan.unchanged(read.fingerprint) and (due is None or self.clock.now() < due):
                 return seen
             self.resubmissions.drop(key)
         outcome = await self._diff_fresh(request, dag_json, dry, ids)
@@ -292,7 +303,18 @@ class DiffService:
             raise
         if reclaimed:
             await self._revive(request.strategy_id, reclaimed)
-        self._remember(p)
+        self._remember(p, now)
+        for r in p.recomputes:
+            log.info("diff %s: node %s recomputed: %s replaces %s", request.strategy_id,
+                     r.node.node_id, r.topic, r.replaces)  # fmt: skip
+            await self.controlbus.queue_lifecycle(
+                r.topic,
+                "recompute",
+                f"node {r.node.node_id} fully recomputed after {self.buffer_max_age:g} s of "
+                f"buffering; replaces {r.replaces}",
+            )
+            self.metrics.recomputes.inc()
+            self.metrics.events_published.labels("queue_lifecycle").inc()
         self._gaps[request.strategy_id] = sentinel is None
         self.metrics.sentinel_gap.set(sum(self._gaps.values()))
         if creates:
@@ -309,8 +331,9 @@ class DiffService:
         self.metrics.node_cache.set(len(self.cache))
         return DiffOutcome(p, d, False, results)
 
-    def _remember(self, p: plan.Plan) -> None:
-        """After a write: the graph now holds each node with its queue for this context."""
+    def _remember(self, p: plan.Plan, now: float) -> None:
+        """After a write: the graph now holds each node with its queue for this context (and
+        its buffering time and queue generation)."""
         known = self.cache.get_many(n.node.node_id for n in p.nodes)
         fresh: dict[NodeId, plan.NodeRecord] = {}
         for n in p.nodes:
@@ -318,8 +341,18 @@ class DiffService:
             queues = old.queues if old else ()
             if not any(q.compute_key == n.compute_key for q in queues):
                 queues = (*queues, plan.QueueRecord(n.topic, n.compute_key))
+            buffering = old.buffering_since if old else None
+            if n.action is plan.Action.BUFFER:
+                buffering = buffering if buffering is not None else now
+            if n.replaces:
+                buffering = None
             fresh[n.node.node_id] = plan.NodeRecord(
-                n.node.node_id, n.node.schema_hash, n.node.schema_compat_id, queues
+                n.node.node_id,
+                n.node.schema_hash,
+                n.node.schema_compat_id,
+                queues,
+                buffering,
+                n.recompute,
             )
         self.cache.put_many(fresh)
 
