@@ -145,6 +145,7 @@ class Container:
             cache=self.node_cache,
             policies=self.settings.gc_policies,
             intent_grace=float(self.settings.gc_intent_grace_seconds),
+            compact_max_nodes=self.settings.compact_max_nodes,
             load=(
                 PrometheusQuery(
                     self.settings.prometheus_url,

@@ -247,6 +247,32 @@ async def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK if not run["report"]["failed"] else EXIT_UNAVAILABLE
 
 
+async def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
+    """Offline compaction of the configured graph, in batches, with progress."""
+    container = bootstrap.build(settings)
+    service = container.garbage()
+    total = found = 0
+    try:
+        while True:
+            run = await service.compact(dry_run=args.dry_run, limit=args.batch)
+            found += len(run.candidates)
+            total += run.removed
+            print(
+                f"[compact] {len(run.candidates)} candidate(s), {run.removed} removed "
+                f"(created before {run.created_before:.0f})",
+                file=sys.stderr,
+            )
+            if args.dry_run or not run.candidates or run.removed == 0:
+                if args.dry_run:
+                    for nid in run.candidates:
+                        print(nid)
+                break
+    finally:
+        await container.close()
+    print(json.dumps({"dry_run": args.dry_run, "candidates": found, "removed": total}))
+    return EXIT_OK
+
+
 async def cmd_gc_keep(args: argparse.Namespace) -> int:
     url = f"http://{args.target}/admin/gc-keep"
     payload = {"topics": args.topics, "keep": not args.remove, "by": args.by}
@@ -342,6 +368,13 @@ def parser() -> argparse.ArgumentParser:
         "label): preview, then collect with archives; not referenced or kept ones",
     )
     gc.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
+    compact = sub.add_parser(
+        "compact",
+        help="remove compute nodes with no queue, reference or live sentinel, older than the "
+        "sentinel TTL, from the configured graph",
+    )
+    compact.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+    compact.add_argument("--batch", type=int, default=1000, help="nodes per transaction")
     keep = sub.add_parser(
         "gc-keep", help="mark queues keep on a running sidecar (GC never collects them)"
     )
@@ -382,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "queue-stats": lambda: cmd_queue_stats(args),
             "gc": lambda: cmd_gc(args),
             "gc-keep": lambda: cmd_gc_keep(args),
+            "compact": lambda: cmd_compact(settings, args),
             "redo-diff": lambda: cmd_redo(args),
         }
         return asyncio.run(commands[args.cmd]())

@@ -283,6 +283,14 @@ class Settings:
         "sentinel 180 d + 30 d archive",
         factory=lambda: dict(DEFAULT_POLICIES),
     )
+    compact_max_nodes: int = setting(
+        1000,
+        "compact_max_nodes",
+        "QMTL_COMPACT_MAX_NODES",
+        _nonneg,
+        "compute nodes each timed GC run may compact (no queue, reference or live sentinel, "
+        "older than the sentinel TTL); 0: only `dagmanager compact`",
+    )
     gc_intent_grace_seconds: int = setting(
         600,
         "gc_intent_grace_seconds",

@@ -67,6 +67,11 @@ class Metrics:
         self.gc_collected = Counter(
             "gc_queues_collected_total", "Queues collected by GC", ["action"], registry=r
         )
+        self.compacted_nodes = Counter(
+            "compacted_compute_nodes_total",
+            "Compute nodes removed by compaction (no queue, reference or live sentinel)",
+            registry=r,
+        )
         self.recomputes = Counter(
             "node_recomputes_total",
             "Buffered nodes fully recomputed (a new queue generation) after buffer_max_age",

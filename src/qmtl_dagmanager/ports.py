@@ -292,6 +292,17 @@ class GraphStore(Protocol):
         marked queue as a sentinel queue. Returns the topics marked (or unmarked)."""
         ...
 
+    async def compactable(self, created_before: float, limit: int) -> list[NodeId]:
+        """Compute nodes (oldest first, at most `limit`) created before `created_before` that
+        emit no queue, are used by no strategy and are had by no live sentinel version (one
+        not retired that takes traffic)."""
+        ...
+
+    async def compact(self, node_ids: Sequence[NodeId], created_before: float) -> int:
+        """Remove those of the nodes that are still compactable (checked under the node's
+        lock, so a diff writing one meanwhile keeps it); returns how many were removed."""
+        ...
+
     async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:
         """Add (or remove) `keeper` among the markers that protect the queues from GC;
         returns how many queues changed. A queue is kept while any marker remains."""

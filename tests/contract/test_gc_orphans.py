@@ -17,7 +17,7 @@ from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.core.gc import DAY
 from qmtl_dagmanager.core.plan import Request
-from qmtl_dagmanager.ports import GraphStore, TopicAdmin
+from qmtl_dagmanager.ports import GraphStore, SentinelWrite, TopicAdmin
 from qmtl_dagmanager.services.canary import CanaryService, Versions
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.queues import QueueService
@@ -266,3 +266,39 @@ async def test_a_node_buffering_for_a_week_is_recomputed_and_its_old_queue_orpha
     # resubmitted (any process): the new generation is reused, nothing more is created
     again = await w.diffs().diff(Request(strategy, world_id="w1"), encode([changed]))
     assert again.plan.creates == () and [n.topic for n in again.plan.nodes] == [r.topic]
+
+
+async def test_compaction_removes_only_nodes_nothing_needs(
+    graph: GraphStore, topic_admin: TopicAdmin
+) -> None:
+    """Nodes whose queues GC dropped go once older than the sentinel TTL; a node with a
+    queue, a strategy, or a live sentinel version stays; a diff writing a candidate between
+    the listing and the removal keeps it."""
+    w = world(graph, topic_admin)
+    nodes, mine = await w.orphans()  # released 30 days ago
+    ids = [n["node_id"] for n in nodes]
+    w.clock.advance(RAW)
+    assert sorted(
+        p["queue"] for p in (await w.gc().collect()).processed if p["queue"] in mine
+    ) == sorted(mine)
+    service = w.gc()
+    young = await service.compact()
+    assert not set(ids) & set(young.candidates)  # created 38 days ago: younger than 180 d
+    w.clock.advance(180 * DAY)
+    live = node("RawPriceFeed", tags=["BTC"], code=f"live-{uuid.uuid4().hex[:8]}")
+    kept_by_sentinel = ids[0]
+    await graph.link_sentinel(
+        SentinelWrite("keep-sentinel", "v1", (kept_by_sentinel,)), w.clock.now()
+    )
+    await graph.set_sentinel_weight("keep-sentinel", "v1", 1.0, w.clock.now())  # live
+    await w.diffs().diff(Request(f"live-{uuid.uuid4().hex[:6]}", world_id="w1"), encode([live]))
+    dry = await service.compact(dry_run=True)
+    assert set(dry.candidates) & set(ids) == set(ids[1:]) and dry.removed == 0
+    assert live["node_id"] not in dry.candidates
+    # ids[1] is written by a diff after the listing: it has a queue again and stays
+    await w.reference([nodes[1]])
+    done = await service.compact()
+    assert done.removed >= 1
+    left = await graph.read(ids, [])
+    assert set(left.records) == {ids[0], ids[1]}
+    assert set(left.records[ids[1]].queues) != set()

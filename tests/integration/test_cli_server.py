@@ -239,3 +239,14 @@ def _trigger(http_port: int) -> dict[str, Any]:
     with urllib.request.urlopen(request, timeout=30) as r:
         body: dict[str, Any] = json.loads(r.read())
     return body
+
+
+def test_compact_runs_offline_on_the_configured_graph(stack: Stack, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"neo4j_dsn: {stack.neo4j_uri}\nneo4j_user: {stack.neo4j_user}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
+    env["NEO4J_PASSWORD"] = stack.neo4j_password
+    r = run("--config", str(cfg), "compact", "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["removed"] == 0
+    assert "[compact]" in r.stderr  # progress on standard error

@@ -273,6 +273,33 @@ class MemoryGraphStore:
                     out.append(topic)
         return sorted(out)
 
+    def _compactable(self, nid: NodeId, created_before: float) -> bool:
+        n = self.nodes.get(nid)
+        if n is None or n["created_at"] >= created_before or self._emits.get(nid):
+            return False
+        if any(nid in used for used in self.node_refs.values()):
+            return False
+        return not any(
+            nid in s.has and "retired_at" not in s.props and (s.props["traffic_weight"] or 0) > 0
+            for s in self.sentinels.values()
+        )
+
+    async def compactable(self, created_before: float, limit: int) -> list[NodeId]:
+        found = [nid for nid in self.nodes if self._compactable(nid, created_before)]
+        found.sort(key=lambda nid: (self.nodes[nid]["created_at"], nid))
+        return found[:limit]
+
+    async def compact(self, node_ids: Sequence[NodeId], created_before: float) -> int:
+        removed = 0
+        for nid in node_ids:
+            if self._compactable(nid, created_before):
+                del self.nodes[nid]
+                self._emits.pop(nid, None)
+                for s in self.sentinels.values():
+                    s.has.discard(nid)
+                removed += 1
+        return removed
+
     async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:
         changed = 0
         for t in topics:

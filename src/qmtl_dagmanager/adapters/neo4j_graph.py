@@ -62,6 +62,7 @@ CONSTRAINTS = {
 INDEXES = {
     "compute_node_tags": "FOR (n:ComputeNode) ON (n.tags)",
     "compute_node_buffering_since": "FOR (n:ComputeNode) ON (n.buffering_since)",
+    "compute_node_created_at": "FOR (n:ComputeNode) ON (n.created_at)",
     "queue_interval": "FOR (q:Queue) ON (q.interval)",
     "topic_intent_at": "FOR (i:TopicIntent) ON (i.at)",
     "topic_intent_deleted_at": "FOR (i:TopicIntent) ON (i.deleted_at)",
@@ -393,6 +394,33 @@ WHERE NOT EXISTS {
 FOREACH (_ IN CASE WHEN $retired THEN [1] ELSE [] END | SET q.retired = $key)
 FOREACH (_ IN CASE WHEN $retired THEN [] ELSE [1] END | REMOVE q.retired)
 RETURN collect(q.topic) AS topics
+"""
+
+# Compute nodes nothing needs any more: no queue, no strategy, no live sentinel version (one
+# not retired that takes traffic).
+COMPACTABLE = """
+MATCH (n:ComputeNode) WHERE n.created_at < $before
+  AND NOT (n)-[:EMITS]->() AND NOT (n)-[:USED_BY]->()
+  AND NOT EXISTS { MATCH (v:VersionSentinel)-[:HAS]->(n)
+                   WHERE v.retired_at IS NULL AND coalesce(v.traffic_weight, 0) > 0 }
+RETURN n.node_id AS id ORDER BY n.created_at, n.node_id LIMIT $limit
+"""
+
+# The lock first (as in CLAIM_QUEUE): a diff writing one of these nodes concurrently either
+# commits before (the node has a queue or a reference now and stays) or after (it MERGEs the
+# node anew, with the properties its plan carries).
+COMPACT = """
+UNWIND $ids AS id
+MATCH (n:ComputeNode {node_id: id})
+SET n.compact_lock = true
+WITH n
+REMOVE n.compact_lock
+WITH n WHERE n.created_at < $before
+  AND NOT (n)-[:EMITS]->() AND NOT (n)-[:USED_BY]->()
+  AND NOT EXISTS { MATCH (v:VersionSentinel)-[:HAS]->(n)
+                   WHERE v.retired_at IS NULL AND coalesce(v.traffic_weight, 0) > 0 }
+DETACH DELETE n
+RETURN count(*) AS removed
 """
 
 SET_KEEP = """
@@ -864,6 +892,19 @@ class Neo4jGraphStore:
             return sorted(rec["topics"]) if rec else []
 
         return await self._write("retire version", tx)
+
+    async def compactable(self, created_before: float, limit: int) -> list[NodeId]:
+        rows = await self._read(
+            "compaction candidates", COMPACTABLE, before=created_before, limit=limit
+        )
+        return [NodeId(r["id"]) for r in rows]
+
+    async def compact(self, node_ids: Sequence[NodeId], created_before: float) -> int:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> int:
+            rec = await (await t.run(COMPACT, ids=list(node_ids), before=created_before)).single()
+            return int(rec["removed"]) if rec else 0
+
+        return await self._write("compaction", tx)
 
     async def set_keep(self, topics: Sequence[str], keeper: str, keep: bool) -> int:
         async def tx(t: neo4j.AsyncManagedTransaction) -> int:

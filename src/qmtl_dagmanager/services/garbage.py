@@ -82,6 +82,25 @@ class GcRun:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class CompactRun:
+    """One compaction: the compute nodes found removable and how many were removed."""
+
+    candidates: list[str]
+    removed: int
+    dry_run: bool
+    created_before: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "created_before": self.created_before,
+            "candidates": len(self.candidates),
+            "removed": self.removed,
+            "nodes": self.candidates[:200],
+        }
+
+
 @dataclass
 class GcService:
     graph: GraphStore
@@ -97,6 +116,7 @@ class GcService:
     load: LoadGauge | None = None  # the broker load metric; None: never throttled
     load_threshold: float = 0.8
     intent_grace: float = INTENT_GRACE  # see INTENT_GRACE
+    compact_max_nodes: int = 1000  # compute nodes a timed run may compact (0: never)
 
     async def _loaded(self) -> tuple[bool, float | None]:
         """Whether the broker is too loaded for a full batch. A metric that cannot be read
@@ -196,6 +216,20 @@ class GcService:
             )
         return GcRun(report, processed, failed, dry_run, now, load, run_id, scope)
 
+    async def compact(self, *, dry_run: bool = False, limit: int | None = None) -> CompactRun:
+        """Remove compute nodes nothing needs: no queue, no strategy, no live sentinel
+        version, created longer ago than the sentinel policy's TTL (so a retired version's
+        sentinel queues, and their nodes, are gone first). At most `limit` per call."""
+        sentinel = self.policies.get(gc.SENTINEL_TAG, gc.DEFAULT_POLICIES[gc.SENTINEL_TAG])
+        before = self.clock.now() - sentinel.ttl
+        cap = self.compact_max_nodes if limit is None else limit
+        found = await self.graph.compactable(before, cap) if cap > 0 else []
+        removed = 0 if dry_run or not found else await self.graph.compact(found, before)
+        if removed:
+            self.metrics.compacted_nodes.inc(removed)
+            log.info("compaction removed %d compute node(s) created before %s", removed, before)
+        return CompactRun([str(n) for n in found], removed, dry_run, before)
+
     async def retired_scope(self, name: str) -> str | None:
         """`name` as a scope when it names a retired version some queue belongs to (a whole
         `<sentinel id>@<version>` key or a version label); None otherwise."""
@@ -219,6 +253,11 @@ class GcService:
                 log.warning("timed GC failed: %s: %s", e.reason, e.message)
                 continue
             log.info("timed GC: %d collected, %d failed", len(run.processed), len(run.failed))
+            if self.compact_max_nodes > 0:
+                try:
+                    await self.compact(dry_run=dry_run)
+                except DagManagerError as e:
+                    log.warning("timed compaction failed: %s: %s", e.reason, e.message)
             if after is not None:
                 await after(run)
 
