@@ -13,6 +13,8 @@ import pytest
 import yaml
 from kubernetes import client, config, utils
 
+from qmtl_dagmanager.config import SettingsError, load
+from qmtl_dagmanager.core.gc import DEFAULT_POLICIES, GcAction, GcPolicy
 from tests.conftest import Stack
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -140,3 +142,37 @@ def test_the_api_server_accepts_every_object(
     assert len(objs) >= 12
     for obj in objs:  # kubectl apply --server-side --dry-run=server, one object at a time
         utils.create_from_dict(api, obj, namespace=ns, apply=True, dry_run="All")
+
+
+def test_gc_policies_reach_both_processes_and_are_valid(helm: str, tmp_path: Path) -> None:
+    """gc.policies renders into the operator's environment and the sidecar's settings file,
+    and both load as the processes would load them; a bad policy is refused by name."""
+    values = tmp_path / "gc.yaml"
+    values.write_text(
+        "neo4j: {password: x}\n"
+        "gc:\n  policies:\n    raw: {ttl_seconds: 60, grace_seconds: 5, action: drop}\n"
+    )
+    rendered = docs(run(helm, *INSTALL_ARGS, "-f", str(values)))
+    deploy = next(d for d in rendered if d["kind"] == "Deployment")
+    env = {
+        e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "value" in e
+    }  # fmt: skip
+    settings = load(None, env)
+    assert settings.gc_policies["raw"] == GcPolicy(60, 5, GcAction.DROP)
+    assert settings.gc_policies["sentinel"] == DEFAULT_POLICIES["sentinel"]  # merged
+    sidecar = next(
+        d for d in rendered if d["kind"] == "ConfigMap" and "sidecar" in d["metadata"]["name"]
+    )
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(sidecar["data"]["dagmanager.yaml"])
+    assert load(cfg, {}).gc_policies["raw"] == GcPolicy(60, 5, GcAction.DROP)
+    with pytest.raises(SettingsError, match="raw"):
+        load(
+            None,
+            {
+                **env,
+                "QMTL_GC_POLICIES": '{"raw": {"ttl_seconds": 1, "grace_seconds": 1, '
+                '"action": "burn"}}',
+            },
+        )

@@ -60,6 +60,14 @@ app.kubernetes.io/component: operator
   value: {{ .Values.operator.logFormat | quote }}
 - name: QMTL_LOG_LEVEL
   value: {{ .Values.operator.logLevel | quote }}
+{{- with .Values.gc.policies }}
+- name: QMTL_GC_POLICIES
+  value: {{ toJson . | quote }}
+{{- end }}
+- name: QMTL_COMPACT_MAX_NODES
+  value: {{ .Values.gc.compactMaxNodes | quote }}
+- name: QMTL_BUFFER_MAX_AGE_SECONDS
+  value: {{ .Values.gc.bufferMaxAgeSeconds | quote }}
 {{- range $k, $v := .Values.settings }}
 {{- if $v }}
 - name: {{ $k }}
