@@ -21,7 +21,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = [sys.executable, str(ROOT / "hack" / "stack" / "stack.py")]
-ENV_KEYS = ("KUBECONFIG", "NEO4J_URI", "NEO4J_USER", "NEO4J_PASSWORD", "KAFKA_BOOTSTRAP_SERVERS")
+ENV_KEYS = (
+    "KUBECONFIG",
+    "NEO4J_URI",
+    "NEO4J_USER",
+    "NEO4J_PASSWORD",
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "QMTL_S3_ENDPOINT",
+    "QMTL_S3_ACCESS_KEY",
+    "QMTL_S3_SECRET_KEY",
+    "QMTL_S3_BUCKET",
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,19 @@ class Stack:
     neo4j_user: str
     neo4j_password: str
     kafka_bootstrap: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    s3_bucket: str
+
+    def s3_settings(self, prefix: str) -> dict[str, str]:
+        """Environment settings that send archives to the stack's bucket under `prefix`."""
+        return {
+            "QMTL_ARCHIVE_DIR": f"s3://{self.s3_bucket}/{prefix}",
+            "QMTL_S3_ENDPOINT": self.s3_endpoint,
+            "QMTL_S3_ACCESS_KEY": self.s3_access_key,
+            "QMTL_S3_SECRET_KEY": self.s3_secret_key,
+        }
 
     def stop_server(self, name: str) -> None:
         """Stop one server of the project's stack (fault tests); `start_server` restores it."""
@@ -99,6 +122,10 @@ def stack() -> Iterator[Stack]:
         neo4j_user=env["NEO4J_USER"],
         neo4j_password=env["NEO4J_PASSWORD"],
         kafka_bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"],
+        s3_endpoint=env["QMTL_S3_ENDPOINT"],
+        s3_access_key=env["QMTL_S3_ACCESS_KEY"],
+        s3_secret_key=env["QMTL_S3_SECRET_KEY"],
+        s3_bucket=env["QMTL_S3_BUCKET"],
     )
     if started:
         subprocess.run([*STACK, "down"], check=False)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The local stack of real servers, as plain processes: etcd, kube-apiserver,
-kube-controller-manager, Kafka (KRaft) and Neo4j.
+kube-controller-manager, Kafka (KRaft), Neo4j and an S3-compatible object store (SeaweedFS).
 
     stack.py up [--timeout SECONDS]   build or fetch what is missing, then start everything
     stack.py down                     stop exactly the processes `up` started (by PID)
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent.parent
 STATE = Path(os.environ.get("QMTL_STACK_DIR", PROJECT / ".stack"))
 CACHE = Path(os.environ.get("QMTL_STACK_CACHE", Path.home() / ".cache" / "qmtl-stack"))
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kafka", "neo4j")
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kafka", "neo4j", "s3")
+S3_ACCESS_KEY = "qmtl-local"
+S3_BUCKET = "qmtl-archives"
 NEO4J_USER = "neo4j"
 MIN_FREE_DISK = 3 * 1024**3
 
@@ -71,6 +74,7 @@ def ensure_artefacts() -> None:
     Maven fetches network-bound), streaming their progress lines."""
     jobs = [
         [str(HERE / "build-kube.sh")],
+        [str(HERE / "build-seaweedfs.sh")],
         [str(HERE / "fetch-jars.sh"), "kafka"],
         [str(HERE / "fetch-jars.sh"), "neo4j"],
     ]
@@ -105,6 +109,10 @@ def _cached(prefix: str) -> Path:
     if not found:
         raise StackError(f"no complete {prefix} artefacts under {CACHE}")
     return found[-1].parent
+
+
+def weed_bin() -> Path:
+    return CACHE / f"seaweedfs-{versions()['SEAWEEDFS_VERSION']}" / "bin" / "weed"
 
 
 def kafka_home() -> Path:
@@ -589,6 +597,57 @@ class Ports:
     kafka: int
     kafka_controller: int
     neo4j: int
+    s3: int
+    s3_internal: list[int]  # master, volume, filer (each with its gRPC port), s3 gRPC, admin
+
+
+def s3_command(ports: Ports, secret: str) -> list[str]:
+    """`weed mini` (master, volume, filer and the S3 gateway in one process), every port
+    chosen by us, the S3 API signed with one identity, no WebDAV, Iceberg or admin UI."""
+    config = STATE / "conf" / "s3.json"
+    identity = {
+        "name": "qmtl",
+        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
+    config.chmod(0o600)
+    m, mg, v, vg, f, fg, sg, ap, apg = ports.s3_internal
+    return [
+        str(weed_bin()),
+        "mini",
+        f"-dir={STATE / 'data' / 's3'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={m}",
+        f"-master.port.grpc={mg}",
+        f"-volume.port={v}",
+        f"-volume.port.grpc={vg}",
+        f"-filer.port={f}",
+        f"-filer.port.grpc={fg}",
+        f"-s3.port={ports.s3}",
+        f"-s3.port.grpc={sg}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={config}",
+        f"-bucket={S3_BUCKET}",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-admin.port={ap}",
+        f"-admin.port.grpc={apg}",
+        "-master.telemetry=false",
+    ]
+
+
+def probe_s3(port: int) -> str | None:
+    """The S3 API answers (403 to an unsigned request is an answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3):  # noqa: S310
+            return None
+    except urllib.error.HTTPError as e:
+        return None if e.code in (403, 400) else f"HTTP {e.code}"
+    except OSError as e:
+        return str(e)
 
 
 def up(timeout: float) -> None:
@@ -611,13 +670,14 @@ def up(timeout: float) -> None:
 
     if STATE.exists():
         shutil.rmtree(STATE)
-    for d in ("logs", "pids", "conf", "data/etcd", "data/kafka", "data/neo4j"):
+    for d in ("logs", "pids", "conf", "data/etcd", "data/kafka", "data/neo4j", "data/s3"):
         (STATE / d).mkdir(parents=True, exist_ok=True)
     make_pki()
-    ports = Ports(*(free_port() for _ in range(7)))
+    ports = Ports(*(free_port() for _ in range(8)), [free_port() for _ in range(9)])
     (STATE / "ports.json").write_text(json.dumps(ports.__dict__))
     pki = STATE / "pki"
     password = secrets.token_urlsafe(18)
+    s3_secret = secrets.token_urlsafe(24)
 
     try:
         # Kafka and Neo4j are independent of Kubernetes: start the JVMs first, they are slowest.
@@ -660,6 +720,8 @@ def up(timeout: float) -> None:
                 password,
             ],
         )
+
+        start("s3", s3_command(ports, s3_secret))
 
         start(
             "etcd",
@@ -724,6 +786,7 @@ def up(timeout: float) -> None:
         wait_until("kube-controller-manager", lambda: probe_kcm(ports.kcm), timeout)
         wait_until("kafka", lambda: probe_kafka(ports.kafka), timeout)
         wait_until("neo4j", lambda: probe_neo4j(ports.neo4j), timeout)
+        wait_until("s3", lambda: probe_s3(ports.s3), timeout)
     except (StackError, OSError, StopIteration) as e:
         say("start-up failed: stopping what was started")
         down()
@@ -735,6 +798,10 @@ def up(timeout: float) -> None:
         "NEO4J_USER": NEO4J_USER,
         "NEO4J_PASSWORD": password,
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
+        "QMTL_S3_ENDPOINT": f"http://127.0.0.1:{ports.s3}",
+        "QMTL_S3_ACCESS_KEY": S3_ACCESS_KEY,
+        "QMTL_S3_SECRET_KEY": s3_secret,
+        "QMTL_S3_BUCKET": S3_BUCKET,
     }
     (STATE / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     (STATE / "env").chmod(0o600)
@@ -754,6 +821,7 @@ def probes(ports: Ports) -> dict[str, Callable[[], str | None]]:
         "kube-controller-manager": lambda: probe_kcm(ports.kcm),
         "kafka": lambda: probe_kafka(ports.kafka),
         "neo4j": lambda: probe_neo4j(ports.neo4j),
+        "s3": lambda: probe_s3(ports.s3),
     }
 
 
@@ -806,6 +874,7 @@ def status(quiet: bool = False) -> bool:
         "kube-controller-manager": f"https://127.0.0.1:{ports.kcm}",
         "kafka": f"127.0.0.1:{ports.kafka}",
         "neo4j": f"bolt://127.0.0.1:{ports.neo4j}",
+        "s3": f"http://127.0.0.1:{ports.s3}",
     }
     healthy = True
     for name in ORDER:

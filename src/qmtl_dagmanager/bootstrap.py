@@ -21,6 +21,7 @@ from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.adapters.prometheus import Prometheus, PrometheusQuery
+from qmtl_dagmanager.adapters.s3_store import S3Store, parse_url
 from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.core.dag import NodeMemo
 from qmtl_dagmanager.core.errors import DagManagerError
@@ -190,8 +191,23 @@ def build(settings: Settings) -> Container:
         return assemble(settings, graph, *_memory_kafka(settings), SystemClock())
     topics = KafkaTopicAdmin(settings.kafka_bootstrap, profile=settings.topic_profile)
     bus = KafkaEventBus(settings.controlbus_bootstrap or settings.kafka_bootstrap)
-    archive = KafkaArchive(settings.kafka_bootstrap, DirectoryStore(settings.archive_dir))
+    archive = archive_of(settings)
     return assemble(settings, graph, topics, bus, archive, SystemClock())
+
+
+def archive_of(settings: Settings) -> KafkaArchive:
+    """The archive the settings name: an S3 bucket (with its prefix) or a directory."""
+    if settings.archive_dir.startswith("s3://"):
+        bucket, prefix = parse_url(settings.archive_dir)
+        store = S3Store(
+            bucket,
+            endpoint=settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            region=settings.s3_region,
+        )
+        return KafkaArchive(settings.kafka_bootstrap, store, prefix=prefix)
+    return KafkaArchive(settings.kafka_bootstrap, DirectoryStore(settings.archive_dir))
 
 
 def build_fake(settings: Settings | None = None, clock: Clock | None = None) -> Container:

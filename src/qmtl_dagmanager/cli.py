@@ -28,6 +28,7 @@ from qmtl_dagmanager.config import Settings, SettingsError, load
 from qmtl_dagmanager.core import dag
 from qmtl_dagmanager.core.errors import Conflict, DagManagerError, InvalidSpec, Unavailable
 from qmtl_dagmanager.core.plan import Request
+from qmtl_dagmanager.core.topics import TopicSpec, TopicType
 from qmtl_dagmanager.kube import main as operator_main
 from qmtl_dagmanager.sidecar import app
 
@@ -273,6 +274,42 @@ async def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
+    """`archive list [--queue Q]` and `archive restore QUEUE --to TOPIC [--manifest KEY]`,
+    on the configured archive store and Kafka."""
+    if settings.embedded_kafka:
+        raise UsageError("KAFKA_BOOTSTRAP_SERVERS (or kafka_dsn) is not set: no archives")
+    archive = bootstrap.archive_of(settings)
+    if args.action == "list":
+        for e in await archive.entries(args.queue):
+            print(f"{e.topic}\t{e.messages}\t{e.bytes}\t{e.created_at:.0f}\t{e.manifest}")
+        return EXIT_OK
+    entries = await archive.entries(args.queue)
+    if args.manifest:
+        chosen = next((e for e in entries if e.manifest == args.manifest), None)
+    else:
+        chosen = max(entries, key=lambda e: e.created_at, default=None)
+    if chosen is None:
+        raise UsageError(f"no complete archive of {args.queue!r} (see `archive list`)")
+    container = bootstrap.build(settings)
+    try:
+        have = await container.topics.describe([args.to])
+        if args.to not in have:
+            made = await container.topics.ensure(
+                {args.to: TopicSpec(TopicType.RAW, max(1, chosen.partitions), 1)}
+            )
+            if not made[args.to].ok:
+                raise Unavailable(f"cannot create {args.to}: {made[args.to].message}")
+    finally:
+        await container.close()
+    print(f"[archive] restoring {chosen.messages} message(s) of {chosen.topic} into {args.to}",
+          file=sys.stderr)  # fmt: skip
+    sent = await archive.restore(chosen.manifest, args.to)
+    print(json.dumps({"queue": chosen.topic, "manifest": chosen.manifest, "to": args.to,
+                      "messages": sent}))  # fmt: skip
+    return EXIT_OK
+
+
 async def cmd_gc_keep(args: argparse.Namespace) -> int:
     url = f"http://{args.target}/admin/gc-keep"
     payload = {"topics": args.topics, "keep": not args.remove, "by": args.by}
@@ -319,6 +356,34 @@ async def cmd_redo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def _gc_parsers(sub: Any) -> None:
+    """compact, archive and gc-keep."""
+    compact = sub.add_parser(
+        "compact",
+        help="remove compute nodes with no queue, reference or live sentinel, older than the "
+        "sentinel TTL, from the configured graph",
+    )
+    compact.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+    compact.add_argument("--batch", type=int, default=1000, help="nodes per transaction")
+    arc = sub.add_parser("archive", help="list archives, or restore one into a topic")
+    arc_sub = arc.add_subparsers(dest="action", required=True)
+    arc_list = arc_sub.add_parser("list", help="complete archives: queue, messages, bytes, when")
+    arc_list.add_argument("--queue", help="only this queue's archives")
+    arc_restore = arc_sub.add_parser(
+        "restore", help="produce an archived queue's messages into a topic (created if absent)"
+    )
+    arc_restore.add_argument("queue", help="the archived queue (topic name)")
+    arc_restore.add_argument("--to", required=True, help="the topic to restore into")
+    arc_restore.add_argument("--manifest", help="which archive (default: the newest)")
+    keep = sub.add_parser(
+        "gc-keep", help="mark queues keep on a running sidecar (GC never collects them)"
+    )
+    keep.add_argument("topics", nargs="+", help="queue topic names")
+    keep.add_argument("--remove", action="store_true", help="remove this marker instead")
+    keep.add_argument("--by", default="operator", help="the marker's name (default operator)")
+    keep.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -368,20 +433,7 @@ def parser() -> argparse.ArgumentParser:
         "label): preview, then collect with archives; not referenced or kept ones",
     )
     gc.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
-    compact = sub.add_parser(
-        "compact",
-        help="remove compute nodes with no queue, reference or live sentinel, older than the "
-        "sentinel TTL, from the configured graph",
-    )
-    compact.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
-    compact.add_argument("--batch", type=int, default=1000, help="nodes per transaction")
-    keep = sub.add_parser(
-        "gc-keep", help="mark queues keep on a running sidecar (GC never collects them)"
-    )
-    keep.add_argument("topics", nargs="+", help="queue topic names")
-    keep.add_argument("--remove", action="store_true", help="remove this marker instead")
-    keep.add_argument("--by", default="operator", help="the marker's name (default operator)")
-    keep.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT of the HTTP admin")
+    _gc_parsers(sub)
     redo = sub.add_parser(
         "redo-diff",
         help="re-run a diff for a hotfix under a new version, or (--rollback) point traffic back",
@@ -416,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             "gc": lambda: cmd_gc(args),
             "gc-keep": lambda: cmd_gc_keep(args),
             "compact": lambda: cmd_compact(settings, args),
+            "archive": lambda: cmd_archive(settings, args),
             "redo-diff": lambda: cmd_redo(args),
         }
         return asyncio.run(commands[args.cmd]())

@@ -153,10 +153,23 @@ def _policies(v: Any) -> dict[str, GcPolicy]:
 
 
 def _archive(v: Any) -> str:
+    """`s3://bucket[/prefix]` (object storage) or a directory (local development)."""
     text = _text(v)
     if text.startswith("s3://"):
-        raise ValueError("S3 archives are not supported yet; use a directory path")
+        bucket = text.removeprefix("s3://").partition("/")[0]
+        if not bucket:
+            raise ValueError("expected s3://<bucket>[/<prefix>]")
+        return text.rstrip("/")
+    if "://" in text and not text.startswith("file://"):
+        raise ValueError("expected s3://<bucket>[/<prefix>] or a directory")
     return text.removeprefix("file://")
+
+
+def _endpoint(v: Any) -> str:
+    text = _text(v).rstrip("/")
+    if text and not text.startswith(("http://", "https://")):
+        raise ValueError("expected http(s)://host[:port]")
+    return text
 
 
 def setting(
@@ -324,7 +337,23 @@ class Settings:
         "gc_archive_bucket",
         "QMTL_ARCHIVE_DIR",
         _archive,
-        "directory for sentinel-queue archives (S3 not yet)",
+        "where archives go: `s3://<bucket>[/<prefix>]`, or a directory (local development "
+        "only: `profile: prod` refuses it)",
+    )
+    s3_endpoint: str = setting(
+        "",
+        "s3_endpoint",
+        "QMTL_S3_ENDPOINT",
+        _endpoint,
+        "S3 API endpoint `http(s)://host:port` (empty: AWS)",
+        shown="AWS",
+    )
+    s3_region: str = setting("us-east-1", "s3_region", "QMTL_S3_REGION", _text, "S3 region")
+    s3_access_key: str = setting(
+        "", "s3_access_key", "QMTL_S3_ACCESS_KEY", _text, "S3 access key id"
+    )
+    s3_secret_key: str = setting(
+        "", "s3_secret_key", "QMTL_S3_SECRET_KEY", _text, "S3 secret key", secret=True
     )
     dry_run_strategy: str = setting(
         "dryrun",

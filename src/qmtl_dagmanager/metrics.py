@@ -67,6 +67,11 @@ class Metrics:
         self.gc_collected = Counter(
             "gc_queues_collected_total", "Queues collected by GC", ["action"], registry=r
         )
+        self.gc_archive_failures = Counter(
+            "gc_archive_failures_total",
+            "Archives that failed or did not verify (the topic was kept)",
+            registry=r,
+        )
         self.compacted_nodes = Counter(
             "compacted_compute_nodes_total",
             "Compute nodes removed by compaction (no queue, reference or live sentinel)",

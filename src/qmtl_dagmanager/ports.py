@@ -341,6 +341,11 @@ class GraphStore(Protocol):
         grace starts over) or without an orphan time."""
         ...
 
+    async def release_claim(self, topic: str, run: str) -> None:
+        """Give up `run`'s claim on a queue (its archive failed: nothing was deleted), so
+        the next run can try again at once."""
+        ...
+
     async def set_unmanaged(self, topics: Sequence[str]) -> None: ...
 
     async def set_sentinel_weight(
@@ -456,9 +461,34 @@ class ArchiveResult:
     bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class ArchiveEntry:
+    """A complete archive (its manifest exists)."""
+
+    topic: str
+    manifest: str  # the manifest's key: what `restore` takes
+    messages: int
+    bytes: int
+    created_at: float
+    partitions: int = 1  # how many partitions the archived topic had
+
+
 class Archive(Protocol):
     async def archive(self, topic: str) -> ArchiveResult:
-        """Dump every message of the topic (offsets, keys, headers, values) to the store."""
+        """Dump every message of the topic (partitions, offsets, timestamps, keys, headers,
+        values) to the store, read it back and check it, check the topic did not change
+        meanwhile, then write the manifest; raises (`ArchiveFailed`, `Unavailable`) on any
+        failure, and then no archive counts."""
+        ...
+
+    async def entries(self, queue: str | None = None) -> list[ArchiveEntry]:
+        """The complete archives (of one queue, or all), oldest first per queue."""
+        ...
+
+    async def restore(self, manifest: str, to_topic: str) -> int:
+        """Produce an archive's messages into an existing topic (same keys, values, headers,
+        timestamps; partition = archived partition modulo the topic's count); returns how
+        many were produced."""
         ...
 
 

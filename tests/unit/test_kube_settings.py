@@ -31,7 +31,9 @@ def test_every_setting_is_declared_once() -> None:
     assert len({k.yaml for k in keys if k.yaml}) == len([k for k in keys if k.yaml])
     declared = {f.name for f in dataclasses.fields(config.Settings) if f.name != "limits"}
     assert declared <= {k.name for k in keys}
-    assert set(config.SECRETS) == {"neo4j_password", "grpc_jwt_key", "http_admin_token"}
+    assert set(config.SECRETS) == {
+        "neo4j_password", "grpc_jwt_key", "http_admin_token", "s3_secret_key"
+    }  # fmt: skip
     assert all(k.doc for k in keys)
     table = config.table()
     assert "| `pod_namespace` | `POD_NAMESPACE` | `default` |" in table

@@ -510,6 +510,12 @@ class MemoryGraphStore:
         q.pop("gc_deleting_at", None)
         return True
 
+    async def release_claim(self, topic: str, run: str) -> None:
+        q = self._queues.get(topic)
+        if q is not None and (q.get("gc_claim") or ("",))[0] == run:
+            q.pop("gc_claim", None)
+            q.pop("gc_deleting_at", None)
+
     async def set_unmanaged(self, topics: Sequence[str]) -> None:
         for t in topics:
             if t in self._queues:

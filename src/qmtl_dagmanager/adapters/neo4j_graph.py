@@ -997,6 +997,19 @@ class Neo4jGraphStore:
 
         return await self._write("gc claim", tx)
 
+    async def release_claim(self, topic: str, run: str) -> None:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> None:
+            await (
+                await t.run(
+                    "MATCH (q:Queue {topic: $topic}) WHERE q.gc_claim = $run "
+                    "REMOVE q.gc_claim, q.gc_claim_at, q.gc_deleting_at",
+                    topic=topic,
+                    run=run,
+                )
+            ).consume()
+
+        await self._write("gc claim release", tx)
+
     async def set_unmanaged(self, topics: Sequence[str]) -> None:
         async def tx(t: neo4j.AsyncManagedTransaction) -> None:
             await (

@@ -10,6 +10,7 @@ deletion, then forgetting the queue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -196,7 +197,11 @@ class GcService:
                 collected = await self._collect_one(d, entry, d.topic in existing, run_id)
             except DagManagerError as e:
                 log.warning("gc of %s failed: %s", d.topic, e.message)
-                failed.append({**entry, "error": e.message})
+                failed.append({**entry, "error": e.message, "reason": e.reason})
+                if d.action is gc.GcAction.ARCHIVE:
+                    # the topic stays; say why where operators look
+                    self.metrics.gc_archive_failures.inc()
+                    await self._announce_failure(d.topic, e)
                 continue
             if not collected:
                 raced += 1
@@ -267,7 +272,13 @@ class GcService:
         """Drop one claimed queue: True when it is gone; False when a diff referenced it
         after the claim (the queue stays, with its topic)."""
         if d.action is gc.GcAction.ARCHIVE and in_kafka:
-            result = await self.archive.archive(d.topic)
+            try:
+                result = await self.archive.archive(d.topic)
+            except DagManagerError:
+                # nothing was deleted: let the next run try at once (not after CLAIM_TTL)
+                with contextlib.suppress(DagManagerError):
+                    await self.graph.release_claim(d.topic, run_id)
+                raise
             entry["archived"] = {"location": result.location, "messages": result.messages}
         if not await self.graph.mark_deleting(d.topic, run_id, self.clock.now()):
             return False  # referenced since the claim: nothing deleted
@@ -289,6 +300,12 @@ class GcService:
         self.metrics.gc_collected.labels(d.action.value).inc()
         self.metrics.events_published.labels("queue_lifecycle").inc()
         return True
+
+    async def _announce_failure(self, topic: str, e: DagManagerError) -> None:
+        try:
+            await self.controlbus.queue_lifecycle(topic, "archive_failed", e.message)
+        except DagManagerError as bus:
+            log.warning("gc: could not announce the failed archive of %s: %s", topic, bus)
 
     async def _sweep_intents(
         self,
