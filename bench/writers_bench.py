@@ -40,6 +40,10 @@ def main() -> int:
         env["NEO4J_USER"],
         env["NEO4J_PASSWORD"],
         env["KAFKA_BOOTSTRAP_SERVERS"],
+        env["QMTL_S3_ENDPOINT"],
+        env["QMTL_S3_ACCESS_KEY"],
+        env["QMTL_S3_SECRET_KEY"],
+        env["QMTL_S3_BUCKET"],
     )
     shape = Shape(sidecars=args.sidecars, seconds=args.minutes * 60, clients=args.clients, pool=48)
     print(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -642,12 +643,30 @@ def s3_command(ports: Ports, secret: str) -> list[str]:
 def probe_s3(port: int) -> str | None:
     """The S3 API answers (403 to an unsigned request is an answer)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3):  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3):
             return None
     except urllib.error.HTTPError as e:
         return None if e.code in (403, 400) else f"HTTP {e.code}"
     except OSError as e:
         return str(e)
+
+
+def write_env(ports: Ports, password: str, s3_secret: str) -> dict[str, str]:
+    """The endpoints and credentials of a started stack, in STATE/env (mode 600)."""
+    env = {
+        "KUBECONFIG": str(STATE / "kubeconfig"),
+        "NEO4J_URI": f"bolt://127.0.0.1:{ports.neo4j}",
+        "NEO4J_USER": NEO4J_USER,
+        "NEO4J_PASSWORD": password,
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
+        "QMTL_S3_ENDPOINT": f"http://127.0.0.1:{ports.s3}",
+        "QMTL_S3_ACCESS_KEY": S3_ACCESS_KEY,
+        "QMTL_S3_SECRET_KEY": s3_secret,
+        "QMTL_S3_BUCKET": S3_BUCKET,
+    }
+    (STATE / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+    (STATE / "env").chmod(0o600)
+    return env
 
 
 def up(timeout: float) -> None:
@@ -673,7 +692,8 @@ def up(timeout: float) -> None:
     for d in ("logs", "pids", "conf", "data/etcd", "data/kafka", "data/neo4j", "data/s3"):
         (STATE / d).mkdir(parents=True, exist_ok=True)
     make_pki()
-    ports = Ports(*(free_port() for _ in range(8)), [free_port() for _ in range(9)])
+    names = [f.name for f in dataclasses.fields(Ports) if f.name != "s3_internal"]
+    ports = Ports(**{n: free_port() for n in names}, s3_internal=[free_port() for _ in range(9)])
     (STATE / "ports.json").write_text(json.dumps(ports.__dict__))
     pki = STATE / "pki"
     password = secrets.token_urlsafe(18)
@@ -792,19 +812,7 @@ def up(timeout: float) -> None:
         down()
         raise StackError(str(e) or type(e).__name__) from e
 
-    env = {
-        "KUBECONFIG": str(STATE / "kubeconfig"),
-        "NEO4J_URI": f"bolt://127.0.0.1:{ports.neo4j}",
-        "NEO4J_USER": NEO4J_USER,
-        "NEO4J_PASSWORD": password,
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
-        "QMTL_S3_ENDPOINT": f"http://127.0.0.1:{ports.s3}",
-        "QMTL_S3_ACCESS_KEY": S3_ACCESS_KEY,
-        "QMTL_S3_SECRET_KEY": s3_secret,
-        "QMTL_S3_BUCKET": S3_BUCKET,
-    }
-    (STATE / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-    (STATE / "env").chmod(0o600)
+    env = write_env(ports, password, s3_secret)
     say(
         f"stack up in {time.monotonic() - t0:.1f} s "
         f"(build/fetch {t_built - t0:.1f} s, start {time.monotonic() - t_built:.1f} s)"
