@@ -649,6 +649,11 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
         ]
         if missing:
             raise SettingsError(f"profile prod needs real backends: set {', '.join(missing)}")
+        if not settings.archive_dir.startswith("s3://"):
+            raise SettingsError(
+                "profile prod keeps archives in object storage: set gc_archive_bucket "
+                "(QMTL_ARCHIVE_DIR) to s3://<bucket>[/<prefix>], not a directory"
+            )
     return settings
 
 

@@ -64,12 +64,16 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int
             f"neo4j_user: {stack.neo4j_user}",
             f"kafka_dsn: {stack.kafka_bootstrap}",
             "profile: prod",
+            f"gc_archive_bucket: s3://{stack.s3_bucket}/cli-server",
+            f"s3_endpoint: {stack.s3_endpoint}",
+            f"s3_access_key: {stack.s3_access_key}",
         ]
     config = tmp_path / "dagmanager.yml"
     config.write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
     if request.param == "real":
         env["NEO4J_PASSWORD"] = stack.neo4j_password  # secrets come from the environment only
+        env["QMTL_S3_SECRET_KEY"] = stack.s3_secret_key
     proc = subprocess.Popen(
         [*CLI, "--config", str(config), "server"],
         env=env,

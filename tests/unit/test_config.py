@@ -45,6 +45,7 @@ def test_yaml_then_environment(tmp_path: Path) -> None:
         ("topic_profile: chaos\n", "topic_profile"),
         ("enable_topic_namespace: maybe\n", "enable_topic_namespace"),
         ("profile: prod\n", "neo4j_dsn"),
+        ("profile: prod\nneo4j_dsn: bolt://db:7687\nkafka_dsn: k:9092\n", "s3://<bucket>"),
         ("gc_archive_bucket: s3://\n", "s3://<bucket>"),
         ("gc_archive_bucket: ftp://x\n", "gc_archive_bucket"),
         ("s3_endpoint: localhost:9000\n", "s3_endpoint"),

@@ -64,6 +64,24 @@ app.kubernetes.io/component: operator
 - name: QMTL_GC_POLICIES
   value: {{ toJson . | quote }}
 {{- end }}
+- name: QMTL_ARCHIVE_DIR
+  value: {{ required "archive.url (s3://<bucket>[/<prefix>]) is required" .Values.archive.url | quote }}
+{{- with .Values.archive.s3.endpoint }}
+- name: QMTL_S3_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+- name: QMTL_S3_REGION
+  value: {{ .Values.archive.s3.region | quote }}
+- name: QMTL_S3_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.archive.s3.existingSecret }}
+      key: access-key
+- name: QMTL_S3_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.archive.s3.existingSecret }}
+      key: secret-key
 - name: QMTL_COMPACT_MAX_NODES
   value: {{ .Values.gc.compactMaxNodes | quote }}
 - name: QMTL_BUFFER_MAX_AGE_SECONDS
