@@ -4,8 +4,12 @@ restore that brings the same messages back, and failures that delete nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -238,3 +242,58 @@ async def test_a_topic_written_while_it_is_archived_is_kept(
         assert await archive.entries(topic) == []
     finally:
         await admin.delete([topic])
+
+
+def test_archive_list_and_restore_from_the_command_line(stack: Stack, tmp_path: Path) -> None:
+    """`dagmanager archive list|restore` on the configured bucket, as an operator runs them."""
+    admin_topic = f"cli-archive-{uuid.uuid4().hex[:8]}"
+    target = f"{admin_topic}-restored"
+    prefix = f"cli-{uuid.uuid4().hex[:6]}"
+
+    async def prepare() -> None:
+        a = KafkaTopicAdmin(stack.kafka_bootstrap)
+        try:
+            await make_named(a, admin_topic)
+            produce(stack, admin_topic, 8)
+            archive = KafkaArchive(stack.kafka_bootstrap, s3(stack), prefix=f"{prefix}/")
+            await archive.archive(admin_topic)
+        finally:
+            await a.close()
+
+    asyncio.run(prepare())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
+    env |= {"KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap, **stack.s3_settings(prefix)}
+    cli = [sys.executable, "-m", "qmtl_dagmanager.cli", "archive"]
+    listed = subprocess.run([*cli, "list", "--queue", admin_topic], capture_output=True,
+                            text=True, env=env, check=False, timeout=120)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    (row,) = listed.stdout.splitlines()
+    assert row.split("\t")[:2] == [admin_topic, "8"]
+    done = subprocess.run([*cli, "restore", admin_topic, "--to", target], capture_output=True,
+                          text=True, env=env, check=False, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout.splitlines()[-1])["messages"] == 8
+    try:
+        assert consume_all(stack, target) == consume_all(stack, admin_topic)
+    finally:
+
+        async def cleanup() -> None:
+            a = KafkaTopicAdmin(stack.kafka_bootstrap)
+            await a.delete([admin_topic, target])
+            await a.close()
+
+        asyncio.run(cleanup())
+    missing = subprocess.run(
+        [*cli, "restore", "no-such-queue", "--to", target],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "no complete archive" in missing.stderr
+
+
+async def make_named(admin: KafkaTopicAdmin, topic: str, partitions: int = 2) -> None:
+    spec = TopicSpec(TopicType.RAW, partitions, 1, (("retention.ms", "604800000"),))
+    assert (await admin.ensure({topic: spec}))[topic].ok

@@ -51,6 +51,7 @@ def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
     asyncio.run_coroutine_threadsafe(sidecar.stop(0), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+    loop.close()  # else its self-pipe shows up later as unraisable ResourceWarnings
 
 
 def check(call: object) -> None:
