@@ -343,7 +343,7 @@ class DiffService:
                 queues = (*queues, plan.QueueRecord(n.topic, n.compute_key))
             buffering = old.buffering_since if old else None
             if n.action is plan.Action.BUFFER:
-                buffering = buffering if buffering is not None else now
+                buffering = now  # as the graph records it: each new schema starts it over
             if n.replaces:
                 buffering = None
             fresh[n.node.node_id] = plan.NodeRecord(

@@ -138,15 +138,26 @@ class GcService:
         scope: str | None = None,
         force: bool = False,
         run_id: str | None = None,
+        name: str | None = None,
     ) -> GcRun:
         """One run. `scope`: only the queues of one retired version (`<sentinel id>@<version>`
         or a version label); `force` (with a scope) collects them now, TTL or not, still
-        never a referenced or kept one. `run_id` names the run in claims and the report."""
-        if force and not scope:
-            raise InvalidSpec("a forced GC run needs a retired version as its scope")
+        never a referenced or kept one. `run_id` names the run in claims and the report.
+        `name` (a trigger's id) is the scope when it names a retired version some queue
+        belongs to, else the run id: decided on the run's one read of the queues."""
         now = self.clock.now()
         loaded, load = await self._loaded()
         queues = await self.graph.queues()
+        if name is not None:
+            if any(gc.in_scope(q.retired, name) for q in queues):
+                scope = name
+            else:
+                run_id = run_id or name
+        if force and not scope:
+            raise InvalidSpec(
+                f"a forced GC run needs a retired version with queues as its scope: {name!r}",
+                reason="NotARetiredVersion",
+            )
         self.metrics.orphan_queues.set(sum(1 for q in queues if q.ref_count == 0 and q.managed))
         report = gc.select(
             [q.as_gc_queue() for q in queues],
@@ -182,6 +193,32 @@ class GcService:
             if scope is not None  # a scoped run collects one version's queues, nothing else
             else await self._sweep_intents(run_id, now, sweep_cap, dry_run, processed, failed)
         )
+        raced = await self._act(report, run_id, now, dry_run, existing, processed, failed)
+        if raced:
+            report = dataclasses.replace(
+                report, skipped={**report.skipped, "ReferencedOrClaimed": raced}
+            )
+        self.metrics.gc_last_run.set(now)
+        if processed and not dry_run:
+            log.info(
+                "gc collected %d queue(s) and %d unowned topic(s); skipped %s",
+                len(processed) - unowned,
+                unowned,
+                dict(report.skipped),
+            )
+        return GcRun(report, processed, failed, dry_run, now, load, run_id, scope)
+
+    async def _act(
+        self,
+        report: gc.GcReport,
+        run_id: str,
+        now: float,
+        dry_run: bool,
+        existing: set[str],
+        processed: list[dict[str, Any]],
+        failed: list[dict[str, Any]],
+    ) -> int:
+        """Claim and collect each decided queue; returns how many were raced away."""
         raced = 0
         for d in report.decisions:
             entry: dict[str, Any] = {"queue": d.topic, "action": d.action.value, "reason": d.reason}
@@ -207,19 +244,7 @@ class GcService:
                 raced += 1
                 continue
             processed.append(entry)
-        if raced:
-            report = dataclasses.replace(
-                report, skipped={**report.skipped, "ReferencedOrClaimed": raced}
-            )
-        self.metrics.gc_last_run.set(now)
-        if processed and not dry_run:
-            log.info(
-                "gc collected %d queue(s) and %d unowned topic(s); skipped %s",
-                len(processed) - unowned,
-                unowned,
-                dict(report.skipped),
-            )
-        return GcRun(report, processed, failed, dry_run, now, load, run_id, scope)
+        return raced
 
     async def compact(self, *, dry_run: bool = False, limit: int | None = None) -> CompactRun:
         """Remove compute nodes nothing needs: no queue, no strategy, no live sentinel
@@ -234,12 +259,6 @@ class GcService:
             self.metrics.compacted_nodes.inc(removed)
             log.info("compaction removed %d compute node(s) created before %s", removed, before)
         return CompactRun([str(n) for n in found], removed, dry_run, before)
-
-    async def retired_scope(self, name: str) -> str | None:
-        """`name` as a scope when it names a retired version some queue belongs to (a whole
-        `<sentinel id>@<version>` key or a version label); None otherwise."""
-        queues = await self.graph.queues()
-        return name if any(gc.in_scope(q.retired, name) for q in queues) else None
 
     async def every(
         self,

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import GraphStore
 from qmtl_dagmanager.services.canary import CanaryService
@@ -87,18 +87,9 @@ def make_app(
         try:
             # an id naming a retired version scopes the run to its queues; any other id
             # names the run (echoed in the report and the audit line)
-            scope = await gc.retired_scope(run_name)
-            if force and scope is None:
-                return web.json_response(
-                    {"detail": f"force needs an id naming a retired version: {run_name!r}"},
-                    status=422,
-                )
-            run = await gc.collect(
-                dry_run=dry_run,
-                scope=scope,
-                force=force,
-                run_id=None if scope is not None else run_name,
-            )
+            run = await gc.collect(dry_run=dry_run, force=force, name=run_name)
+        except InvalidSpec as e:
+            return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=422)
         except DagManagerError as e:
             status_code = 503 if e.retryable else 409
             return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=status_code)
@@ -107,7 +98,7 @@ def make_app(
             request.remote,
             run_name,
             run.run_id,
-            scope,
+            run.scope,
             force,
             dry_run,
             len(run.processed),
@@ -117,7 +108,7 @@ def make_app(
                 "outcome": "OK",
                 "dry_run": dry_run,
                 "run": run.run_id,
-                "scope": scope,
+                "scope": run.scope,
                 "queues": [p["queue"] for p in run.processed],
             },
         )
