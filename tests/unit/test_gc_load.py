@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -24,7 +25,7 @@ from qmtl_dagmanager.core.plan import Request
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.diffs import DiffService
-from qmtl_dagmanager.services.garbage import GcService
+from qmtl_dagmanager.services.garbage import GcRun, GcService
 from qmtl_dagmanager.services.queues import QueueService
 from tests.unit.dags import encode, node
 
@@ -144,3 +145,17 @@ async def test_gc_halves_its_batch_when_the_broker_is_loaded(
     assert len(run.processed) == 2 and run.report.loaded
     assert service.metrics.registry.get_sample_value("gc_throttled_total") == 2
     await load.close()
+
+
+def test_a_report_lists_at_most_a_thousand_kept_orphans_soonest_first() -> None:
+    clock = ManualClock(time.time())
+    report = gc.select(
+        [gc.GcQueue(f"t{i:05d}", "raw", 0.0, 0, True, clock.now() - i) for i in range(1500)],
+        clock.now(),
+    )
+    run = GcRun(report, [], [], False, clock.now())
+    doc = run.as_json()
+    assert len(doc["kept"]) == 1000 and doc["report"]["kept"] == 1500
+    assert doc["report"]["kept_listed"] == 1000
+    assert doc["kept"][0]["queue"] == "t01499"  # orphaned longest ago: due first
+    assert len(orjson.dumps(doc)) < 1024 * 1024

@@ -39,6 +39,9 @@ from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
 log = logging.getLogger(__name__)
 CLAIM_TTL = 3600.0  # a claim older than this was left by a crashed run: another may take it
 INTENT_GRACE = 600.0  # a creation intent this old with no queue: the topic is nobody's
+# kept orphans a report lists (soonest due first): the operator writes the report into a
+# ConfigMap, which holds at most 1 MiB
+KEPT_LISTED = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +66,7 @@ class GcRun:
                     "due": o.due,
                     "why": o.why,
                 }
-                for o in self.report.kept
+                for o in self.report.kept[:KEPT_LISTED]
             ],
             "report": {
                 "run_id": self.run_id,
@@ -76,7 +79,8 @@ class GcRun:
                 "managed": self.report.managed,
                 "selected": len(self.report.decisions),
                 "skipped": dict(self.report.skipped),
-                "kept": len(self.report.kept),
+                "kept": len(self.report.kept),  # all of them; `kept` lists the first
+                "kept_listed": min(len(self.report.kept), KEPT_LISTED),
                 "orphan_times_recorded": len(self.report.stamp),
                 "failed": self.failed,
             },
