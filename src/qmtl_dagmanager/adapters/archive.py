@@ -291,8 +291,9 @@ class KafkaArchive:
         for raw in gzip.decompress(data).splitlines():
             line = orjson.loads(raw)
             extra: dict[str, Any] = {}
-            if line.get("timestamp", -1) and line.get("timestamp", -1) > 0:
-                extra["timestamp"] = int(line["timestamp"])
+            stamp = line.get("timestamp")
+            if isinstance(stamp, int) and stamp > 0:
+                extra["timestamp"] = stamp
             producer.produce(
                 to_topic,
                 value=_unb64(line.get("value")),

@@ -64,9 +64,8 @@ def make_app(
         denied = refused(request)
         if denied is not None:
             return denied
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        body = await _json_body(request)
+        if body is None:
             return web.json_response(
                 {"detail": "body must be a JSON object with an id"}, status=422
             )
@@ -88,11 +87,8 @@ def make_app(
             # an id naming a retired version scopes the run to its queues; any other id
             # names the run (echoed in the report and the audit line)
             run = await gc.collect(dry_run=dry_run, force=force, name=run_name)
-        except InvalidSpec as e:
-            return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=422)
         except DagManagerError as e:
-            status_code = 503 if e.retryable else 409
-            return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=status_code)
+            return _failure(e)
         audit_log.info(
             "gc-trigger by %s: id=%s run=%s scope=%s force=%s dry_run=%s outcome=OK dropped=%d",
             request.remote,
@@ -133,20 +129,14 @@ def _gc_keep_handler(graph: GraphStore, refused: Refusal) -> Handler:
         denied = refused(request)
         if denied is not None:
             return denied
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
-        parsed = _keep_request(body)
+        parsed = _keep_request(await _json_body(request))
         if isinstance(parsed, web.Response):
             return parsed
         topics, keep, by = parsed
         try:
             changed = await graph.set_keep(topics, by, keep)
         except DagManagerError as e:
-            return web.json_response(
-                {"detail": f"{e.reason}: {e.message}"}, status=503 if e.retryable else 409
-            )
+            return _failure(e)
         audit_log.info(
             "gc-keep by %s: by=%s keep=%s topics=%d changed=%d",
             request.remote,
@@ -166,10 +156,7 @@ def _rollback_handler(canary: CanaryService | None, refused: Refusal) -> Handler
         denied = refused(request)
         if denied is not None:
             return denied
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
+        body = await _json_body(request)
         sid = body.get("sentinel_id") if isinstance(body, dict) else None
         world = body.get("world_id", "") if isinstance(body, dict) else ""
         if not isinstance(sid, str) or not sid.strip() or not isinstance(world, str):
@@ -182,8 +169,7 @@ def _rollback_handler(canary: CanaryService | None, refused: Refusal) -> Handler
         try:
             old, new, retired = await canary.rollback(sid.strip(), world)
         except DagManagerError as e:
-            code = 503 if e.retryable else 409
-            return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=code)
+            return _failure(e)
         audit_log.info(
             "rollback by %s: sentinel=%s from=%s to=%s retired_queues=%d",
             request.remote,
@@ -198,6 +184,21 @@ def _rollback_handler(canary: CanaryService | None, refused: Refusal) -> Handler
         )
 
     return rollback
+
+
+async def _json_body(request: web.Request) -> object | None:
+    """The request's JSON body; None when it is not JSON."""
+    try:
+        body: object = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body
+
+
+def _failure(e: DagManagerError) -> web.Response:
+    """A typed error as the admin API answers it: bad input 422, retryable 503, else 409."""
+    status = 422 if isinstance(e, InvalidSpec) else (503 if e.retryable else 409)
+    return web.json_response({"detail": f"{e.reason}: {e.message}"}, status=status)
 
 
 def _keep_request(body: object) -> tuple[list[str], bool, str] | web.Response:
