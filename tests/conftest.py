@@ -9,6 +9,7 @@ with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from qmtl_dagmanager.services.queue_events import DRAIN_TASK
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = [sys.executable, str(ROOT / "hack" / "stack" / "stack.py")]
@@ -70,6 +73,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)  # warnings fail these too (pyproject)
         elif "unit" in item.path.parts:
             item.add_marker(pytest.mark.unit)
+
+
+async def settle_publishers(timeout: float = 30.0) -> None:
+    """Wait for the QueueUpdated drains that diffs started in the background (`kick`): a
+    graph store closed under one leaves its retry half-connected (an unclosed socket)."""
+    drains = {t for t in asyncio.all_tasks() if t.get_name() == DRAIN_TASK}
+    if drains:
+        await asyncio.wait(drains, timeout=timeout)
 
 
 def free_port() -> int:

@@ -6,8 +6,6 @@ drivers."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -24,7 +22,6 @@ from qmtl_dagmanager.adapters.prometheus import Prometheus, PrometheusQuery
 from qmtl_dagmanager.adapters.s3_store import S3Store, parse_url
 from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.core.dag import NodeMemo
-from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
     Archive,
@@ -43,7 +40,6 @@ from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.services.rollout import RolloutService
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -162,11 +158,7 @@ class Container:
     async def close(self, drain: float = 5.0) -> None:
         """Publish what this process marked in the outbox (bounded), then close; anything
         left is published by another process's poller."""
-        try:
-            await asyncio.wait_for(self.events.drain(), drain)
-        except (TimeoutError, DagManagerError) as e:
-            why = str(e) or f"not drained in {drain:g} s"
-            log.warning("QueueUpdated groups left in the outbox at shutdown: %s", why)
+        await self.events.close(drain)
         await self.bus.close()
         await self.topics.close()
         await self.graph.close()

@@ -19,7 +19,7 @@ from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.ports import EventBus, GraphStore, Published, TopicAdmin
 from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, EventTopics
-from tests.conftest import Stack
+from tests.conftest import Stack, settle_publishers
 
 REAL = pytest.mark.integration
 
@@ -37,6 +37,7 @@ async def graph(request: pytest.FixtureRequest) -> AsyncIterator[GraphStore]:
         store = Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password)
     await store.init_schema()
     yield store
+    await settle_publishers()
     await store.close()
 
 

@@ -34,7 +34,7 @@ from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.sidecar import app
-from tests.conftest import Stack, free_port
+from tests.conftest import Stack, free_port, settle_publishers
 from tests.gen import dumps, generate
 from tests.integration.conftest import real_settings
 from tests.integration.kube_harness import Cluster, condition, spec_of, until
@@ -268,6 +268,7 @@ async def test_gc_never_drops_twice_nor_a_queue_that_became_referenced(
         assert sorted(dropped) == sorted(mine) and lifecycle(mine) == sorted(mine)
         assert not mine & await topics.list_topics()
     finally:
+        await settle_publishers()
         await graph.close()
         await topics.close()
 

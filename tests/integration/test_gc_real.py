@@ -20,7 +20,7 @@ from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.services.queues import QueueService
-from tests.conftest import Stack
+from tests.conftest import Stack, settle_publishers
 from tests.gen import dumps, generate
 from tests.unit.dags import encode, node
 
@@ -77,4 +77,5 @@ async def test_gc_drops_exactly_the_eligible_queues(stack: Stack, tmp_path: Path
         clock.advance(30 * DAY)
         assert [p["queue"] for p in (await gc.collect()).processed] == [ind_topic]
     finally:
+        await settle_publishers()
         await graph.close()

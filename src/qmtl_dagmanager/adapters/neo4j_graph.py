@@ -580,6 +580,8 @@ class Neo4jGraphStore:
                 # before it could be locked (GC forgetting a queue): the read is stale
                 raise StaleRead(f"{what}: {e.message}") from e
             raise InvalidSpec(f"Neo4j rejected {what}: {e.message}", reason="GraphRejected") from e
+        except neo4j_errors.DriverError as e:  # the driver closed under a late caller, and kin
+            raise Unavailable(f"Neo4j driver failed ({what}): {e}", reason="Neo4jDriver") from e
 
     async def _write(
         self, what: str, tx_fn: Callable[[neo4j.AsyncManagedTransaction], Awaitable[T]]

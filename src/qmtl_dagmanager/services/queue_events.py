@@ -34,6 +34,7 @@ GATHER = 0.05  # seconds of writes a round waits to gather: fewer, larger rounds
 # sets to read and encode) take at most a fifth of the process's time, whatever the write rate.
 PAUSE_FACTOR = 4.0
 RETRY_START, RETRY_MAX = 0.2, 5.0  # seconds between rounds after a failure
+DRAIN_TASK = "queue-events-drain"  # the name of the background drain `kick` starts
 
 
 class QueueEvents:
@@ -57,12 +58,27 @@ class QueueEvents:
         self._wake.set()
         if self._polling or (self._task is not None and not self._task.done()):
             return
-        self._task = asyncio.get_running_loop().create_task(self._until_idle())
+        self._task = asyncio.get_running_loop().create_task(self._until_idle(), name=DRAIN_TASK)
 
     async def settled(self) -> None:
         """Wait until a background drain started by `kick` has finished (tests, shutdown)."""
         while self._task is not None and not self._task.done():
             await asyncio.wait({self._task})
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Shutdown: finish the background drain and publish what is still marked, within
+        `timeout` seconds; what is left stays in the outbox for another process's poller."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.settled()
+                await self.drain()
+        except (TimeoutError, DagManagerError) as e:
+            why = str(e) or f"not drained in {timeout:g} s"
+            log.warning("QueueUpdated groups left in the outbox at shutdown: %s", why)
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
 
     async def _until_idle(self) -> None:
         await self._loop(None)
