@@ -12,13 +12,16 @@ STAMP  := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml constraints.txt
+NATIVE := $(wildcard src/native/Cargo.toml src/native/Cargo.lock src/native/src/*.rs src/native/*.pyi)
+
+$(STAMP): pyproject.toml constraints.txt $(NATIVE)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	bash hack/build-native.sh $(PY)
 	@touch $@
 
-venv: $(STAMP) ## create .venv and install the project with its dev tools (pinned by constraints.txt)
+venv: $(STAMP) ## create .venv, install the project with its dev tools (pinned by constraints.txt) and build the native extension
 
 stack-up: ## build/fetch (cached) and start etcd, kube-apiserver, kube-controller-manager, Kafka, Neo4j
 	$(STACK) up

@@ -5,7 +5,8 @@
 Cases: a DAG whose nodes are all already known to the graph (every node reused: the common
 resubmission), a brand-new DAG (every node created), and a known DAG with one node renamed each
 run, parsed with the node memo (a changed resubmission in the sidecar), each with node ids
-verified (recomputed) and trusted. Reports the median and p90 of wall time per run.
+verified (recomputed) and trusted, on the native path (src/native) and on the Python one.
+Reports the median and p90 of wall time per run.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from pathlib import Path
 import orjson
 
 from qmtl_dagmanager.core import dag as dagmod
+from qmtl_dagmanager.core import native
 from qmtl_dagmanager.core import plan as planmod
 from qmtl_dagmanager.core.topics import TopicCatalog
 
+# the native extension (src/native) when it is installed, then the Python reference path
+PATHS = ("native", "python") if native.available else ("python",)
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 
@@ -88,7 +92,7 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
     )
-    print(f"{'case':<38} {'median ms':>10} {'p90 ms':>8} {'per node µs':>12}")
+    print(f"{'case':<46} {'median ms':>10} {'p90 ms':>8} {'per node µs':>12}")
     for size, file in (("1k", "bench-dag-1k.json"), ("10k", "bench-dag-10k.json")):
         raw = (DATA / file).read_bytes()
         n = len(dagmod.parse(raw, ids=dagmod.IdMode.TRUST).nodes)
@@ -102,27 +106,30 @@ def main() -> None:
         med = statistics.median(decode) * 1e3
         case = f"{size} nodes, JSON decode alone"
         print(
-            f"{case:<38} {med:>10.2f} {sorted(decode)[int(repeat * 0.9) - 1] * 1e3:>8.2f} "
+            f"{case:<46} {med:>10.2f} {sorted(decode)[int(repeat * 0.9) - 1] * 1e3:>8.2f} "
             f"{med * 1e3 / n:>12.2f}"
         )
-        for label, records in (("known", known), ("new", {}), ("changed, memo", known)):
-            for ids in (dagmod.IdMode.TRUST, dagmod.IdMode.VERIFY):
-                run = measure_memo if label == "changed, memo" else measure
-                run(raw, records, ids, 3)  # warm-up
-                t = run(raw, records, ids, repeat)
-                med = statistics.median(t) * 1e3
-                p90 = sorted(t)[int(len(t) * 0.9) - 1] * 1e3
-                case = f"{size} nodes, {label}, ids {ids.value}"
-                print(f"{case:<38} {med:>10.2f} {p90:>8.2f} {med * 1e3 / n:>12.2f}")
-                results.append(
-                    {
-                        "case": case,
-                        "nodes": n,
-                        "median_ms": round(med, 3),
-                        "p90_ms": round(p90, 3),
-                        "runs": repeat,
-                    }
-                )
+        for path in PATHS:
+            native.enabled = path == "native"
+            for label, records in (("known", known), ("new", {}), ("changed, memo", known)):
+                for ids in (dagmod.IdMode.TRUST, dagmod.IdMode.VERIFY):
+                    run = measure_memo if label == "changed, memo" else measure
+                    run(raw, records, ids, 3)  # warm-up
+                    t = run(raw, records, ids, repeat)
+                    med = statistics.median(t) * 1e3
+                    p90 = sorted(t)[int(len(t) * 0.9) - 1] * 1e3
+                    case = f"{size} nodes, {path}, {label}, ids {ids.value}"
+                    print(f"{case:<46} {med:>10.2f} {p90:>8.2f} {med * 1e3 / n:>12.2f}")
+                    results.append(
+                        {
+                            "case": case,
+                            "nodes": n,
+                            "median_ms": round(med, 3),
+                            "p90_ms": round(p90, 3),
+                            "runs": repeat,
+                        }
+                    )
+        native.enabled = native.available
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -182,3 +182,89 @@ def test_dropped_context_keys_never_change_an_id(
     assert identity.node_id({**base, "params": nested}) == identity.node_id(
         {**base, "params": {**clean, "inner": clean}}
     )
+
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+_KEYS = st.sampled_from(["a", "B", "seed", "Env_x", "world_id", "é", "z\U0001f600"]) | st.text()
+_JSONISH = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=5),
+    max_leaves=25,
+)
+
+
+@given(_JSONISH)
+def test_canonical_params_is_the_reference_encoding(params: Any) -> None:
+    """The orjson fast path gives exactly json.dumps's text, or defers to it."""
+    expected = identity.canonical_json(identity._strip_context(params))
+    assert identity.canonical_params(params) == expected
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"x": 1e-05, "y": 1e16, "z": 2**64, "w": -(2**63) - 1},
+        {"lone": "\ud800"},
+        {"deep": [[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]] * 2},
+        {1: "int key"},
+        {"t": (1, 2)},
+        {"nested": {"seed": 3, "env_home": 1, "keep": [0.5, -0.0]}},
+    ],
+    ids=["exponent floats and big ints", "lone surrogate", "deep", "int key", "tuple", "ctx"],
+)
+def test_canonical_params_edge_cases(params: Any) -> None:
+    try:
+        expected = identity.canonical_json(identity._strip_context(params))
+    except (TypeError, ValueError) as e:
+        with pytest.raises(type(e)):
+            identity.canonical_params(params)
+        return
+    assert identity.canonical_params(params) == expected
+
+
+_NODE_FIELD = st.none() | st.integers(-3, 3) | st.text(max_size=3) | st.booleans() | st.floats(0, 9)
+_DEPS = st.none() | st.lists(st.none() | st.text(max_size=2) | st.integers(0, 2), max_size=3)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "interval": _NODE_FIELD,
+            "period": _NODE_FIELD,
+            "inputs": _DEPS,
+            "dependencies": _DEPS,
+            "schema_compat_id": _NODE_FIELD,
+            "schema_id": _NODE_FIELD,
+            "code_hash": _NODE_FIELD,
+        },
+    )
+)
+def test_preimage_fast_paths_agree_with_the_field_rules(node: dict[str, Any]) -> None:
+    def reference() -> str:
+        return "|".join(
+            (
+                str(node.get("node_type")),
+                str(identity.as_int(node.get("interval"), "interval")),
+                str(identity.as_int(node.get("period"), "period")),
+                identity.params_blob(node),
+                ",".join(sorted(identity.dependency_ids(node))),
+                identity.schema_compat_id(node),
+                str(node.get("code_hash")),
+            )
+        )
+
+    try:
+        expected = reference()
+    except identity.IdentityError as e:
+        with pytest.raises(identity.IdentityError) as info:
+            identity.preimage(node)
+        assert str(info.value) == str(e)
+        return
+    assert identity.preimage(node) == expected

@@ -1,13 +1,20 @@
 """The node memo: a changed DAG re-checks only its changed nodes, and a memo hit is always
-exactly an object that was checked before, in the same mode and under the same limits."""
+exactly an object that was checked before, in the same mode and under the same limits.
+The memo serves the Python path (the native extension reads nodes faster than a memo lookup),
+so these tests run with the extension off."""
 
 from __future__ import annotations
 
 import pytest
 
-from qmtl_dagmanager.core import dag
+from qmtl_dagmanager.core import dag, native
 from qmtl_dagmanager.core.errors import InvalidDag
 from tests.unit.dags import chain, document, encode, node
+
+
+@pytest.fixture(autouse=True)
+def _python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "enabled", False)
 
 
 def test_memo_gives_the_same_dag_and_skips_known_nodes() -> None:

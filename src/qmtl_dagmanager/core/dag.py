@@ -7,7 +7,7 @@ node (id, or position when the id is unusable) and the field.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import blake3
 import orjson
 
-from qmtl_dagmanager.core import identity, topics
+from qmtl_dagmanager.core import identity, native, topics
 from qmtl_dagmanager.core.errors import InvalidDag
 from qmtl_dagmanager.core.identity import NodeId
 
@@ -269,9 +269,8 @@ def from_document(
 
     if memo is not None:
         memo.bind(limits)
-    nodes, sentinels, seen, submitted_ids = _read_nodes(raw_nodes, ids, limits, memo)
-    known = seen.keys()
-    for n in nodes:
+    nodes, sentinels, known, submitted_ids, order = _read_nodes(raw_nodes, ids, limits, memo)
+    for n in nodes if order is None else ():  # with an order, every input is a known id
         for dep in n.inputs:
             if type(dep) is not str:
                 raise _fail(
@@ -308,59 +307,82 @@ def from_document(
         topic_namespace=ns,
         meta_domain=str(meta.get("execution_domain") or ""),
         context_layers=layers,
-        order=topological_order(nodes),
+        order=topological_order(nodes) if order is None else tuple(order),
     )
 
 
 def _read_nodes(
     raw_nodes: list[Any], ids: IdMode, limits: Limits, memo: NodeMemo | None
-) -> tuple[list[Node], list[Sentinel], dict[str, Mapping[str, Any]], list[object]]:
+) -> tuple[list[Node], list[Sentinel], Collection[str], list[object], list[int] | None]:
+    """(compute nodes, sentinels, every node id, the submitted ids in order, and the
+    topological order when the native extension found it). The extension reads the nodes of
+    the common shape; Python reads the rest and raises."""
     verify = ids is IdMode.VERIFY
-    nodes: list[Node] = []
+    fast = native.read_nodes(raw_nodes, verify, limits.max_tags, limits.max_depth, MAX_TEXT, Node)
+    if fast is not None and fast[1] == 0:  # every node read natively, no duplicate ids
+        nodes: list[Node] = fast[0]
+        submitted = [n.node_id for n in nodes]
+        return nodes, [], set(submitted), list(submitted), fast[2]
+    nodes = []
     sentinels: list[Sentinel] = []
     seen: dict[str, Mapping[str, Any]] = {}
     submitted_ids: list[object] = []
+    read = fast[0] if fast is not None else None
     for index, raw in enumerate(raw_nodes):
-        if not isinstance(raw, dict):
-            submitted_ids.append(None)
-            raise _fail(
-                f"expected an object, got {type(raw).__name__}", "InvalidField", f"#{index}"
-            )
-        nid_raw = raw.get("node_id")
-        submitted_ids.append(nid_raw)
-        where = nid_raw if isinstance(nid_raw, str) and len(nid_raw) < 100 else f"#{index}"
-        if not isinstance(nid_raw, str) or not _NODE_ID.fullmatch(nid_raw):
-            raise _fail(
-                "must be 'blake3:' followed by 64 lowercase hex digits",
-                "InvalidNodeId",
-                where,
-                "node_id",
-            )
-        nid = NodeId(nid_raw)
-        previous = seen.get(nid)
-        if previous is not None:
-            if previous != raw:
-                raise _fail("appears twice with different content", "DuplicateNode", where)
+        pre = None if read is None else read[index]
+        if pre is not None:
+            nodes.append(pre)
+            seen[pre.node_id] = raw
+            submitted_ids.append(pre.node_id)
             continue
-        seen[nid] = raw
-        key = None if memo is None else _memo_key(raw)
-        if key is not None and memo is not None:
-            hit = memo.get(key, verify, index, raw)
-            if hit is not None:
-                nodes.append(hit)
-                continue
-        node_type = raw.get("node_type")
-        if type(node_type) is not str or not node_type or len(node_type) > MAX_TEXT:
-            node_type = _required(raw, "node_type", where)
-        if node_type == SENTINEL_TYPE:
-            sentinels.append(_sentinel(raw, nid, index, where))
-            continue
-        node = _node(raw, nid, node_type, index, where, verify, limits)
-        nodes.append(node)
-        if key is not None and memo is not None:
-            memo.put(key, node, verify)
+        _read_one(raw, index, verify, limits, memo, (nodes, sentinels, seen, submitted_ids))
+    return nodes, sentinels, seen.keys(), submitted_ids, None
 
-    return nodes, sentinels, seen, submitted_ids
+
+_Into = tuple[list[Node], list[Sentinel], dict[str, Mapping[str, Any]], list[object]]
+
+
+def _read_one(
+    raw: Any, index: int, verify: bool, limits: Limits, memo: NodeMemo | None, into: _Into
+) -> None:
+    """Read one submitted node in Python into (nodes, sentinels, seen, submitted ids)."""
+    nodes, sentinels, seen, submitted_ids = into
+    if not isinstance(raw, dict):
+        submitted_ids.append(None)
+        raise _fail(f"expected an object, got {type(raw).__name__}", "InvalidField", f"#{index}")
+    nid_raw = raw.get("node_id")
+    submitted_ids.append(nid_raw)
+    where = nid_raw if isinstance(nid_raw, str) and len(nid_raw) < 100 else f"#{index}"
+    if not isinstance(nid_raw, str) or not _NODE_ID.fullmatch(nid_raw):
+        raise _fail(
+            "must be 'blake3:' followed by 64 lowercase hex digits",
+            "InvalidNodeId",
+            where,
+            "node_id",
+        )
+    nid = NodeId(nid_raw)
+    previous = seen.get(nid)
+    if previous is not None:
+        if previous != raw:
+            raise _fail("appears twice with different content", "DuplicateNode", where)
+        return
+    seen[nid] = raw
+    key = None if memo is None else _memo_key(raw)
+    if key is not None and memo is not None:
+        hit = memo.get(key, verify, index, raw)
+        if hit is not None:
+            nodes.append(hit)
+            return
+    node_type = raw.get("node_type")
+    if type(node_type) is not str or not node_type or len(node_type) > MAX_TEXT:
+        node_type = _required(raw, "node_type", where)
+    if node_type == SENTINEL_TYPE:
+        sentinels.append(_sentinel(raw, nid, index, where))
+        return
+    node = _node(raw, nid, node_type, index, where, verify, limits)
+    nodes.append(node)
+    if key is not None and memo is not None:
+        memo.put(key, node, verify)
 
 
 def _sentinel(raw: Mapping[str, Any], nid: NodeId, index: int, where: str) -> Sentinel:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NewType
 
 import blake3
+import orjson
 
 NodeId = NewType("NodeId", str)
 ComputeKey = NewType("ComputeKey", str)
@@ -61,6 +62,48 @@ def _strip_context(value: Any) -> Any:
     if isinstance(value, list):
         return [_strip_context(v) for v in value]
     return value
+
+
+class _NotPlain(Exception):
+    """A value whose orjson encoding could differ from `canonical_json`'s."""
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64  # what orjson encodes as an integer
+
+
+def _strip_plain(value: Any) -> Any:
+    """`_strip_context` for values orjson encodes exactly as `canonical_json` does: str keys,
+    lists, strings, booleans, null, 64-bit integers and floats that Python writes without an
+    exponent (orjson writes 1e-05 as 0.00001). Anything else raises `_NotPlain`."""
+    kind = type(value)
+    if kind is dict:
+        out = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _NotPlain
+            low = k.lower()
+            if low in CONTEXT_KEYS or low.startswith("env_"):
+                continue
+            out[k] = _strip_plain(v)
+        return out
+    if kind is list:
+        return [_strip_plain(v) for v in value]
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int and _INT_MIN <= value < _INT_MAX:
+        return value
+    if kind is float and (value == 0 or 1e-4 <= abs(value) < 1e16):  # NaN and inf fail
+        return value
+    raise _NotPlain
+
+
+def canonical_params(params: Any) -> str:
+    """`canonical_json(_strip_context(params))`, through orjson when that gives the same
+    text (several times faster: NodeIDs are verified on the Gateway's budget)."""
+    try:
+        return orjson.dumps(_strip_plain(params), option=orjson.OPT_SORT_KEYS).decode()
+    except (_NotPlain, orjson.JSONEncodeError):  # lone surrogates, nesting past orjson's limit
+        return canonical_json(_strip_context(params))
 
 
 def canonical_json(value: Any) -> str:
@@ -132,7 +175,7 @@ def params_blob(node: Mapping[str, Any]) -> str:
         return "null"
     if isinstance(params, dict) and not params:
         return "{}"
-    return canonical_json(_strip_context(params))
+    return canonical_params(params)
 
 
 def dependency_ids(node: Mapping[str, Any]) -> list[str]:
@@ -162,15 +205,34 @@ def schema_compat_id(node: Mapping[str, Any]) -> str:
     return text
 
 
+def _int_of(node: Mapping[str, Any], key: str) -> int:
+    value = node.get(key)
+    return value if type(value) is int else as_int(value, key)
+
+
+def _sorted_inputs(node: Mapping[str, Any]) -> list[str]:
+    deps = node.get("inputs") or node.get("dependencies")
+    if type(deps) is list and all(type(d) is str and d for d in deps):
+        return sorted(deps)  # the common case: a list of non-empty ids
+    return sorted(dependency_ids(node))
+
+
+def _compat_of(node: Mapping[str, Any]) -> str:
+    value = node.get("schema_compat_id")
+    if type(value) is str and value and not (value[0].isspace() or value[-1].isspace()):
+        return value  # the common case: a clean string
+    return schema_compat_id(node)
+
+
 def preimage(node: Mapping[str, Any]) -> str:
     return "|".join(
         (
             str(node.get("node_type")),
-            str(as_int(node.get("interval"), "interval")),
-            str(as_int(node.get("period"), "period")),
+            str(_int_of(node, "interval")),
+            str(_int_of(node, "period")),
             params_blob(node),
-            ",".join(sorted(dependency_ids(node))),
-            schema_compat_id(node),
+            ",".join(_sorted_inputs(node)),
+            _compat_of(node),
             str(node.get("code_hash")),
         )
     )

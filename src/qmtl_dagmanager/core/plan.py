@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from blake3 import blake3
 
-from qmtl_dagmanager.core import context, topics
+from qmtl_dagmanager.core import context, native, topics
 from qmtl_dagmanager.core.dag import Dag, Node
 from qmtl_dagmanager.core.errors import CrossContextReuse
 from qmtl_dagmanager.core.identity import ComputeKey, NodeId
@@ -216,11 +216,16 @@ def plan(
     specs: dict[str, TopicSpec] = {}
     reused = buffered = created = recomputed = 0
     recompute_due: float | None = None
-    for node in dag.nodes:
+    first_keys = native.compute_keys([n.node_id for n in dag.nodes], key_suffix)
+    for index, node in enumerate(dag.nodes):
         nid = node.node_id
         rec = records.get(nid)
         generation, replaces, due = _generation(rec, nid, key_suffix, now, buffer_max_age)
-        ck = _compute_key(nid, key_suffix, generation)
+        ck = (
+            ComputeKey(first_keys[index])
+            if first_keys is not None and generation == 0
+            else _compute_key(nid, key_suffix, generation)
+        )
         own = _own_topic(rec, ck)
         if rec is not None and own is not None:
             if rec.schema_hash != node.schema_hash:
