@@ -6,12 +6,14 @@ Cases: a DAG whose nodes are all already known to the graph (every node reused: 
 resubmission), a brand-new DAG (every node created), and a known DAG with one node renamed each
 run, parsed with the node memo (a changed resubmission in the sidecar), each with node ids
 verified (recomputed) and trusted, on the native path (src/native) and on the Python one.
-Reports the median and p90 of wall time per run.
+Reports the median and p90 of wall time per run. By default the heap is run as the sidecar
+runs it (`--heap sidecar`: no automatic full collection during a run, one between runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -24,10 +26,21 @@ from qmtl_dagmanager.core import dag as dagmod
 from qmtl_dagmanager.core import native
 from qmtl_dagmanager.core import plan as planmod
 from qmtl_dagmanager.core.topics import TopicCatalog
+from qmtl_dagmanager.heap import NEVER
 
 # the native extension (src/native) when it is installed, then the Python reference path
 PATHS = ("native", "python") if native.available else ("python",)
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+
+
+HEAP = {"policy": "sidecar"}
+
+
+def between_runs() -> None:
+    """What the sidecar does between diffs (heap.FullCollections): a full collection while
+    idle, none automatic during a diff. With `--heap automatic`, nothing."""
+    if HEAP["policy"] == "sidecar":
+        gc.collect()
 
 
 def known_records(raw: bytes, request: planmod.Request) -> dict[str, planmod.NodeRecord]:
@@ -52,6 +65,7 @@ def measure(
     catalog = TopicCatalog()
     times = []
     for _ in range(repeat):
+        between_runs()
         t0 = time.perf_counter()
         d = dagmod.parse(raw, ids=ids)
         planmod.plan(d, request, records, {}, catalog)  # type: ignore[arg-type]
@@ -75,6 +89,7 @@ def measure_memo(
         variants.append(orjson.dumps(doc))
     times = []
     for variant in variants:
+        between_runs()
         t0 = time.perf_counter()
         d = dagmod.parse(variant, ids=ids, memo=memo)
         planmod.plan(d, request, records, {}, catalog)  # type: ignore[arg-type]
@@ -86,11 +101,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=0, help="runs per case (default: 200 / 20)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--heap",
+        choices=("sidecar", "automatic"),
+        default="sidecar",
+        help="full collections between runs and none automatic (as the sidecar), or CPython's",
+    )
     args = ap.parse_args()
+    HEAP["policy"] = args.heap
+    if args.heap == "sidecar":
+        gc.set_threshold(*gc.get_threshold()[:2], NEVER)
     request = planmod.Request("bench", world_id="w1", execution_domain="live")
     results = []
     print(
         f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
+        f", heap: {args.heap}"
     )
     print(f"{'case':<46} {'median ms':>10} {'p90 ms':>8} {'per node µs':>12}")
     for size, file in (("1k", "bench-dag-1k.json"), ("10k", "bench-dag-10k.json")):
@@ -100,6 +125,7 @@ def main() -> None:
         known = known_records(raw, request)
         decode = []
         for _ in range(repeat):
+            between_runs()
             t0 = time.perf_counter()
             orjson.loads(raw)
             decode.append(time.perf_counter() - t0)

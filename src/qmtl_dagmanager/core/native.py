@@ -26,6 +26,13 @@ available = _ext is not None
 enabled = available  # tests and benchmarks switch it to compare both paths
 
 
+def path() -> str:
+    """Which path parses DAGs, for the startup log line."""
+    if enabled:
+        return "native"
+    return "python" if available else "python (the native extension is not installed)"
+
+
 def read_nodes(
     raw_nodes: list[Any],
     verify: bool,

@@ -21,6 +21,7 @@ from qmtl_dagmanager import bootstrap, logs
 from qmtl_dagmanager.adapters.kube import KubeApi
 from qmtl_dagmanager.adapters.kube_lease import LeaderElection, LeadershipLost
 from qmtl_dagmanager.config import Settings, SettingsError, load
+from qmtl_dagmanager.core import native
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.kube import operator
 
@@ -71,6 +72,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     """Wire the operator once and run it; 1 when the lease was lost (rejoin as a standby)."""
     container = bootstrap.build(settings)
     kube = KubeApi(settings.kubeconfig)
+    log.info("operator starting (DAG parser: %s)", native.path())
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, registry=container.metrics.registry)
     election = None

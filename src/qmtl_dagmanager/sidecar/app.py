@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qmtl_dagmanager import bootstrap
 from qmtl_dagmanager.config import Settings, loopback
+from qmtl_dagmanager.core import native
 from qmtl_dagmanager.heap import FullCollections
 from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.sidecar import http_admin, servicers
@@ -129,13 +130,14 @@ async def start(settings: Settings) -> Sidecar:
             container.garbage().every(settings.gc_interval_seconds, dry_run=settings.gc_dry_run)
         )
     log.info(
-        "sidecar serving gRPC on %s:%d and HTTP on %s:%d (graph: %s, kafka: %s)",
+        "sidecar serving gRPC on %s:%d and HTTP on %s:%d (graph: %s, kafka: %s, parser: %s)",
         settings.grpc_host,
         grpc_port,
         settings.http_host,
         http_port,
         "embedded" if settings.embedded_graph else redact(settings.neo4j_uri),
         "embedded" if settings.embedded_kafka else redact(settings.kafka_bootstrap),
+        native.path(),
     )
     return sidecar
 
