@@ -79,9 +79,10 @@ async def test_events_pending_while_kafka_is_down_are_published_when_it_is_back(
 
     async def then_kafka_dies(*a: Any, **k: Any) -> Any:
         graph.apply = write  # type: ignore[method-assign]
-        out = await write(*a, **k)  # topics created, graph written, groups marked
+        # the topics exist; Kafka goes before the graph write marks the groups, so no
+        # publisher (the sidecar's poller runs every second) can publish them in between
         await asyncio.to_thread(stack.stop_server, "kafka")
-        return out
+        return await write(*a, **k)
 
     graph.apply = then_kafka_dies  # type: ignore[method-assign]
     tag = f"K{uid()}"
