@@ -7,5 +7,6 @@ def read_nodes(
     max_depth: int,
     max_text: int,
     node_cls: type,
+    context_keys: list[str],
 ) -> tuple[list[Any], int, list[int] | None] | None: ...
 def compute_keys(node_ids: list[str], suffix: str) -> list[str]: ...

@@ -17,23 +17,6 @@ use pyo3::types::{PyDict, PyList, PyString};
 const NODE_ID_PREFIX: &str = "blake3:";
 const TAG_QUERY_NODE: &str = "TagQueryNode";
 const SENTINEL_TYPE: &str = "VersionSentinel";
-/// Keys dropped from params at every depth (identity.CONTEXT_KEYS), compared lower-cased.
-const CONTEXT_KEYS: [&str; 14] = [
-    "world",
-    "world_id",
-    "world_ids",
-    "execution_world",
-    "execution_domain",
-    "domain",
-    "domains",
-    "as_of",
-    "partition",
-    "dataset_fingerprint",
-    "timestamp",
-    "seed",
-    "random_state",
-    "env",
-];
 
 fn exact_str(o: &PyAny) -> Option<&str> {
     // SAFETY: a type check on a live object the GIL holder borrows
@@ -110,10 +93,11 @@ struct Keys<'p> {
     empty: &'p PyAny,
     any: &'p PyAny,
     all: &'p PyAny,
+    context: Vec<String>,
 }
 
 impl<'p> Keys<'p> {
-    fn new(py: Python<'p>) -> Self {
+    fn new(py: Python<'p>, context: Vec<String>) -> Self {
         let k = |s| PyString::intern(py, s);
         Keys {
             node_id: k("node_id"),
@@ -137,6 +121,7 @@ impl<'p> Keys<'p> {
             empty: k(""),
             any: k("any"),
             all: k("all"),
+            context,
         }
     }
 }
@@ -281,13 +266,14 @@ fn escape(s: &str, out: &mut String) {
 }
 
 /// Whether an ASCII key is a context key (compared lower-cased, without allocating).
-fn dropped(key: &str) -> bool {
+/// `context` is identity.CONTEXT_KEYS, passed in by the caller (one list for both paths).
+fn dropped(key: &str, context: &[String]) -> bool {
     (key.len() >= 4 && key.as_bytes()[..4].eq_ignore_ascii_case(b"env_"))
-        || CONTEXT_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
+        || context.iter().any(|k| k.eq_ignore_ascii_case(key))
 }
 
 /// identity.canonical_json(identity._strip_context(value)), or None to decline.
-fn canon(o: &PyAny, out: &mut String) -> Option<()> {
+fn canon(o: &PyAny, out: &mut String, context: &[String]) -> Option<()> {
     if o.is_none() {
         out.push_str("null");
     } else if let Some(s) = exact_str(o) {
@@ -314,7 +300,7 @@ fn canon(o: &PyAny, out: &mut String) -> Option<()> {
             if i > 0 {
                 out.push(',');
             }
-            canon(item, out)?;
+            canon(item, out, context)?;
         }
         out.push(']');
     } else if let Some(d) = exact_dict(o) {
@@ -324,7 +310,7 @@ fn canon(o: &PyAny, out: &mut String) -> Option<()> {
             if !key.is_ascii() {
                 return None; // Python lower-cases by Unicode rules: leave it to Python
             }
-            if !dropped(key) {
+            if !dropped(key, context) {
                 items.push((key, v));
             }
         }
@@ -336,7 +322,7 @@ fn canon(o: &PyAny, out: &mut String) -> Option<()> {
             }
             escape(k, out);
             out.push(':');
-            canon(v, out)?;
+            canon(v, out, context)?;
         }
         out.push('}');
     } else {
@@ -457,7 +443,7 @@ fn read_node<'p>(
             }
             None => match get(d, keys.params).or_else(|| get(d, keys.config)) {
                 None => pre.push_str("null"),
-                Some(p) => canon(p, &mut pre)?,
+                Some(p) => canon(p, &mut pre, &keys.context)?,
             },
         }
         pre.push('|');
@@ -535,6 +521,7 @@ fn read_nodes(
     max_depth: usize,
     max_text: usize,
     node_cls: &PyAny,
+    context_keys: Vec<String>,
 ) -> PyResult<Option<(Vec<PyObject>, usize, Option<Vec<usize>>)>> {
     let tp = node_cls.as_ptr() as *mut ffi::PyTypeObject;
     let is_tuple_type = unsafe {
@@ -546,7 +533,7 @@ fn read_nodes(
     }
     let alloc = unsafe { (*tp).tp_alloc }.unwrap_or(ffi::PyType_GenericAlloc);
     let lim = Limits { max_tags, max_depth, max_text };
-    let keys = Keys::new(py);
+    let keys = Keys::new(py, context_keys);
     let mut seen: HashSet<&str> = HashSet::with_capacity(raw_nodes.len());
     let mut out = Vec::with_capacity(raw_nodes.len());
     let mut declined = 0;

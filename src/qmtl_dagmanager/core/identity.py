@@ -81,8 +81,7 @@ def _strip_plain(value: Any) -> Any:
         for k, v in value.items():
             if type(k) is not str:
                 raise _NotPlain
-            low = k.lower()
-            if low in CONTEXT_KEYS or low.startswith("env_"):
+            if _dropped(k):
                 continue
             out[k] = _strip_plain(v)
         return out

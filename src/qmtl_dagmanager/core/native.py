@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from qmtl_dagmanager.core import identity
+
 
 def _load() -> ModuleType | None:
     try:
@@ -21,6 +23,7 @@ def _load() -> ModuleType | None:
 
 
 _ext = _load()
+_CONTEXT_KEYS = sorted(identity.CONTEXT_KEYS)  # the params keys NodeIDs drop: one list, here
 
 available = _ext is not None
 enabled = available  # tests and benchmarks switch it to compare both paths
@@ -48,7 +51,7 @@ def read_nodes(
     if not enabled or _ext is None:
         return None
     result: tuple[list[Any], int, list[int] | None] | None = _ext.read_nodes(
-        raw_nodes, verify, max_tags, max_depth, max_text, node_cls
+        raw_nodes, verify, max_tags, max_depth, max_text, node_cls, _CONTEXT_KEYS
     )
     return result
 
