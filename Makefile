@@ -118,6 +118,12 @@ fuzz: $(STAMP) ## a 10-minute coverage-guided campaign on the DAG parser (corpus
 	@mkdir -p .fuzz && cp -n tests/data/sample-dag.json .fuzz/ 2>/dev/null || true
 	$(PY) tests/fuzz/dag_parser.py -max_total_time=600 .fuzz
 
+image: $(STAMP) ## build the image with podman: a base from Debian packages, wheels from the pinned index (IMAGE, IMAGE_BASE)
+	bash hack/image/build.sh
+
+stack-up-node: ## the stack plus a real node (containerd, kubelet, kube-scheduler, kube-proxy; root)
+	$(STACK) up --node
+
 e2e-kind: $(STAMP) ## the end-to-end suite on a kind cluster (needs a Docker engine; see README)
 	bash hack/e2e-kind.sh
 
@@ -128,4 +134,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: image stack-up-node test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

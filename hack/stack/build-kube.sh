@@ -5,6 +5,7 @@
 # local path. A tiny wrapper module requires the pinned release and replaces each staging module
 # with its published v0.X.Y twin; the list is read from that release's own go.mod.
 # Output: $CACHE/kube-$KUBERNETES_VERSION/bin/{kube-apiserver,kube-controller-manager,etcd}
+# With --node it also builds what a real node needs: kubelet, kube-scheduler and kube-proxy.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -12,6 +13,8 @@ source "$here/versions.env"
 CACHE=${QMTL_STACK_CACHE:-$HOME/.cache/qmtl-stack}
 out="$CACHE/kube-$KUBERNETES_VERSION"
 bins=(kube-apiserver kube-controller-manager etcd)
+node_bins=(kubelet kube-scheduler kube-proxy)
+[[ ${1:-} == --node ]] && bins+=("${node_bins[@]}")
 
 done_all=1
 for b in "${bins[@]}"; do [[ -x "$out/bin/$b" ]] || done_all=0; done
@@ -48,9 +51,11 @@ step "release needs go $gover; ${#staging[@]} staging modules pinned to $KUBERNE
 rm -f go.sum
 
 step "fetching modules (go get)"
-go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" \
-       "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBERNETES_VERSION" >>"$log" 2>&1 \
-  || { tail -30 "$log" >&2; exit 1; }
+pkgs=()
+for b in "${bins[@]}"; do
+  [[ $b == etcd ]] || pkgs+=("k8s.io/kubernetes/cmd/$b@$KUBERNETES_VERSION")
+done
+go get "${pkgs[@]}" >>"$log" 2>&1 || { tail -30 "$log" >&2; exit 1; }
 # etcd's server module is already in the build list; pin it as a direct requirement.
 etcdver=$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
 go get "go.etcd.io/etcd/server/v3@$etcdver" >>"$log" 2>&1 || { tail -30 "$log" >&2; exit 1; }
@@ -73,5 +78,8 @@ build() { # name pkg
 build etcd go.etcd.io/etcd/server/v3
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
+for b in "${bins[@]}"; do
+  case $b in kubelet|kube-scheduler|kube-proxy) build "$b" "k8s.io/kubernetes/cmd/$b" ;; esac
+done
 "$out/bin/kube-apiserver" --version
 "$out/bin/etcd" --version | sed -n 1p  # sed reads to the end: no SIGPIPE under pipefail

@@ -2,7 +2,11 @@
 """The local stack of real servers, as plain processes: etcd, kube-apiserver,
 kube-controller-manager, Kafka (KRaft), Neo4j and an S3-compatible object store (SeaweedFS).
 
-    stack.py up [--timeout SECONDS]   build or fetch what is missing, then start everything
+    stack.py up [--timeout SECONDS] [--node]
+                                      build or fetch what is missing, then start everything;
+                                      --node adds a real node (containerd, kubelet,
+                                      kube-scheduler, kube-proxy: node.py) and opens the
+                                      servers to its pods on the node address
     stack.py down                     stop exactly the processes `up` started (by PID)
     stack.py status                   one line per server; exit 1 unless all are healthy
     stack.py stop NAME                stop one server of a running stack (fault tests)
@@ -43,6 +47,13 @@ PROJECT = HERE.parent.parent
 STATE = Path(os.environ.get("QMTL_STACK_DIR", PROJECT / ".stack"))
 CACHE = Path(os.environ.get("QMTL_STACK_CACHE", Path.home() / ".cache" / "qmtl-stack"))
 ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kafka", "neo4j", "s3")
+# started by node.py on `up --node`, stopped (in reverse) before the servers above
+NODE_ORDER = ("containerd", "kube-scheduler", "kubelet", "kube-proxy")
+# The node's address: a bridge the pods' network hangs off (node.py's CNI uses it as the
+# gateway). The servers listen there too in node mode, so pods reach them at NODE_ADDRESS.
+NODE_BRIDGE = "qmtl0"
+NODE_ADDRESS = "10.244.0.1"
+NODE_POD_CIDR = "10.244.0.0/24"
 S3_ACCESS_KEY = "qmtl-local"
 S3_BUCKET = "qmtl-archives"
 NEO4J_USER = "neo4j"
@@ -492,20 +503,27 @@ def write_kubeconfig(port: int) -> Path:
     return path
 
 
-def kafka_config(port: int, cport: int) -> Path:
+def kafka_config(port: int, cport: int, node_port: int = 0) -> Path:
+    """KRaft broker+controller on loopback; with `node_port`, a second listener (NODE) on the
+    node address that advertises that address, for clients in pods."""
     data = STATE / "data" / "kafka"
     conf = STATE / "conf"
+    listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    if node_port:
+        listeners += f",NODE://{NODE_ADDRESS}:{node_port}"
+        protocols += ",NODE:PLAINTEXT"
     (conf / "kafka.properties").write_text(
         "\n".join(
             [
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.bootstrap.servers=127.0.0.1:{cport}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+                f"listeners={listeners}",
+                f"advertised.listeners={listeners}",
                 "controller.listener.names=CONTROLLER",
                 "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"listener.security.protocol.map={protocols}",
                 f"log.dirs={data}",
                 "num.partitions=1",
                 "offsets.topic.replication.factor=1",
@@ -569,14 +587,15 @@ def java_opts_neo4j() -> list[str]:
     ]
 
 
-def neo4j_config(port: int) -> Path:
+def neo4j_config(port: int, node: bool = False) -> Path:
     path = STATE / "conf" / "neo4j.conf"
+    listen = "0.0.0.0" if node else "127.0.0.1"  # noqa: S104 (node mode: pods connect)
     path.write_text(
         "\n".join(
             [
                 "server.config.strict_validation.enabled=false",
                 "server.bolt.enabled=true",
-                f"server.bolt.listen_address=127.0.0.1:{port}",
+                f"server.bolt.listen_address={listen}:{port}",
                 f"server.bolt.advertised_address=127.0.0.1:{port}",
                 "dbms.security.auth_enabled=true",
                 "server.memory.pagecache.size=256m",
@@ -600,6 +619,8 @@ class Ports:
     neo4j: int
     s3: int
     s3_internal: list[int]  # master, volume, filer (each with its gRPC port), s3 gRPC, admin
+    kafka_node: int = 0  # the NODE listener on NODE_ADDRESS (node mode only)
+    node: bool = False
 
 
 def s3_command(ports: Ports, secret: str) -> list[str]:
@@ -619,7 +640,7 @@ def s3_command(ports: Ports, secret: str) -> list[str]:
         "mini",
         f"-dir={STATE / 'data' / 's3'}",
         "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
+        f"-ip.bind={'0.0.0.0' if ports.node else '127.0.0.1'}",  # noqa: S104 (node: pods)
         f"-master.port={m}",
         f"-master.port.grpc={mg}",
         f"-volume.port={v}",
@@ -664,19 +685,50 @@ def write_env(ports: Ports, password: str, s3_secret: str) -> dict[str, str]:
         "QMTL_S3_SECRET_KEY": s3_secret,
         "QMTL_S3_BUCKET": S3_BUCKET,
     }
+    if ports.node:
+        env["QMTL_NODE_ADDRESS"] = NODE_ADDRESS
+        env["QMTL_NODE_NEO4J_URI"] = f"bolt://{NODE_ADDRESS}:{ports.neo4j}"
+        env["QMTL_NODE_KAFKA_BOOTSTRAP_SERVERS"] = f"{NODE_ADDRESS}:{ports.kafka_node}"
+        env["QMTL_NODE_S3_ENDPOINT"] = f"http://{NODE_ADDRESS}:{ports.s3}"
     (STATE / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     (STATE / "env").chmod(0o600)
     return env
 
 
-def up(timeout: float) -> None:
-    t0 = time.monotonic()
+def _node_mode() -> bool:
+    try:
+        return bool(json.loads((STATE / "ports.json").read_text()).get("node"))
+    except (OSError, ValueError):
+        return False
+
+
+def node_script(*args: str) -> int:
+    """Run node.py (the real node on top of this stack) with its output streamed."""
+    return subprocess.run([sys.executable, str(HERE / "node.py"), *args], check=False).returncode
+
+
+def _reuse_running(node: bool) -> bool:
+    """True if a healthy stack of the asked kind runs already; else stop what runs."""
     if all(running_pid(n) for n in ORDER) and status(quiet=True):
-        say(f"already up; source {STATE / 'env'}")
-        return
-    if any(running_pid(n) for n in ORDER):
+        if not node:
+            say(f"already up; source {STATE / 'env'}")
+            return True
+        if _node_mode():
+            if node_script("up") != 0:
+                raise StackError("the node did not start (output above)")
+            return True
+        say("up without a node: restarting it in node mode")
+        down()
+    if any(running_pid(n) for n in (*ORDER, *NODE_ORDER)):
         say("a partial stack is running: stopping it first")
         down()
+    return False
+
+
+def up(timeout: float, node: bool = False) -> None:
+    t0 = time.monotonic()
+    if _reuse_running(node):
+        return
     free = shutil.disk_usage(CACHE.parent if CACHE.parent.exists() else Path.home()).free
     if free < MIN_FREE_DISK:
         raise StackError(f"only {free / 1024**3:.1f} GiB free on disk; the stack needs 3 GiB")
@@ -692,16 +744,27 @@ def up(timeout: float) -> None:
     for d in ("logs", "pids", "conf", "data/etcd", "data/kafka", "data/neo4j", "data/s3"):
         (STATE / d).mkdir(parents=True, exist_ok=True)
     make_pki()
-    names = [f.name for f in dataclasses.fields(Ports) if f.name != "s3_internal"]
-    ports = Ports(**{n: free_port() for n in names}, s3_internal=[free_port() for _ in range(9)])
+    names = [
+        f.name
+        for f in dataclasses.fields(Ports)
+        if f.name not in ("s3_internal", "kafka_node", "node")
+    ]
+    ports = Ports(
+        **{n: free_port() for n in names},
+        s3_internal=[free_port() for _ in range(9)],
+        kafka_node=free_port() if node else 0,
+        node=node,
+    )
     (STATE / "ports.json").write_text(json.dumps(ports.__dict__))
     pki = STATE / "pki"
     password = secrets.token_urlsafe(18)
     s3_secret = secrets.token_urlsafe(24)
 
     try:
+        if node:
+            node_bridge()
         # Kafka and Neo4j are independent of Kubernetes: start the JVMs first, they are slowest.
-        kconf = kafka_config(ports.kafka, ports.kafka_controller)
+        kconf = kafka_config(ports.kafka, ports.kafka_controller, ports.kafka_node)
         kjava = [
             "java",
             "-Xms256m",
@@ -736,7 +799,7 @@ def up(timeout: float) -> None:
                 f"{neo4j_home() / 'lib' / '*'}:{classes}",
                 "Neo4jLauncher",
                 str(STATE / "data" / "neo4j"),
-                str(neo4j_config(ports.neo4j)),
+                str(neo4j_config(ports.neo4j, node)),
                 password,
             ],
         )
@@ -766,8 +829,6 @@ def up(timeout: float) -> None:
             [
                 str(kube_bin("kube-apiserver")),
                 f"--etcd-servers=http://127.0.0.1:{ports.etcd}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
                 f"--secure-port={ports.apiserver}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -777,11 +838,9 @@ def up(timeout: float) -> None:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
-                "--authorization-mode=RBAC",
                 "--allow-privileged=true",
-                "--disable-admission-plugins=ServiceAccount",
-                "--endpoint-reconciler-type=none",
                 "--profiling=false",
+                *apiserver_mode_flags(node),
             ],
         )
         wait_until("kube-apiserver", lambda: probe_apiserver(ports.apiserver), timeout)
@@ -794,7 +853,7 @@ def up(timeout: float) -> None:
                 f"--kubeconfig={kubeconfig}",
                 f"--authentication-kubeconfig={kubeconfig}",
                 f"--authorization-kubeconfig={kubeconfig}",
-                "--controllers=namespace,garbagecollector,serviceaccount,serviceaccount-token",
+                f"--controllers={','.join(kcm_controllers(node))}",
                 f"--service-account-private-key-file={pki / 'sa.key'}",
                 f"--root-ca-file={pki / 'ca.crt'}",
                 "--use-service-account-credentials=false",
@@ -813,6 +872,8 @@ def up(timeout: float) -> None:
         raise StackError(str(e) or type(e).__name__) from e
 
     env = write_env(ports, password, s3_secret)
+    if node and node_script("up") != 0:
+        raise StackError("the node did not start (output above); `stack.py down` stops all")
     say(
         f"stack up in {time.monotonic() - t0:.1f} s "
         f"(build/fetch {t_built - t0:.1f} s, start {time.monotonic() - t_built:.1f} s)"
@@ -820,6 +881,65 @@ def up(timeout: float) -> None:
     for k, v in env.items():
         print(f"  {k}={v}")
     print(f"  source {STATE / 'env'}   # then: kubectl get namespaces")
+
+
+def node_bridge() -> None:
+    """The node's bridge with NODE_ADDRESS, made before the servers that listen on it (root)."""
+    if (
+        subprocess.run(
+            ["ip", "link", "show", NODE_BRIDGE], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
+        run(["ip", "link", "add", NODE_BRIDGE, "type", "bridge"])
+    shown = subprocess.run(
+        ["ip", "-4", "addr", "show", NODE_BRIDGE], capture_output=True, text=True, check=False
+    )
+    if f"{NODE_ADDRESS}/" not in shown.stdout:
+        run(["ip", "addr", "add", f"{NODE_ADDRESS}/24", "dev", NODE_BRIDGE])
+    run(["ip", "link", "set", NODE_BRIDGE, "up"])
+    say(f"node bridge {NODE_BRIDGE} at {NODE_ADDRESS}")
+
+
+def apiserver_mode_flags(node: bool) -> list[str]:
+    """Loopback only, no ServiceAccount admission, no endpoints; or, for a real node: every
+    address (pods reach it through the `kubernetes` Service), ServiceAccount tokens in pods,
+    the Node authorizer for the kubelet, and the kubelet reached with the admin certificate."""
+    pki = STATE / "pki"
+    if not node:
+        return [
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            "--authorization-mode=RBAC",
+            "--disable-admission-plugins=ServiceAccount",
+            "--endpoint-reconciler-type=none",
+        ]
+    return [
+        "--bind-address=0.0.0.0",
+        f"--advertise-address={NODE_ADDRESS}",
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction",
+        f"--kubelet-client-certificate={pki / 'admin.crt'}",
+        f"--kubelet-client-key={pki / 'admin.key'}",
+        "--kubelet-preferred-address-types=InternalIP",
+    ]
+
+
+def kcm_controllers(node: bool) -> list[str]:
+    base = ["namespace", "garbagecollector", "serviceaccount", "serviceaccount-token"]
+    if not node:
+        return base
+    # what Deployments, Services and projected ServiceAccount tokens need on a real node
+    return [
+        *base,
+        "deployment",
+        "replicaset",
+        "endpointslice",
+        "endpointslicemirroring",
+        "root-ca-cert-publisher",
+        "podgc",
+        "nodelifecycle",  # lifts the not-ready taint the kubelet registers with
+    ]
 
 
 def probes(ports: Ports) -> dict[str, Callable[[], str | None]]:
@@ -864,6 +984,8 @@ def down() -> None:
     if not (STATE / "pids").exists():
         say("nothing to stop")
         return
+    if any(pid_file(n).exists() for n in NODE_ORDER):
+        node_script("down")
     for name in reversed(ORDER):
         stop(name)
 
@@ -899,6 +1021,8 @@ def status(quiet: bool = False) -> bool:
             healthy = healthy and not reason
         if not quiet:
             print(f"{name:<24} {state:<10} pid={pid or '-':<8} {where[name]}")
+    if ports.node:
+        healthy = node_script("status", *(["--quiet"] if quiet else [])) == 0 and healthy
     return healthy
 
 
@@ -907,7 +1031,14 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("up").add_argument("--timeout", type=float, default=180.0)
+    upp = sub.add_parser("up")
+    upp.add_argument("--timeout", type=float, default=180.0)
+    upp.add_argument(
+        "--node",
+        action="store_true",
+        default=os.environ.get("QMTL_STACK_NODE") == "1",
+        help="also a real node (node.py); QMTL_STACK_NODE=1 is the same",
+    )
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("kafka-metadata")
@@ -918,7 +1049,7 @@ def main() -> int:
     args = ap.parse_args()
     try:
         if args.cmd == "up":
-            up(args.timeout)
+            up(args.timeout, args.node)
         elif args.cmd == "down":
             down()
         elif args.cmd == "status":
