@@ -67,7 +67,7 @@ fmt: $(STAMP) ## format and autofix
 	$(VENV)/bin/ruff check --fix src tests hack bench operator
 
 unit: $(STAMP) ## unit tests and the contract suites on the twins (no servers, minutes)
-	$(PY) -m pytest -m "not integration and not campaign" -q
+	$(PY) -m pytest -m "not integration and not campaign and not chart" -q
 
 test-fast: $(STAMP) ## the fast stage: lint, then `make unit`
 	$(MAKE) --no-print-directory lint
@@ -124,6 +124,9 @@ image: $(STAMP) ## build the image with podman: a base from Debian packages, whe
 stack-up-node: ## the stack plus a real node (containerd, kubelet, kube-scheduler, kube-proxy; root)
 	$(STACK) up --node
 
+e2e-node: $(STAMP) ## the chart end to end on a real node of the local stack (root; podman, containerd; no Docker)
+	bash hack/e2e/node.sh
+
 e2e-kind: $(STAMP) ## the end-to-end suite on a kind cluster (needs a Docker engine; see README)
 	bash hack/e2e-kind.sh
 
@@ -134,4 +137,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: image stack-up-node test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: image stack-up-node e2e-node test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

@@ -69,7 +69,9 @@ class Stack:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "integration" in item.path.parts or "e2e" in item.path.parts:
+        if "chart" in item.path.parts:
+            item.add_marker(pytest.mark.chart)  # only on a cluster with the chart installed
+        elif "integration" in item.path.parts or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.integration)  # warnings fail these too (pyproject)
         elif "unit" in item.path.parts:
             item.add_marker(pytest.mark.unit)

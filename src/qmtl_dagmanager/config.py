@@ -270,6 +270,27 @@ class Settings:
     grpc_port: int = setting(50051, "grpc_port", "QMTL_GRPC_PORT", _port, "gRPC port")
     http_host: str = setting("127.0.0.1", "http_host", "QMTL_HTTP_HOST", _text, "HTTP admin")
     http_port: int = setting(8001, "http_port", "QMTL_HTTP_PORT", _port, "HTTP admin port")
+    probe_host: str = setting(
+        "0.0.0.0",  # noqa: S104 (a kubelet probes the pod's IP, never its loopback)
+        "probe_host",
+        "QMTL_PROBE_HOST",
+        _text,
+        "listener of the probe ports (health only, nothing else)",
+    )
+    probe_grpc_port: int = setting(
+        0,
+        "probe_grpc_port",
+        "QMTL_PROBE_GRPC_PORT",
+        _port,
+        "gRPC health only, for a kubelet's grpc probe (0: off)",
+    )
+    probe_http_port: int = setting(
+        0,
+        "probe_http_port",
+        "QMTL_PROBE_HTTP_PORT",
+        _port,
+        "GET /livez and /status only, for a kubelet's httpGet probe (0: off)",
+    )
     gc_interval_seconds: int = setting(
         3600,
         "gc_interval_seconds",

@@ -109,6 +109,31 @@ async def test_a_silent_holder_is_taken_over_after_expiry_and_notices(leases: Le
     assert not a.is_leader
 
 
+async def test_after_a_crash_the_watching_standby_wins_over_a_newcomer(
+    leases: Leases,
+) -> None:
+    """The leader dies; a replacement starts a moment later (a Deployment's new pod). The
+    replica that was standing by has watched the renewals and takes the lease first."""
+    a = leases.election("a", duration=2.0)
+    standby = leases.election("standby", duration=2.0)
+    await a.acquire()
+    renewing = asyncio.create_task(a.hold())
+    waiting = asyncio.create_task(standby.acquire())
+    await leases.renewals(2, 10)
+    renewing.cancel()  # a crashes: no release, its last renewal stands
+    with contextlib.suppress(asyncio.CancelledError):
+        await renewing
+    # the replacement starts at once: its first read is as fresh as the standby's can be
+    newcomer = asyncio.create_task(leases.election("newcomer", duration=2.0).acquire())
+    await asyncio.wait_for(waiting, 10)
+    assert leases.holder() == "standby"
+    await asyncio.sleep(0.6)
+    assert not newcomer.done() and leases.holder() == "standby"
+    newcomer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await newcomer
+
+
 async def test_operator_stands_by_until_it_holds_the_lease(
     leases: Leases, stack: Stack, tmp_path: Path
 ) -> None:

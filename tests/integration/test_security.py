@@ -88,6 +88,41 @@ async def test_bearer_tokens_are_required_and_checked(start: Start) -> None:
         assert r.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_probe_ports_serve_health_only(start: Start) -> None:
+    """A kubelet probes the pod's IP while the Gateway's calls stay on loopback: the probe
+    ports answer health and liveness, and nothing else."""
+    grpc_probe, http_probe = free_port(), free_port()
+    s = await start(probe_host="127.0.0.1", probe_grpc_port=grpc_probe, probe_http_port=http_probe)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_probe}") as ch:
+        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())  # type: ignore[attr-defined]
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        named = health_pb2.HealthCheckRequest(service="qmtl.services.dagmanager.DiffService")
+        r = await health_pb2_grpc.HealthStub(ch).Check(named)  # type: ignore[attr-defined]
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await pb_grpc.TagQueryStub(ch).GetQueues(
+                pb.TagQueryRequest(tags=["BTC"], interval=60, match_mode="any")
+            )
+        assert e.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{http_probe}/livez") as resp:
+            assert resp.status == 200
+            assert (await resp.json()) == {"status": "alive"}
+        async with http.get(f"http://127.0.0.1:{http_probe}/status") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "ok"
+        async with http.post(f"http://127.0.0.1:{http_probe}/admin/gc-trigger") as resp:
+            assert resp.status in (404, 405)
+        async with http.get(f"http://127.0.0.1:{http_probe}/metrics") as resp:
+            assert resp.status == 404
+    # the main listeners are unchanged
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{s.grpc_port}") as ch:
+        got = await pb_grpc.TagQueryStub(ch).GetQueues(
+            pb.TagQueryRequest(tags=["BTC"], interval=60, match_mode="any")
+        )
+        assert list(got.queues) == []
+
+
 async def test_tls_certificates_reload_without_restart(start: Start, tmp_path: Path) -> None:
     first = ca(tmp_path, "ca1")
     crt, key = leaf(tmp_path, "server1", first, server=True)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import kubernetes
+
 from qmtl_dagmanager import config
+from qmtl_dagmanager.adapters.kube import bearer_token
 from qmtl_dagmanager.config import load
 
 
@@ -38,3 +41,22 @@ def test_every_setting_is_declared_once() -> None:
     table = config.table()
     assert "| `pod_namespace` | `POD_NAMESPACE` | `default` |" in table
     assert f"| {config.NONE} | `NEO4J_PASSWORD` |" in table  # secrets: environment only
+
+
+def test_bearer_token_drops_the_scheme_in_any_case_and_refreshes() -> None:
+    # the in-cluster loader stores "bearer <token>" in lower case; kopf wants the bare token
+    cfg = kubernetes.client.Configuration()
+    cfg.api_key = {"BearerToken": "bearer abc.def"}
+    assert bearer_token(cfg) == "abc.def"
+    cfg.api_key = {"authorization": "Bearer xyz"}
+    assert bearer_token(cfg) == "xyz"
+    cfg.api_key = {"BearerToken": "plain"}
+    assert bearer_token(cfg) == "plain"
+    cfg.api_key = {}
+    assert bearer_token(cfg) is None
+
+    def rotate(c: kubernetes.client.Configuration) -> None:
+        c.api_key = {"BearerToken": "bearer rotated"}
+
+    cfg.refresh_api_key_hook = rotate  # type: ignore[assignment]
+    assert bearer_token(cfg) == "rotated"

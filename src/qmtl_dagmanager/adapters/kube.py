@@ -37,6 +37,21 @@ def kube_configuration(kubeconfig: str = "") -> kubernetes.client.Configuration:
     return cfg
 
 
+def bearer_token(cfg: kubernetes.client.Configuration) -> str | None:
+    """The bearer token of a client configuration, without its scheme, as kopf wants it.
+    The in-cluster loader stores it as "bearer <token>" (lower case); a kubeconfig as given.
+    Its refresh hook runs first, so a rotated ServiceAccount token is read again."""
+    hook = getattr(cfg, "refresh_api_key_hook", None)
+    if hook is not None:
+        hook(cfg)
+    keys = cfg.api_key or {}
+    raw = keys.get("BearerToken") or keys.get("authorization")
+    if not raw:
+        return None
+    scheme, _, rest = str(raw).strip().partition(" ")
+    return rest.strip() if rest and scheme.lower() == "bearer" else str(raw).strip()
+
+
 class KubeApi:
     """The operator's one API client for its calls outside kopf (ConfigMaps, StrategyDAG
     pages, status and events, leases), made on first use from the `kubeconfig` setting."""

@@ -39,6 +39,11 @@ class _Seen:
     holder: str
     record: tuple[Any, ...]  # what identifies one renewal: holder, renew time, transitions
     at: float  # local monotonic time when this record was first seen
+    # the first record this instance ever read: it has never seen the holder renew. Such a
+    # newcomer (a replacement pod just started) waits two retry periods longer (a standby may
+    # have seen the record up to one period late, and polls one period apart), so that after
+    # a crash the replica that stood by takes over, not the pod that replaces the dead one.
+    first: bool = False
 
 
 class LeaderElection:
@@ -164,8 +169,10 @@ class LeaderElection:
         record = (holder, spec.renew_time, spec.lease_transitions)
         now = time.monotonic()
         if self._seen is None or self._seen.record != record:
-            self._seen = _Seen(holder, record, now)
+            self._seen = _Seen(holder, record, now, first=self._seen is None)
         duration = float(spec.lease_duration_seconds or self.duration)
+        if self._seen.first:
+            duration += 2 * self.retry_every
         free = not holder or holder == self.identity or now - self._seen.at >= duration
         if not free:
             return holder

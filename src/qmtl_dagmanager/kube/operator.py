@@ -20,6 +20,7 @@ from qmtl_dagmanager.adapters.kube import (
     KubeApi,
     StrategyObjects,
     StrategyReadinessApi,
+    bearer_token,
 )
 from qmtl_dagmanager.adapters.kube_lease import LeaderElection, LeadershipLost
 from qmtl_dagmanager.api.v1alpha1 import strategydag, versionsentinel
@@ -104,7 +105,7 @@ def build_registry(
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         cfg = kube.configuration()
-        token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+        token = bearer_token(cfg)
         return kopf.ConnectionInfo(
             server=cfg.host,
             ca_path=cfg.ssl_ca_cert,
@@ -112,7 +113,7 @@ def build_registry(
             certificate_path=cfg.cert_file,
             private_key_path=cfg.key_file,
             scheme="Bearer" if token else None,
-            token=token.removeprefix("Bearer ").strip() if token else None,
+            token=token,
         )
 
     @kopf.on.probe(id="graph", registry=registry)

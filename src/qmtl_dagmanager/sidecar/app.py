@@ -47,6 +47,8 @@ class Sidecar:
     gc_task: asyncio.Task[None] | None = None
     events_task: asyncio.Task[None] | None = None
     heap_task: asyncio.Task[None] | None = None
+    probe_grpc: grpc.aio.Server | None = None
+    probe_http: web.AppRunner | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         for task in (self.gc_task, self.events_task, self.heap_task):
@@ -54,6 +56,10 @@ class Sidecar:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.probe_grpc is not None:
+            await self.probe_grpc.stop(0)
+        if self.probe_http is not None:
+            await self.probe_http.cleanup()
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
         await self.container.close()
@@ -117,6 +123,7 @@ async def start(settings: Settings) -> Sidecar:
     await site.start()
     http_port = settings.http_port or _bound_port(runner)
     sidecar = Sidecar(container, server, runner, grpc_port, http_port)
+    await _start_probes(settings, sidecar, std_health)
     sidecar.events_task = asyncio.create_task(container.events.run())
     if settings.heap_full_collection_seconds > 0:
         collections = FullCollections(
@@ -140,6 +147,32 @@ async def start(settings: Settings) -> Sidecar:
         native.path(),
     )
     return sidecar
+
+
+async def _start_probes(
+    settings: Settings, sidecar: Sidecar, std_health: health.aio.HealthServicer
+) -> None:
+    """The probe listeners (off by default): the Gateway calls the sidecar on loopback, but a
+    kubelet probes the pod's IP. They serve the standard gRPC health service and GET /livez
+    and /status, nothing that reads a DAG or changes anything."""
+    if settings.probe_grpc_port:
+        probe = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(std_health, probe)
+        probe.add_insecure_port(f"{settings.probe_host}:{settings.probe_grpc_port}")
+        await probe.start()
+        sidecar.probe_grpc = probe
+    if settings.probe_http_port:
+        runner = web.AppRunner(http_admin.make_probe_app(sidecar.container.graph), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.probe_host, settings.probe_http_port).start()
+        sidecar.probe_http = runner
+    if settings.probe_grpc_port or settings.probe_http_port:
+        log.info(
+            "probes on %s: gRPC health %s, HTTP %s",
+            settings.probe_host,
+            settings.probe_grpc_port or "off",
+            settings.probe_http_port or "off",
+        )
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -50,15 +50,7 @@ def make_app(
             return web.json_response({"detail": "a valid bearer token is required"}, status=401)
         return None
 
-    async def status(_: web.Request) -> web.Response:
-        ok = await graph.ping()
-        return web.json_response(
-            {
-                "status": "ok" if ok else "degraded",
-                "neo4j": "ok" if ok else "error",
-                "dagmanager": "running",
-            }
-        )
+    status = _status_handler(graph)
 
     async def gc_trigger(request: web.Request) -> web.Response:
         denied = refused(request)
@@ -121,6 +113,33 @@ def make_app(
     app.router.add_post("/admin/gc-keep", _gc_keep_handler(graph, refused))
     app.router.add_post("/admin/rollback", _rollback_handler(canary, refused))
     app.router.add_get("/metrics", prometheus)
+    return app
+
+
+def _status_handler(graph: GraphStore) -> Handler:
+    async def status(_: web.Request) -> web.Response:
+        ok = await graph.ping()
+        return web.json_response(
+            {
+                "status": "ok" if ok else "degraded",
+                "neo4j": "ok" if ok else "error",
+                "dagmanager": "running",
+            }
+        )
+
+    return status
+
+
+def make_probe_app(graph: GraphStore) -> web.Application:
+    """What a kubelet probes, on the pod's IP: `/livez` (the event loop answers; never the
+    graph, so an outage of Neo4j does not restart the pod) and the read-only `/status`."""
+
+    async def livez(_: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    app = web.Application()
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/status", _status_handler(graph))
     return app
 
 
