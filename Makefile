@@ -77,11 +77,13 @@ test-stack: $(STAMP) ## the stack stage: the real local stack (started if needed
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
 	$(PY) -m pytest -m "integration or campaign" -q
 
-test: $(STAMP) ## both stages: test-fast, then test-stack
+test: $(STAMP) ## all three stages: test-fast, test-stack, then e2e-node (the image and the chart on a real node)
 	@echo "[test] $$(date -u +%H:%M:%S) fast stage: lint, unit tests, contract suites on the twins"
 	$(MAKE) --no-print-directory test-fast
 	@echo "[test] $$(date -u +%H:%M:%S) stack stage: real servers, integration, e2e, fuzzing campaign"
 	$(MAKE) --no-print-directory test-stack
+	@echo "[test] $$(date -u +%H:%M:%S) node stage: make image, the chart on a real node, tests/e2e and tests/chart"
+	$(MAKE) --no-print-directory e2e-node
 
 bench: $(STAMP) ## benchmarks of the real code paths (figures go to README: Performance)
 	$(PY) bench/core_bench.py

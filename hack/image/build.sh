@@ -76,3 +76,26 @@ podman build --quiet --network host -f operator/Dockerfile -t "$IMAGE" \
   --build-arg PYTHON_IMAGE="$base" --build-arg PIP_NO_INDEX=1 . >/dev/null
 size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
 step "built $IMAGE: $((size / 1000000)) MB in $((SECONDS - start)) s"
+
+# Run it as a restricted pod would: read-only root, every capability dropped, no privilege
+# escalation. The process must be uid 10001 with no capabilities, /tmp its only writable place.
+run=(podman run --rm --read-only --cap-drop=ALL --security-opt=no-new-privileges)
+t0=$(date +%s%N)
+"${run[@]}" "$IMAGE" --help >/dev/null
+ms=$((($(date +%s%N) - t0) / 1000000))
+got=$("${run[@]}" --entrypoint python3 "$IMAGE" -c '
+import os, pathlib
+caps = [l.split()[1] for l in pathlib.Path("/proc/self/status").read_text().splitlines()
+        if l.startswith("CapEff")][0]
+pathlib.Path("/tmp/x").write_text("x")
+try:
+    pathlib.Path("/opt/x").write_text("x")
+    root = "writable"
+except OSError:
+    root = "read-only"
+import qmtl_native
+print(os.getuid(), os.getgid(), int(caps, 16), root)
+')
+[[ $got == "10001 10001 0 read-only" ]] \
+  || { echo "[image] error: expected uid/gid 10001, no capabilities, a read-only root; got: $got" >&2; exit 1; }
+step "checked: uid 10001, no capabilities, read-only root, native parser present; --help in $ms ms"
