@@ -415,6 +415,7 @@ def up(timeout: float) -> None:
             f"--config={kubelet_config(ports)}",
             f"--kubeconfig={kubelet_kc}",
             f"--root-dir={STATE / 'data' / 'kubelet'}",
+            f"--cert-dir={STATE / 'data' / 'kubelet-pki'}",
             f"--hostname-override={NODE_NAME}",
             f"--node-ip={NODE_ADDRESS}",
             "--v=1",
