@@ -225,6 +225,34 @@ def test_the_sidecar_answers_the_gateway_on_the_pods_loopback() -> None:
     assert ready(again)
 
 
+def test_cli_verbs_run_in_the_image_beside_the_sidecar() -> None:
+    """The image's CLI, run where an operator would run it: in the Gateway's pod, against the
+    sidecar on loopback and, with the sidecar's settings, against the stack itself."""
+    pod = next(
+        p["metadata"]["name"]
+        for p in get("pods", selector="app=gateway-standin")["items"]
+        if not p["metadata"].get("deletionTimestamp")
+    )
+
+    def run(container: str, *argv: str) -> str:
+        return kubectl("-n", NS, "exec", pod, "-c", container, "--", "dagmanager", *argv)
+
+    plan = json.loads(
+        run("gateway", "diff", "--dry-run", "--file", "/etc/gateway/dag.json", "--output", "json")
+    )
+    assert plan["nodes"]
+    assert "CREATE CONSTRAINT" in run("gateway", "export-schema")
+    stats = run("gateway", "queue-stats", "--target", "127.0.0.1:50051")
+    for line in stats.splitlines():  # "<messages>  <topic>"
+        count, topic = line.split()
+        assert int(count) >= 0 and topic
+    gc = json.loads(run("gateway", "gc", "--dry-run", "--target", "127.0.0.1:8001"))
+    assert isinstance(gc, dict) and gc, gc
+    # the sidecar's own settings reach the real graph: the schema step is idempotent
+    out = run("dagmanager", "--config", "/etc/dagmanager/dagmanager.yaml", "neo4j-init")
+    assert out.startswith("schema ready on bolt://")
+
+
 def age_seconds(pod: dict[str, Any]) -> float:
     started = time.strptime(pod["status"]["startTime"], "%Y-%m-%dT%H:%M:%SZ")
     return time.time() - calendar.timegm(started)
