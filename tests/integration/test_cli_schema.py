@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import neo4j
 
+from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from tests.conftest import Stack
 
 
@@ -81,3 +83,27 @@ def test_neo4j_commands_need_a_uri() -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "NEO4J_URI" in r.stderr
+
+
+async def test_processes_starting_together_on_a_fresh_graph_all_get_the_schema(
+    stack: Stack,
+) -> None:
+    """Several writers (operator replicas, sidecars) start at once on a graph without the
+    schema: every one's init succeeds and the schema is complete, however they interleave."""
+    stores = [
+        Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password) for _ in range(4)
+    ]
+    try:
+        for _ in range(5):
+            await stores[0].rollback_schema()
+            assert not names(stack) & expected_names(stores[0])
+            await asyncio.gather(*(s.init_schema() for s in stores))
+            assert expected_names(stores[0]) <= names(stack)
+    finally:
+        await stores[0].init_schema()
+        for s in stores:
+            await s.close()
+
+
+def expected_names(store: Neo4jGraphStore) -> set[str]:
+    return {stmt.split()[2] for stmt in store.schema_statements()}

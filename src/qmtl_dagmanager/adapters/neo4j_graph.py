@@ -46,6 +46,14 @@ from qmtl_dagmanager.ports import (
 )
 
 log = logging.getLogger(__name__)
+# what a concurrent creator of the same index or constraint makes our statement fail with
+SCHEMA_RACE_CODES = frozenset(
+    {
+        "Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists",
+        "Neo.ClientError.Schema.IndexAlreadyExists",
+        "Neo.ClientError.Schema.ConstraintAlreadyExists",
+    }
+)
 T = TypeVar("T")
 
 CONSTRAINTS = {
@@ -618,13 +626,20 @@ class Neo4jGraphStore:
     async def init_schema(self) -> None:
         await self._migrate_slots()
         for stmt in self.schema_statements():
-            await self._call(
-                "schema init",
-                lambda s=stmt: self._driver.execute_query(  # type: ignore[misc]
-                    s, database_=self._db
-                ),
-            )
+            await self._call("schema init", lambda s=stmt: self._schema_statement(s))  # type: ignore[misc]
         log.info("neo4j schema ready: %d constraints, %d indexes", len(CONSTRAINTS), len(INDEXES))
+
+    async def _schema_statement(self, stmt: str) -> None:
+        """One `... IF NOT EXISTS` statement. Processes that start together on a fresh graph
+        (the operator's replicas, every sidecar) race on it: both see no such rule, one
+        commits, the other fails as equivalent. Run again, the statement finds the rule."""
+        try:
+            await self._driver.execute_query(stmt, database_=self._db)
+        except neo4j_errors.ClientError as e:
+            if e.code not in SCHEMA_RACE_CODES:
+                raise
+            log.info("neo4j schema: created concurrently by another process (%s)", e.code)
+            await self._driver.execute_query(stmt, database_=self._db)
 
     async def _migrate_slots(self) -> None:
         """Give queues written before `slot` existed their slot (idempotent: a graph that has
