@@ -133,70 +133,12 @@ def podman_env() -> dict[str, str]:
 
 def node_cert() -> None:
     """The kubelet's client certificate: user system:node:<name> in group system:nodes."""
-    pki = STATE / "pki"
-    if (pki / "kubelet.crt").exists():
-        return
-    stack.run(["openssl", "genrsa", "-out", str(pki / "kubelet.key"), "2048"])
-    stack.run(
-        [
-            "openssl",
-            "req",
-            "-new",
-            "-key",
-            str(pki / "kubelet.key"),
-            "-out",
-            str(pki / "kubelet.csr"),
-            "-subj",
+    if not (STATE / "pki" / "kubelet.crt").exists():
+        stack.pki_cert(
+            "kubelet",
             f"/O=system:nodes/CN=system:node:{NODE_NAME}",
-        ]
-    )
-    (pki / "kubelet.ext").write_text(
-        "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
-    )
-    stack.run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(pki / "kubelet.csr"),
-            "-CA",
-            str(pki / "ca.crt"),
-            "-CAkey",
-            str(pki / "ca.key"),
-            "-CAcreateserial",
-            "-out",
-            str(pki / "kubelet.crt"),
-            "-days",
-            "3650",
-            "-extfile",
-            str(pki / "kubelet.ext"),
-        ]
-    )
-
-
-def kubeconfig_for(user: str, cert: str, key: str, port: int) -> Path:
-    pki = STATE / "pki"
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "qmtl-local",
-                "cluster": {
-                    "server": f"https://127.0.0.1:{port}",
-                    "certificate-authority": str(pki / "ca.crt"),
-                },
-            }
-        ],
-        "users": [{"name": user, "user": {"client-certificate": cert, "client-key": key}}],
-        "contexts": [{"name": "qmtl-local", "context": {"cluster": "qmtl-local", "user": user}}],
-        "current-context": "qmtl-local",
-    }
-    path = CONF / f"{user}.kubeconfig"
-    path.write_text(json.dumps(cfg, indent=2))
-    path.chmod(0o600)
-    return path
+            "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+        )
 
 
 def containerd_config() -> Path:
@@ -385,10 +327,9 @@ def up(timeout: float) -> None:
     (CONF / "ports.json").write_text(json.dumps(ports))
     stack.node_bridge()
     node_cert()
-    pki = STATE / "pki"
-    admin = kubeconfig_for("qmtl-admin", str(pki / "admin.crt"), str(pki / "admin.key"), api_port)
-    kubelet_kc = kubeconfig_for(
-        f"system-node-{NODE_NAME}", str(pki / "kubelet.crt"), str(pki / "kubelet.key"), api_port
+    admin = STATE / "kubeconfig"  # the stack's own, with the admin certificate
+    kubelet_kc = stack.write_kubeconfig(
+        api_port, f"system:node:{NODE_NAME}", "kubelet", CONF / "kubelet.kubeconfig"
     )
     probes = node_probes(ports, api_port)
 

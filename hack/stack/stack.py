@@ -383,18 +383,58 @@ def run(argv: list[str], cwd: Path | None = None) -> None:
         raise StackError(f"command failed: {' '.join(argv)}\n{r.stdout}{r.stderr}")
 
 
+def pki_key(name: str) -> None:
+    """An RSA key pki/<name>.key."""
+    run(["openssl", "genrsa", "-out", str(STATE / "pki" / f"{name}.key"), "2048"])
+
+
+def pki_cert(name: str, subj: str, ext: str) -> None:
+    """A key and a certificate pki/<name>.{key,crt} signed by the stack's CA."""
+    pki = STATE / "pki"
+    pki_key(name)
+    run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-key",
+            str(pki / f"{name}.key"),
+            "-out",
+            str(pki / f"{name}.csr"),
+            "-subj",
+            subj,
+        ]
+    )
+    (pki / f"{name}.ext").write_text(ext)
+    run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(pki / f"{name}.csr"),
+            "-CA",
+            str(pki / "ca.crt"),
+            "-CAkey",
+            str(pki / "ca.key"),
+            "-CAcreateserial",
+            "-out",
+            str(pki / f"{name}.crt"),
+            "-days",
+            "3650",
+            "-extfile",
+            str(pki / f"{name}.ext"),
+        ]
+    )
+
+
 def make_pki() -> None:
     pki = STATE / "pki"
     pki.mkdir(parents=True)
-    ossl = "openssl"
-
-    def key(name: str) -> None:
-        run([ossl, "genrsa", "-out", str(pki / f"{name}.key"), "2048"])
-
-    key("ca")
+    pki_key("ca")
     run(
         [
-            ossl,
+            "openssl",
             "req",
             "-x509",
             "-new",
@@ -408,61 +448,27 @@ def make_pki() -> None:
             "/CN=qmtl-local-stack-ca",
         ]
     )
-
-    def cert(name: str, subj: str, ext: str) -> None:
-        key(name)
-        run(
-            [
-                ossl,
-                "req",
-                "-new",
-                "-key",
-                str(pki / f"{name}.key"),
-                "-out",
-                str(pki / f"{name}.csr"),
-                "-subj",
-                subj,
-            ]
-        )
-        (pki / f"{name}.ext").write_text(ext)
-        run(
-            [
-                ossl,
-                "x509",
-                "-req",
-                "-in",
-                str(pki / f"{name}.csr"),
-                "-CA",
-                str(pki / "ca.crt"),
-                "-CAkey",
-                str(pki / "ca.key"),
-                "-CAcreateserial",
-                "-out",
-                str(pki / f"{name}.crt"),
-                "-days",
-                "3650",
-                "-extfile",
-                str(pki / f"{name}.ext"),
-            ]
-        )
-
-    cert(
+    pki_cert(
         "apiserver",
         "/CN=kube-apiserver",
         "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
         "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
         "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
     )
-    cert(
+    pki_cert(
         "admin",
         "/O=system:masters/CN=qmtl-admin",
         "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
     )
-    key("sa")
-    run([ossl, "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")])
+    pki_key("sa")
+    run(["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")])
 
 
-def write_kubeconfig(port: int) -> Path:
+def write_kubeconfig(
+    port: int, user: str = "qmtl-admin", cert: str = "admin", path: Path | None = None
+) -> Path:
+    """A kubeconfig for `user`, authenticated by the client certificate pki/<cert>.{crt,key}
+    (default: the admin, at STATE/kubeconfig)."""
     pki = STATE / "pki"
 
     def b64(p: str) -> str:
@@ -482,22 +488,22 @@ def write_kubeconfig(port: int) -> Path:
         ],
         "users": [
             {
-                "name": "qmtl-admin",
+                "name": user,
                 "user": {
-                    "client-certificate-data": b64("admin.crt"),
-                    "client-key-data": b64("admin.key"),
+                    "client-certificate-data": b64(f"{cert}.crt"),
+                    "client-key-data": b64(f"{cert}.key"),
                 },
             }
         ],
         "contexts": [
             {
                 "name": "qmtl-local",
-                "context": {"cluster": "qmtl-local", "user": "qmtl-admin", "namespace": "default"},
+                "context": {"cluster": "qmtl-local", "user": user, "namespace": "default"},
             }
         ],
         "current-context": "qmtl-local",
     }
-    path = STATE / "kubeconfig"
+    path = path or STATE / "kubeconfig"
     path.write_text(json.dumps(cfg, indent=2))  # JSON is valid YAML
     path.chmod(0o600)
     return path
