@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -85,11 +86,32 @@ async def settle_publishers(timeout: float = 30.0) -> None:
         await asyncio.wait(drains, timeout=timeout)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port the OS says is free now, on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now on loopback, below the kernel's ephemeral range.
+
+    An ephemeral port can be taken by any outgoing connection between choosing it and the server
+    binding it (or while a fault test has the server stopped); ports below the range cannot.
+    The stack's servers take 10000-21999 (hack/stack/stack.py), so these never meet a stopped one.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(500):
+        port = 22000 + secrets.randbelow(max(low, 24000) - 22000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _read_env_file() -> dict[str, str]:

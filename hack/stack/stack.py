@@ -271,10 +271,40 @@ def wait_until(name: str, probe: Callable[[], str | None], timeout: float) -> No
     )
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The range the kernel takes client ports from (ip_local_port_range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port outside the kernel's ephemeral range.
+
+    A port the kernel hands out as ephemeral can be taken by any outgoing connection the moment
+    its server is down (a restart in a fault test, or the gap between choosing and binding), and
+    the server then fails with "Address already in use". Ports below the range never are. The
+    stack takes 10000-21999; the tests' own servers take 22000 up to the range (tests/conftest.py).
+    """
+    low, high = ephemeral_range()
+    start, stop = (10000, 22000) if low > 23000 else (high + 1, 65536)
+    for _ in range(500):
+        port = start + secrets.randbelow(stop - start)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))  # noqa: S104 (a probe: closed at once)
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise StackError(f"no free port found in {start}-{stop - 1}")
 
 
 # --------------------------------------------------------------------------- probes
