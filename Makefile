@@ -69,8 +69,14 @@ fmt: $(STAMP) ## format and autofix
 unit: $(STAMP) ## unit tests and the contract suites on the twins (no servers, minutes)
 	$(PY) -m pytest -m "not integration and not campaign and not chart" -q
 
-test-fast: $(STAMP) ## the fast stage: lint, then `make unit`
+rules-test: ## promtool (built once from the Go proxy): check the chart's Prometheus rules and run their unit tests
+	@promtool=$$(bash hack/stack/build-promtool.sh) && \
+	  $$promtool check rules charts/qmtl-dagmanager/files/rules/qmtl-dagmanager.rules.yaml && \
+	  $$promtool test rules tests/rules/qmtl-dagmanager.test.yaml
+
+test-fast: $(STAMP) ## the fast stage: lint, the rules' promtool tests, then `make unit`
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory rules-test
 	$(MAKE) --no-print-directory unit
 
 test-stack: $(STAMP) ## the stack stage: the real local stack (started if needed), integration and e2e tests, the fuzzing campaign
@@ -139,4 +145,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: image stack-up-node e2e-node test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: rules-test image stack-up-node e2e-node test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

@@ -6,7 +6,7 @@ drivers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.services.rollout import RolloutService
+from qmtl_dagmanager.services.vitals import Vitals
 
 T = TypeVar("T")
 
@@ -130,6 +131,16 @@ class Container:
 
     def garbage(self) -> GcService:
         return self._once("garbage", self._garbage)
+
+    def vitals(self) -> Vitals:
+        return self._once("vitals", lambda: Vitals(self.graph, self.topics, self.metrics))
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """The timers every process runs beside its work: the outbox publisher and vitals."""
+        out: list[Coroutine[Any, Any, None]] = [self.events.run()]
+        if self.settings.vitals_interval_seconds > 0:
+            out.append(self.vitals().every(self.settings.vitals_interval_seconds))
+        return out
 
     def _garbage(self) -> GcService:
         return GcService(
@@ -231,6 +242,8 @@ def assemble(
     event_topics = EventTopics(settings.queue_topic, settings.sentinel_weight_topic)
     controlbus = ControlBus(bus, clock, event_topics)
     metrics = Metrics()
+    cache = NodeCache(clock, ttl=settings.node_cache_ttl_seconds)
+    metrics.nodecache_bytes.labels("total").set_function(cache.resident_bytes)
     return Container(
         settings,
         graph,
@@ -240,7 +253,7 @@ def assemble(
         clock,
         controlbus,
         metrics,
-        NodeCache(clock, ttl=settings.node_cache_ttl_seconds),
+        cache,
         ResubmissionCache(settings.resubmission_cache_nodes),
         NodeMemo(settings.node_memo_nodes) if settings.node_memo_nodes else None,
         QueueEvents(graph, controlbus, metrics, clock),

@@ -392,6 +392,13 @@ class Settings:
         "next diff: a new queue generation; the old queue is left to GC (0: never)",
         shown="604800 (7 d)",
     )
+    vitals_interval_seconds: int = setting(
+        30,
+        "vitals_interval_seconds",
+        "QMTL_VITALS_INTERVAL_SECONDS",
+        _nonneg,
+        "how often the graph-size gauges and dependency_up are read (0: off)",
+    )
     node_cache_ttl_seconds: int = setting(
         60,
         "node_cache_ttl_seconds",

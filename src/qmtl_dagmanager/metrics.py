@@ -48,6 +48,23 @@ class Metrics:
         self.queue_create_errors = Counter(
             "queue_create_error_total", "Topics that could not be created", registry=r
         )
+        self.queue_create_successes = Counter(
+            "queue_create_success_total",
+            "Topics a diff needed that exist as planned (created, or already there): SLO-2",
+            registry=r,
+        )
+        self.dependency_up = Gauge(
+            "dependency_up",
+            "1 while the dependency answered the last probe (vitals timer), else 0",
+            ["dependency"],
+            registry=r,
+        )
+        self.nodecache_bytes = Gauge(
+            "nodecache_resident_bytes",
+            "Bytes held by the node cache's records (deep size of a sample, scaled; at scrape)",
+            ["scope"],
+            registry=r,
+        )
         self.sentinel_gap = Gauge(
             "sentinel_gap_count", "Strategies whose last DAG carried no VersionSentinel", registry=r
         )
@@ -63,6 +80,11 @@ class Metrics:
         )
         self.gc_last_run = Gauge(
             "gc_last_run_timestamp", "When GC last ran (epoch seconds)", registry=r
+        )
+        self.gc_next_run = Gauge(
+            "gc_next_run_timestamp",
+            "When the next timed GC run is due (epoch seconds; set by the process running it)",
+            registry=r,
         )
         self.gc_collected = Counter(
             "gc_queues_collected_total", "Queues collected by GC", ["action"], registry=r
@@ -132,6 +154,9 @@ class Metrics:
             registry=r,
         )
         self.chunk_acks = Counter("diff_chunk_acks_total", "AckChunk calls received", registry=r)
+        self.chunks_sent = Counter(
+            "diff_chunks_sent_total", "DiffChunks streamed to the Gateway", registry=r
+        )
         self.drift_detected = Counter(
             "topic_drift_detected_total",
             "Managed topics found deleted or altered out of band",

@@ -65,6 +65,8 @@ def test_lint_is_clean_in_every_variant(helm: str) -> None:
             "--set",
             "metrics.prometheusRule.enabled=true",
             "--set",
+            "metrics.prometheusRule.runbookBaseUrl=https://git.example/qmtl/docs/runbooks",
+            "--set",
             "crds.install=false",
         ],
     ):

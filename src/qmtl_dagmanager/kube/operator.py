@@ -95,7 +95,7 @@ def build_registry(
         # a watch that delivers nothing for this long is re-established (a stalled stream)
         settings.watching.inactivity_timeout = 600
         await container.start()
-        background.append(asyncio.create_task(container.events.run()))
+        background.extend(asyncio.create_task(t) for t in container.background())
         if container.settings.gc_interval_seconds > 0:
             background.append(asyncio.create_task(gc_timer(container, config_maps)))
         if resync_seconds > 0:

@@ -373,6 +373,8 @@ class DiffService:
 
     def _raise_for_topics(self, results: dict[str, TopicResult]) -> None:
         bad = {t: r for t, r in results.items() if not r.ok}
+        if len(bad) < len(results):
+            self.metrics.queue_create_successes.inc(len(results) - len(bad))
         if not bad:
             return
         self.metrics.queue_create_errors.inc(len(bad))

@@ -274,6 +274,7 @@ class GcService:
         """Timed GC until cancelled: a run every `interval` seconds; a failed run is logged
         and the timer goes on; `after` receives each finished run (a report, a log line)."""
         while True:
+            self.metrics.gc_next_run.set(self.clock.now() + interval)
             await asyncio.sleep(interval)
             try:
                 run = await self.collect(dry_run=dry_run)

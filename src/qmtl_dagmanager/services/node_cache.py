@@ -5,6 +5,8 @@ Our own writes and garbage collection update or evict entries at once."""
 
 from __future__ import annotations
 
+import itertools
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -83,6 +85,27 @@ class NodeCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def resident_bytes(self, sample: int = 256) -> int:
+        """Bytes the cache holds: its table, plus the entry count times the mean deep size
+        (key, timestamp, record, its queues and strings) of up to `sample` entries. Strings
+        shared between entries are counted in each, so this errs on the high side."""
+        n = len(self._entries)
+        table = sys.getsizeof(self._entries)
+        if n == 0:
+            return table
+        taken = list(itertools.islice(self._entries.items(), sample))
+        total = sum(_entry_bytes(nid, at, rec) for nid, (at, rec) in taken)
+        return table + round(total * n / len(taken))
+
+
+def _entry_bytes(nid: NodeId, at: float, rec: NodeRecord) -> int:
+    size = sys.getsizeof(nid) + sys.getsizeof((at, rec)) + sys.getsizeof(at)
+    size += sys.getsizeof(rec) + sys.getsizeof(rec.schema_hash) + sys.getsizeof(rec.queues)
+    size += sys.getsizeof(rec.schema_compat_id) + sys.getsizeof(rec.buffering_since)
+    for q in rec.queues:
+        size += sys.getsizeof(q) + sys.getsizeof(q.topic) + sys.getsizeof(q.compute_key)
+    return size
 
 
 class ResubmissionCache:

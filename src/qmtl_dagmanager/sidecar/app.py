@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -45,7 +47,7 @@ class Sidecar:
     grpc_port: int
     http_port: int
     gc_task: asyncio.Task[None] | None = None
-    events_task: asyncio.Task[None] | None = None
+    events_task: asyncio.Task[None] | None = None  # the outbox publisher and the vitals
     heap_task: asyncio.Task[None] | None = None
     probe_grpc: grpc.aio.Server | None = None
     probe_http: web.AppRunner | None = None
@@ -124,7 +126,7 @@ async def start(settings: Settings) -> Sidecar:
     http_port = settings.http_port or _bound_port(runner)
     sidecar = Sidecar(container, server, runner, grpc_port, http_port)
     await _start_probes(settings, sidecar, std_health)
-    sidecar.events_task = asyncio.create_task(container.events.run())
+    sidecar.events_task = asyncio.create_task(_all(container.background()))
     if settings.heap_full_collection_seconds > 0:
         collections = FullCollections(
             lambda: diffs.busy,
@@ -173,6 +175,10 @@ async def _start_probes(
             settings.probe_grpc_port or "off",
             settings.probe_http_port or "off",
         )
+
+
+async def _all(timers: list[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*timers)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

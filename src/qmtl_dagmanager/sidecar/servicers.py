@@ -50,7 +50,9 @@ class DiffServicer(pb_grpc.DiffServiceServicer):
             if not request.strategy_id.strip():
                 raise InvalidSpec("strategy_id is required", reason="MissingField")
             outcome = await self._diffs.diff(request_of(request), request.dag_json)
+            sent = self._guard.metrics.chunks_sent
             for chunk in chunks.build(outcome.plan):
+                sent.inc()
                 yield chunk
 
         async for chunk in self._guard.stream(context, "Diff", body):
