@@ -212,6 +212,12 @@ class Metrics:
             ["event", "phase"],
             registry=r,
         )
+        self.canary_halts = Counter(
+            "canary_halts_total",
+            "Rollouts halted by a cross-context hit within their analysis window, or cleared",
+            ["change"],
+            registry=r,
+        )
         self.gate_measurements = Counter(
             "canary_gate_measurements_total",
             "Analysis gate measurements, by result",

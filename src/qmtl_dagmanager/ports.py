@@ -168,6 +168,9 @@ class GraphCounts:
     relationships: int
 
 
+CROSS_CONTEXT_KEEP = 7 * 86_400.0  # seconds a cross-context hit is remembered
+
+
 class GraphStore(Protocol):
     async def ping(self) -> bool:
         """True when the store answers a trivial query."""
@@ -370,6 +373,16 @@ class GraphStore(Protocol):
         ...
 
     async def counts(self) -> GraphCounts: ...
+
+    async def record_cross_context(self, strategy_id: str, nodes: int, now: float) -> None:
+        """Remember a refused cross-context reuse of `nodes` nodes, for every process: canary
+        rollouts halt while one was recorded within their analysis window. Records older than
+        `CROSS_CONTEXT_KEEP` seconds are dropped on the way."""
+        ...
+
+    async def cross_context_since(self, since: float) -> int:
+        """Nodes refused as cross-context reuses at or after `since` (0: none)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -264,3 +264,17 @@ async def test_orphan_times_follow_the_references(graph: GraphStore) -> None:
     await submit(graph, [*shared, extra], Request("o3", world_id="w1"), now=NOW + 30)
     assert {q.orphaned_at for q in await graph.queues([*topics, extra_topic])} == {None}
     assert await graph.mark_orphaned([*topics, extra_topic], NOW + 40) == 0  # all referenced
+
+
+async def test_cross_context_hits_are_counted_by_time_and_pruned_after_a_week(
+    graph: GraphStore,
+) -> None:
+    assert await graph.cross_context_since(0) == 0
+    await graph.record_cross_context("s1", 3, NOW)
+    await graph.record_cross_context("s2", 2, NOW + 10)
+    assert await graph.cross_context_since(NOW) == 5
+    assert await graph.cross_context_since(NOW + 5) == 2
+    assert await graph.cross_context_since(NOW + 11) == 0
+    # a record eight days later prunes both
+    await graph.record_cross_context("s3", 1, NOW + 8 * 86_400)
+    assert await graph.cross_context_since(0) == 1

@@ -114,7 +114,10 @@ async def test_probe_ports_serve_health_only(start: Start) -> None:
         async with http.post(f"http://127.0.0.1:{http_probe}/admin/gc-trigger") as resp:
             assert resp.status in (404, 405)
         async with http.get(f"http://127.0.0.1:{http_probe}/metrics") as resp:
-            assert resp.status == 404
+            assert resp.status == 200  # for Prometheus: the sidecar's diffs are SLO-1's
+            assert "diff_duration_seconds_bucket" in await resp.text()
+        async with http.post(f"http://127.0.0.1:{http_probe}/admin/rollback") as resp:
+            assert resp.status in (404, 405)
     # the main listeners are unchanged
     async with grpc.aio.insecure_channel(f"127.0.0.1:{s.grpc_port}") as ch:
         got = await pb_grpc.TagQueryStub(ch).GetQueues(

@@ -130,7 +130,12 @@ async def test_waits_for_the_strategy_then_steps_10_50_100() -> None:
     ]
     assert all(not warning for warning, _, _ in rig.events)
     conditions = {c["type"]: c["status"] for c in rig.status["conditions"]}
-    assert conditions == {"Progressing": "False", "Promoted": "True", "Degraded": "False"}
+    assert conditions == {
+        "Progressing": "False",
+        "Promoted": "True",
+        "Degraded": "False",
+        "Halted": "False",
+    }
 
 
 async def test_abort_annotation_returns_all_traffic_to_stable_once() -> None:
@@ -314,3 +319,44 @@ def test_rollback_target_is_the_version_that_took_traffic_last() -> None:
         rollback_target({"v1": 0.0}, {})
     with pytest.raises(Conflict, match="before v3"):
         rollback_target({"v3": 1.0}, {"v3": [(1.0, 1.0)]})
+
+
+async def test_a_cross_context_hit_halts_steps_and_promotion_until_the_window_is_clear() -> None:
+    rig = Rig()
+    s = spec(analysisWindow="5m")
+    rig.readiness.ready_ids["alpha-v2"] = "alpha"
+    await rig.tick(s)
+    assert rig.status["currentWeight"] == 10
+    # another process refused a cross-context reuse of 3 nodes
+    await rig.graph.record_cross_context("other", 3, rig.clock.now())
+    rig.clock.advance(61)  # the step's pause is over
+    await rig.tick(s)
+    halted = {c["type"]: c for c in rig.status["conditions"]}["Halted"]
+    assert (halted["status"], halted["reason"]) == ("True", "CrossContextHit")
+    assert "3 node(s)" in halted["message"] and rig.status["currentWeight"] == 10
+    assert rig.events[-1][:2] == (True, "CrossContextHit")
+    assert rig.metrics.canary_halts.labels("halted")._value.get() == 1
+    # a promotion by annotation is refused while halted, with the reason
+    await rig.tick(s, ("promote", "p1"))
+    assert rig.status["phase"] == "Progressing" and rig.status["currentWeight"] == 10
+    assert rig.events[-1][:2] == (True, "ActionHalted")
+    assert rig.status["lastAction"] == "p1"
+    # the hit leaves the 5-minute window: the halt clears and the overdue step is taken
+    rig.clock.advance(300)
+    await rig.tick(s)
+    halted = {c["type"]: c for c in rig.status["conditions"]}["Halted"]
+    assert (halted["status"], rig.status["currentWeight"]) == ("False", 50)
+    assert (False, "CrossContextClear") in [e[:2] for e in rig.events]
+    assert rig.metrics.canary_halts.labels("cleared")._value.get() == 1
+
+
+async def test_hits_outside_the_window_or_after_promotion_change_nothing() -> None:
+    rig = Rig()
+    s = spec(analysisWindow=60)
+    await rig.graph.record_cross_context("other", 1, rig.clock.now() - 61)
+    rig.readiness.ready_ids["alpha-v2"] = "alpha"
+    await rig.tick(s)
+    rig.clock.advance(61)
+    await rig.tick(s)
+    assert rig.status["currentWeight"] == 50
+    assert all(e[1] != "CrossContextHit" for e in rig.events)

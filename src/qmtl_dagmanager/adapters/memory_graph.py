@@ -18,6 +18,7 @@ from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
+    CROSS_CONTEXT_KEEP,
     DELETING_TTL,
     EVENT_CLAIM_TTL,
     Forgot,
@@ -76,6 +77,7 @@ class MemoryGraphStore:
         self.contexts: dict[str, dict[str, str]] = {}
         self.fingerprints: dict[str, str] = {}
         self.schema_ready = False
+        self._cross_context: list[tuple[float, int]] = []  # (when, nodes), oldest first
 
     async def ping(self) -> bool:
         return True
@@ -594,6 +596,13 @@ class MemoryGraphStore:
         return GraphCounts(
             len(self.nodes), len(self._queues), len(self.sentinels), strategies, relationships
         )
+
+    async def record_cross_context(self, strategy_id: str, nodes: int, now: float) -> None:
+        keep = [h for h in self._cross_context if h[0] >= now - CROSS_CONTEXT_KEEP]
+        self._cross_context = [*keep, (now, nodes)]
+
+    async def cross_context_since(self, since: float) -> int:
+        return sum(n for at, n in self._cross_context if at >= since)
 
     async def close(self) -> None:
         return None

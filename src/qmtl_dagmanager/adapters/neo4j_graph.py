@@ -30,6 +30,7 @@ from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
+    CROSS_CONTEXT_KEEP,
     DELETING_TTL,
     EVENT_CLAIM_TTL,
     Forgot,
@@ -75,6 +76,7 @@ INDEXES = {
     "topic_intent_at": "FOR (i:TopicIntent) ON (i.at)",
     "topic_intent_deleted_at": "FOR (i:TopicIntent) ON (i.deleted_at)",
     "queue_event_mark_key": "FOR (m:QueueEventMark) ON (m.key)",
+    "cross_context_hit_at": "FOR (h:CrossContextHit) ON (h.at)",
 }
 
 # Graphs written before queues had a `slot`: give each (node, compute key) one queue (the most
@@ -499,6 +501,19 @@ WITH v
 WHERE v.traffic_weight IS NULL OR v.traffic_weight <> $weight
 SET v.traffic_weight = $weight,
     v.weight_history = coalesce(v.weight_history, []) + ($now + ':' + $weight)
+"""
+
+RECORD_CROSS_CONTEXT = """
+CREATE (:CrossContextHit {at: $now, strategy_id: $strategy_id, nodes: $nodes})
+"""
+PRUNE_CROSS_CONTEXT = """
+MATCH (h:CrossContextHit) WHERE h.at < $cutoff
+WITH h LIMIT 1000
+DELETE h
+"""
+CROSS_CONTEXT_SINCE = """
+MATCH (h:CrossContextHit) WHERE h.at >= $since
+RETURN coalesce(sum(h.nodes), 0) AS nodes
 """
 
 COUNTS = """
@@ -1107,6 +1122,17 @@ class Neo4jGraphStore:
             return None
         ctx = orjson.loads(rows[0]["context"])
         return {str(k): str(v) for k, v in ctx.items()} if isinstance(ctx, dict) else None
+
+    async def record_cross_context(self, strategy_id: str, nodes: int, now: float) -> None:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> None:
+            await t.run(RECORD_CROSS_CONTEXT, now=now, strategy_id=strategy_id, nodes=nodes)
+            await t.run(PRUNE_CROSS_CONTEXT, cutoff=now - CROSS_CONTEXT_KEEP)
+
+        await self._write("record cross-context hit", tx)
+
+    async def cross_context_since(self, since: float) -> int:
+        rows = await self._read("cross-context hits", CROSS_CONTEXT_SINCE, since=since)
+        return int(rows[0]["nodes"]) if rows else 0
 
     async def counts(self) -> GraphCounts:
         row = (await self._read("counts", COUNTS))[0]

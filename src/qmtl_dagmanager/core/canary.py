@@ -75,6 +75,8 @@ class Rollout:
     steps: tuple[Step, ...]
     gates: tuple[Gate, ...] = ()
     rollback_window: float = 0.0
+    # a cross-context hit recorded within this many seconds halts steps and promotion
+    analysis_window: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)

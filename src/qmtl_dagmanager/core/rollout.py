@@ -24,6 +24,9 @@ ACTION_EVENTS = {
 }
 
 
+HALTED_EVENTS = frozenset({Event.STEP_DONE, Event.PROMOTE})
+
+
 @dataclass(frozen=True)
 class SentinelSpec:
     """What a VersionSentinel asks for, checked (the CRD model parses bodies into this)."""
@@ -68,6 +71,7 @@ class Run:
     held_by: str | None = None
     aborted_by: str | None = None
     last_action: str | None = None
+    halted: str | None = None  # why steps and promotion are held back (a cross-context hit)
 
     @classmethod
     def start(cls, spec: SentinelSpec, state: canary.State, now: float, old: dict[str, Any]) -> Run:
@@ -81,8 +85,22 @@ class Run:
             last_action=old.get("lastAction"),
         )
 
+    def halt(self, hits: int) -> None:
+        """Hold steps and promotion back: `hits` nodes were refused as cross-context reuses
+        within the analysis window (0: nothing to hold back)."""
+        if hits <= 0:
+            return
+        window = self.spec.rollout.analysis_window
+        self.halted = (
+            f"{hits} node(s) refused as cross-context reuses in the last {window:g} s: "
+            "no step or promotion until none is recorded within the analysis window"
+        )
+
     def do(self, event: Event) -> bool:
-        """Apply `event`; False when the state machine ignores it in this state."""
+        """Apply `event`; False when the state machine ignores it in this state, or when a
+        halt holds a step or a promotion back."""
+        if self.halted is not None and event in HALTED_EVENTS:
+            return False
         t = canary.apply(self.spec.rollout, self.state, event, self.now)
         if t is None:
             return False
@@ -99,6 +117,10 @@ class Run:
                     self.held_by = "annotation"
                 if action[0] == "abort":
                     self.aborted_by = "annotation"
+            elif self.halted is not None and ACTION_EVENTS[action[0]] in HALTED_EVENTS:
+                self.notices.append(
+                    Notice(True, "ActionHalted", f"{action[0]} refused: {self.halted}")
+                )
             else:
                 self.notices.append(
                     Notice(

@@ -56,6 +56,7 @@ def render(
     held_by: str | None,
     aborted_by: str | None,
     error: tuple[str, str] | None = None,
+    halted: str | None = None,
 ) -> dict[str, Any]:
     """The status for `state`; the history grows by one entry per transition."""
     before = dict(old or {})
@@ -82,6 +83,11 @@ def render(
         "Progressing": (running, state.reason, state.message),
         "Promoted": (state.phase is Phase.PROMOTED, state.reason, state.message),
         "Degraded": degraded,
+        "Halted": (
+            halted is not None,
+            "CrossContextHit" if halted is not None else "AsExpected",
+            halted or "no cross-context hit within the analysis window",
+        ),
     }
     out: dict[str, Any] = {
         "observedGeneration": generation,

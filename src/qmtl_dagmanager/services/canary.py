@@ -109,6 +109,10 @@ class CanaryService:
         )
         return len(ids)
 
+    async def cross_context_hits(self, window: float) -> int:
+        """Nodes refused as cross-context reuses by any process within `window` seconds."""
+        return await self.graph.cross_context_since(self.clock.now() - window)
+
     async def measure(self, gates: Sequence[Gate], url: str = "") -> dict[str, float | None]:
         """One measurement per gate, concurrently; an unreadable metric is None (the state
         machine counts it as a failed measurement)."""

@@ -267,6 +267,7 @@ class DiffService:
         p, fingerprint = await self._plan(d, request, fresh=fresh)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))
+            await self._note_cross_context(request.strategy_id, len(p.violations))
             p.raise_for_violations()
         for action, count in (
             ("reuse", p.counts["reused"]),
@@ -330,6 +331,15 @@ class DiffService:
             self.queue_events().kick()
         self.metrics.node_cache.set(len(self.cache))
         return DiffOutcome(p, d, False, results)
+
+    async def _note_cross_context(self, strategy_id: str, nodes: int) -> None:
+        """Record the refusal in the graph, where every process's canary rollouts see it; the
+        diff is refused either way, so a graph that cannot take the record only costs a log
+        line (the counter above still rose)."""
+        try:
+            await self.graph.record_cross_context(strategy_id, nodes, self.clock.now())
+        except DagManagerError as e:
+            log.warning("cross-context hit of %s not recorded: %s", strategy_id, e.message)
 
     def _remember(self, p: plan.Plan, now: float) -> None:
         """After a write: the graph now holds each node with its queue for this context (and

@@ -56,6 +56,9 @@ class RolloutService:
         traffic moves); other errors (a dependency down) are raised for a retry."""
         before = dict(old)
         run = Run.start(spec, sentinel_status.state_of(before), self.clock.now(), before)
+        if run.state.phase in (Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED):
+            run.halt(await self.effects.cross_context_hits(spec.rollout.analysis_window))
+            self._note_halt(run, before, namespace, name)
         run.manual(action)
         try:
             await self._advance(run, namespace, generation)
@@ -73,6 +76,7 @@ class RolloutService:
             last_action=run.last_action,
             held_by=run.held_by,
             aborted_by=run.aborted_by,
+            halted=run.halted,
         )
         notices = [*(self._announce(t, namespace, name) for t in run.transitions), *run.notices]
         return RolloutOutcome(None if same(before, new) else new, notices, run.transitions)
@@ -129,6 +133,23 @@ class RolloutService:
                         "kept as sentinel queues for a rollback",
                     )
                 )
+
+    def _note_halt(self, run: Run, before: Mapping[str, Any], namespace: str, name: str) -> None:
+        """An event, a log line and a metric when a halt starts or ends."""
+        was = any(
+            c.get("type") == "Halted" and c.get("status") == "True"
+            for c in before.get("conditions") or []
+        )
+        if (run.halted is not None) == was:
+            return
+        if run.halted is not None:
+            log.warning("%s/%s halted: %s", namespace, name, run.halted)
+            run.notices.append(Notice(True, "CrossContextHit", f"halted: {run.halted}"))
+        else:
+            message = "no cross-context hit within the analysis window: the rollout goes on"
+            log.info("%s/%s %s", namespace, name, message)
+            run.notices.append(Notice(False, "CrossContextClear", message))
+        self.metrics.canary_halts.labels("halted" if run.halted else "cleared").inc()
 
     @staticmethod
     def _announce(t: canary.Transition, namespace: str, name: str) -> Notice:

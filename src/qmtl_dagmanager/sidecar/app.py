@@ -164,7 +164,8 @@ async def _start_probes(
         await probe.start()
         sidecar.probe_grpc = probe
     if settings.probe_http_port:
-        runner = web.AppRunner(http_admin.make_probe_app(sidecar.container.graph), access_log=None)
+        c = sidecar.container
+        runner = web.AppRunner(http_admin.make_probe_app(c.graph, c.metrics), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.probe_host, settings.probe_http_port).start()
         sidecar.probe_http = runner

@@ -102,18 +102,22 @@ def make_app(
         )
         return web.json_response({"id": body["id"], **run.as_json()}, status=202)
 
-    async def prometheus(_: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(metrics.registry))
-        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return resp
-
     app = web.Application()
     app.router.add_get("/status", status)
     app.router.add_post("/admin/gc-trigger", gc_trigger)
     app.router.add_post("/admin/gc-keep", _gc_keep_handler(graph, refused))
     app.router.add_post("/admin/rollback", _rollback_handler(canary, refused))
-    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/metrics", _metrics_handler(metrics))
     return app
+
+
+def _metrics_handler(metrics: Metrics) -> Handler:
+    async def prometheus(_: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(metrics.registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    return prometheus
 
 
 def _status_handler(graph: GraphStore) -> Handler:
@@ -130,9 +134,10 @@ def _status_handler(graph: GraphStore) -> Handler:
     return status
 
 
-def make_probe_app(graph: GraphStore) -> web.Application:
-    """What a kubelet probes, on the pod's IP: `/livez` (the event loop answers; never the
-    graph, so an outage of Neo4j does not restart the pod) and the read-only `/status`."""
+def make_probe_app(graph: GraphStore, metrics: Metrics) -> web.Application:
+    """What a kubelet probes and Prometheus scrapes, on the pod's IP: `/livez` (the event loop
+    answers; never the graph, so an outage of Neo4j does not restart the pod), the read-only
+    `/status` and `/metrics`. Nothing that changes state."""
 
     async def livez(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -140,6 +145,7 @@ def make_probe_app(graph: GraphStore) -> web.Application:
     app = web.Application()
     app.router.add_get("/livez", livez)
     app.router.add_get("/status", _status_handler(graph))
+    app.router.add_get("/metrics", _metrics_handler(metrics))
     return app
 
 

@@ -130,6 +130,12 @@ class Spec:
     prometheus_url: str = field(
         "Prometheus-compatible HTTP API for the gates (default: setting).", default=""
     )
+    analysis_window: IntOrString = field(
+        "While a DAG was refused as a cross-context reuse (by any sidecar or the operator) "
+        "within this window, the rollout neither steps nor promotes; condition Halted "
+        "(default 10m).",
+        default="10m",
+    )
     rollback_window: IntOrString = field(
         "After promotion, how long the stable version stays warm at weight 0 and a rollback is "
         "possible (default 0).",
@@ -173,6 +179,7 @@ class Spec:
             tuple(s.to_core(f"spec.steps[{i}]") for i, s in enumerate(self.steps)),
             tuple(gates),
             canary.parse_duration(self.rollback_window, "spec.rollbackWindow"),
+            canary.parse_duration(self.analysis_window, "spec.analysisWindow"),
         )
         return SentinelSpec(
             strategy_id=strategy,
