@@ -6,6 +6,9 @@ drivers."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,6 +21,7 @@ from qmtl_dagmanager.adapters.memory_events import MemoryEventBus
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
+from qmtl_dagmanager.adapters.otlp import OtlpExporter, OtlpLogHandler
 from qmtl_dagmanager.adapters.prometheus import Prometheus, PrometheusQuery
 from qmtl_dagmanager.adapters.s3_store import S3Store, parse_url
 from qmtl_dagmanager.config import Settings
@@ -40,8 +44,10 @@ from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.services.rollout import RolloutService
 from qmtl_dagmanager.services.vitals import Vitals
+from qmtl_dagmanager.tracing import Tracer
 
 T = TypeVar("T")
+AUDIT_LOGGER = "qmtl_dagmanager.audit"  # sidecar/security.py writes the audit records there
 
 
 @dataclass
@@ -59,7 +65,24 @@ class Container:
     node_memo: NodeMemo | None  # validated nodes by content (None: disabled)
     events: QueueEvents  # the process's QueueUpdated publisher (the graph's outbox)
     prometheus: Prometheus  # one HTTP session for gates and the broker load
+    tracer: Tracer = field(default_factory=Tracer)  # disabled unless otlp_endpoint is set
+    exporter: OtlpExporter | None = None
+    _audit_handler: logging.Handler | None = field(default=None, repr=False)
     _built: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def trace_to(self, endpoint: str) -> None:
+        """Export spans, and the audit logger's records, to an OTLP/HTTP collector."""
+        self.exporter = OtlpExporter(
+            endpoint,
+            self.settings.otel_service_name,
+            resource={"service.instance.id": socket.gethostname(), "process.pid": os.getpid()},
+        )
+        self.tracer = Tracer(self.exporter)
+        self._audit_handler = OtlpLogHandler(self.exporter)
+        audit = logging.getLogger(AUDIT_LOGGER)
+        audit.addHandler(self._audit_handler)
+        if not audit.isEnabledFor(logging.INFO):  # exported whatever the log level
+            audit.setLevel(logging.INFO)
 
     def _once(self, key: str, make: Callable[[], T]) -> T:
         if key not in self._built:
@@ -105,6 +128,7 @@ class Container:
             max_inflight=s.diff_max_inflight,
             max_waiting=s.diff_max_waiting if shed_load else 1_000_000,
             max_wait=2.0 if shed_load else 24 * 3600.0,
+            tracer=self.tracer,
         )
 
     def canary(self) -> CanaryService:
@@ -164,6 +188,7 @@ class Container:
                 else None
             ),
             load_threshold=self.settings.gc_load_threshold,
+            tracer=self.tracer,
         )
 
     async def close(self, drain: float = 5.0) -> None:
@@ -174,6 +199,10 @@ class Container:
         await self.topics.close()
         await self.graph.close()
         await self.prometheus.close()
+        if self._audit_handler is not None:
+            logging.getLogger(AUDIT_LOGGER).removeHandler(self._audit_handler)
+        if self.exporter is not None:
+            self.exporter.close()
 
 
 def graph_store(settings: Settings) -> GraphStore:
@@ -244,7 +273,7 @@ def assemble(
     metrics = Metrics()
     cache = NodeCache(clock, ttl=settings.node_cache_ttl_seconds)
     metrics.nodecache_bytes.labels("total").set_function(cache.resident_bytes)
-    return Container(
+    container = Container(
         settings,
         graph,
         topics,
@@ -259,3 +288,7 @@ def assemble(
         QueueEvents(graph, controlbus, metrics, clock),
         Prometheus(),
     )
+    if settings.otlp_endpoint:
+        container.trace_to(settings.otlp_endpoint)
+        container.events.tracer = container.tracer
+    return container

@@ -339,6 +339,21 @@ class Settings:
         _url,
         "a Prometheus-compatible HTTP API (`/api/v1/query`): GC load metric, canary gates",
     )
+    otlp_endpoint: str = setting(
+        "",
+        "otlp_endpoint",
+        "QMTL_OTLP_ENDPOINT",
+        _url,
+        "OTLP/HTTP collector (e.g. http://otel-collector:4318): traces of diffs, reconciles and "
+        "GC runs, and the audit records as OTLP logs (empty: off; audit stays log lines)",
+    )
+    otel_service_name: str = setting(
+        "qmtl-dagmanager",
+        "otel_service_name",
+        "QMTL_OTEL_SERVICE_NAME",
+        _text,
+        "`service.name` of the exported traces and logs",
+    )
     gc_load_query: str = setting(
         "",
         "gc_load_query",

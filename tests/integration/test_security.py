@@ -88,7 +88,7 @@ async def test_bearer_tokens_are_required_and_checked(start: Start) -> None:
         assert r.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_probe_ports_serve_health_only(start: Start) -> None:
+async def test_probe_ports_serve_health_and_metrics_only(start: Start) -> None:
     """A kubelet probes the pod's IP while the Gateway's calls stay on loopback: the probe
     ports answer health and liveness, and nothing else."""
     grpc_probe, http_probe = free_port(), free_port()
@@ -115,7 +115,7 @@ async def test_probe_ports_serve_health_only(start: Start) -> None:
             assert resp.status in (404, 405)
         async with http.get(f"http://127.0.0.1:{http_probe}/metrics") as resp:
             assert resp.status == 200  # for Prometheus: the sidecar's diffs are SLO-1's
-            assert "diff_duration_seconds_bucket" in await resp.text()
+            assert "# TYPE diff_duration_seconds histogram" in await resp.text()
         async with http.post(f"http://127.0.0.1:{http_probe}/admin/rollback") as resp:
             assert resp.status in (404, 405)
     # the main listeners are unchanged

@@ -73,9 +73,17 @@ class Reconciler:
         self._locks[uid] = (lock, users + 1)
         started = time.perf_counter()
         result = "error"
+        meta = body.get("metadata") or {}
+        attrs = {
+            "namespace": str(meta.get("namespace") or ""),
+            "name": str(meta.get("name") or ""),
+            "trigger": trigger,
+        }
         try:
-            async with lock:
-                result = await self._reconcile(body, sink, trigger)
+            with self.strategies.diffs.tracer.span("reconcile.strategydag", attrs) as span:
+                async with lock:
+                    result = await self._reconcile(body, sink, trigger)
+                span.set("result", result)
         finally:
             lock, users = self._locks[uid]
             if users == 1:

@@ -54,6 +54,7 @@ from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
+from qmtl_dagmanager.tracing import Attribute, Tracer
 
 log = logging.getLogger(__name__)
 MAX_RENAME_ROUNDS = 3
@@ -100,6 +101,7 @@ class DiffService:
     events: QueueEvents | None = None  # the process's publisher; one of its own if None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _counts_stale: bool = False
+    tracer: Tracer = field(default_factory=Tracer)
 
     async def diff(
         self,
@@ -114,14 +116,23 @@ class DiffService:
         started = time.perf_counter()
         self.metrics.diff_requests.inc()
         dry = dry_run or request.strategy_id == self.dry_run_strategy
-        try:
-            async with self._admission():
-                outcome = await self._diff(request, dag_json, dry, ids or self.ids)
-        except DagManagerError as e:
-            self.metrics.diff_failures.labels(e.reason).inc()
-            self.metrics.diff_duration.labels("error").observe(time.perf_counter() - started)
-            log.info("diff of %s failed: %s: %s", request.strategy_id, e.reason, e.message)
-            raise
+        attrs: dict[str, Attribute] = {
+            "strategy_id": request.strategy_id,
+            "dry_run": dry,
+            "bytes": len(dag_json),
+        }
+        with self.tracer.span("dagmanager.diff", attrs) as span:
+            try:
+                async with self._admission():
+                    outcome = await self._diff(request, dag_json, dry, ids or self.ids)
+            except DagManagerError as e:
+                self.metrics.diff_failures.labels(e.reason).inc()
+                self.metrics.diff_duration.labels("error").observe(time.perf_counter() - started)
+                log.info("diff of %s failed: %s: %s", request.strategy_id, e.reason, e.message)
+                span.set("error.reason", e.reason)
+                raise
+            span.set("nodes", len(outcome.plan.nodes))
+            span.set("created", outcome.plan.counts["new"])
         self.metrics.diff_duration.labels("ok").observe(time.perf_counter() - started)
         return outcome
 
@@ -165,7 +176,8 @@ class DiffService:
         records = {} if fresh else self.cache.get_many(ids)
         cached = bool(records)
         missing = [nid for nid in ids if nid not in records] if records else ids
-        read = await self.graph.read(missing, [], request.strategy_id)
+        with self.tracer.span("graph.read", {"nodes": len(missing), "cached": len(records)}):
+            read = await self.graph.read(missing, [], request.strategy_id)
         self.cache.put_many(read.records)
         records.update(read.records)
         owners: dict[str, NodeId] = {}
@@ -192,7 +204,8 @@ class DiffService:
                     self.metrics.cache_refusals_avoided.inc()
                     cached = False
                 looked_up |= {v.topic for v in p.violations}
-                read = await self.graph.read(ids, sorted(looked_up), request.strategy_id)
+                with self.tracer.span("graph.read", {"nodes": len(ids), "confirm": True}):
+                    read = await self.graph.read(ids, sorted(looked_up), request.strategy_id)
                 self.cache.put_many(read.records)
                 records, owners = dict(read.records), dict(read.owners)
                 continue
@@ -206,7 +219,8 @@ class DiffService:
                     f"{MAX_RENAME_ROUNDS} rounds"
                 )
             looked_up |= set(fresh_names)
-            extra = await self.graph.read([], fresh_names)
+            with self.tracer.span("graph.read", {"topics": len(fresh_names)}):
+                extra = await self.graph.read([], fresh_names)
             if not extra.owners:
                 return p, read.fingerprint
             owners |= extra.owners
@@ -232,7 +246,9 @@ class DiffService:
     async def _diff_fresh(
         self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
     ) -> DiffOutcome:
-        d = dag.parse(dag_json, limits=self.limits, ids=ids, memo=self.memo)
+        with self.tracer.span("parse") as span:
+            d = dag.parse(dag_json, limits=self.limits, ids=ids, memo=self.memo)
+            span.set("nodes", len(d.nodes))
         if self.memo is not None:
             self.metrics.node_memo.set(len(self.memo))
         attempt, fresh = 1, False
@@ -264,7 +280,8 @@ class DiffService:
     async def _plan_and_write(
         self, d: dag.Dag, request: plan.Request, dry: bool, fresh: bool = False
     ) -> DiffOutcome:
-        p, fingerprint = await self._plan(d, request, fresh=fresh)
+        with self.tracer.span("plan", {"fresh": fresh}):
+            p, fingerprint = await self._plan(d, request, fresh=fresh)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))
             await self._note_cross_context(request.strategy_id, len(p.violations))
@@ -286,19 +303,22 @@ class DiffService:
         if creates:
             # written before the topics exist: a topic no queue ever owns is swept by GC;
             # the write below is refused if a sweep deleted one of them meanwhile
-            recorded = await self.graph.record_intents(
-                [c.topic for c in creates], now, request.strategy_id
-            )
+            with self.tracer.span("graph.record_intents", {"topics": len(creates)}):
+                recorded = await self.graph.record_intents(
+                    [c.topic for c in creates], now, request.strategy_id
+                )
             if recorded.busy:
                 raise QueueBusy(list(recorded.busy))
             intents = recorded.generations
-        results = await self.topics.ensure({c.topic: c.spec for c in creates if c.spec})
+        with self.tracer.span("kafka.create_topics", {"topics": len(creates)}):
+            results = await self.topics.ensure({c.topic: c.spec for c in creates if c.spec})
         self._raise_for_topics(results)
         sentinel = d.sentinels[0] if d.sentinels else None
         try:
-            reclaimed = await self.graph.apply(
-                p, now, SentinelWrite.from_plan(p, sentinel), intents
-            )
+            with self.tracer.span("graph.write", {"nodes": len(p.nodes)}):
+                reclaimed = await self.graph.apply(
+                    p, now, SentinelWrite.from_plan(p, sentinel), intents
+                )
         except DagManagerError:
             self.cache.evict(n.node_id for n in d.nodes)
             raise
@@ -328,7 +348,8 @@ class DiffService:
             )
             self._refresh_counts()
         if p.query_groups:  # marked in the outbox by the write; published off this path
-            self.queue_events().kick()
+            with self.tracer.span("controlbus.schedule", {"groups": len(p.query_groups)}):
+                self.queue_events().kick()
         self.metrics.node_cache.set(len(self.cache))
         return DiffOutcome(p, d, False, results)
 

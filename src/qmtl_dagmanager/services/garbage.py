@@ -35,6 +35,7 @@ from qmtl_dagmanager.ports import (
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache
 from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
+from qmtl_dagmanager.tracing import Tracer
 
 log = logging.getLogger(__name__)
 CLAIM_TTL = 3600.0  # a claim older than this was left by a crashed run: another may take it
@@ -122,6 +123,7 @@ class GcService:
     load_threshold: float = 0.8
     intent_grace: float = INTENT_GRACE  # see INTENT_GRACE
     compact_max_nodes: int = 1000  # compute nodes a timed run may compact (0: never)
+    tracer: Tracer = field(default_factory=Tracer)
 
     async def _loaded(self) -> tuple[bool, float | None]:
         """Whether the broker is too loaded for a full batch. A metric that cannot be read
@@ -136,6 +138,24 @@ class GcService:
         return value > self.load_threshold, value
 
     async def collect(
+        self,
+        *,
+        dry_run: bool = False,
+        scope: str | None = None,
+        force: bool = False,
+        run_id: str | None = None,
+        name: str | None = None,
+    ) -> GcRun:
+        """One run, in a span (see `_collect`)."""
+        with self.tracer.span("gc.run", {"dry_run": dry_run, "scope": scope or ""}) as span:
+            run = await self._collect(
+                dry_run=dry_run, scope=scope, force=force, run_id=run_id, name=name
+            )
+            span.set("collected", len(run.processed))
+            span.set("failed", len(run.failed))
+            return run
+
+    async def _collect(
         self,
         *,
         dry_run: bool = False,

@@ -26,6 +26,7 @@ from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Clock, GraphStore, PendingEvent
 from qmtl_dagmanager.services.controlbus import ControlBus
+from qmtl_dagmanager.tracing import Tracer
 
 log = logging.getLogger(__name__)
 BATCH = 256  # groups claimed per round
@@ -48,6 +49,7 @@ class QueueEvents:
     ) -> None:
         self.graph, self.controlbus, self.metrics, self.clock = graph, controlbus, metrics, clock
         self.owner = owner or f"publisher-{uuid.uuid4().hex[:12]}"
+        self.tracer = Tracer()  # the process's, set by the composition root
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._polling = False
@@ -126,7 +128,8 @@ class QueueEvents:
             if not pending:
                 break
             started = time.perf_counter()
-            await self._publish(pending)
+            with self.tracer.span("controlbus.publish", {"groups": len(pending)}):
+                await self._publish(pending)
             self._last_round = time.perf_counter() - started
             published += len(pending)
             changed = await self.graph.settle_events(self.owner, pending)
