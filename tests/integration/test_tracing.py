@@ -85,8 +85,8 @@ def collector(tmp_path: Path) -> Iterator[Collector]:
 def spans(output: str) -> list[dict[str, str]]:
     """The spans the debug exporter printed: name, ids and attributes."""
     out = []
-    for block in re.split(r"\nSpan #\d+\n", output)[1:]:
-        block = block.split("\n\t{", 1)[0].split("\nSpan #", 1)[0]
+    for raw in re.split(r"\nSpan #\d+\n", output)[1:]:
+        block = raw.split("\n\t{", 1)[0]
         fields = dict(re.findall(r"^\s{4}(\w[\w ]*?)\s*: (.*)$", block, re.M))
         attrs = dict(re.findall(r"^\s+-> ([\w.]+): \w+\((.*)\)$", block, re.M))
         out.append({**fields, **{f"attr.{k}": v for k, v in attrs.items()}})
