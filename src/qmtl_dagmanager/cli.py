@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import grpc
 
-from qmtl_dagmanager import bootstrap, logs, render
+from qmtl_dagmanager import bootstrap, logs, render, status_report
 from qmtl_dagmanager.client import ContractViolation, GatewayClient
 from qmtl_dagmanager.config import Settings, SettingsError, load
 from qmtl_dagmanager.core import dag
@@ -310,6 +310,24 @@ async def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_status(args: argparse.Namespace) -> int:
+    """The health of one process (a sidecar or the operator) from its HTTP endpoints."""
+    base = f"http://{args.target}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with http.get(f"{base}/metrics") as r:
+            if r.status != 200:
+                print(f"error: {base}/metrics answered {r.status}", file=sys.stderr)
+                return EXIT_UNAVAILABLE
+            text = await r.text()
+        status = None
+        async with http.get(f"{base}/status") as r:
+            if r.status == 200:  # the operator's metrics port serves only /metrics
+                status = await r.json()
+    report = status_report.render(args.target, text, status)
+    print(report.text)
+    return EXIT_OK if report.healthy else EXIT_OTHER
+
+
 async def cmd_gc_keep(args: argparse.Namespace) -> int:
     url = f"http://{args.target}/admin/gc-keep"
     payload = {"topics": args.topics, "keep": not args.remove, "by": args.by}
@@ -424,6 +442,17 @@ def parser() -> argparse.ArgumentParser:
     qs.add_argument("--tag", default="")
     qs.add_argument("--interval", default="")
     qs.add_argument("--target", default="127.0.0.1:50051")
+    st = sub.add_parser(
+        "status",
+        help="a process's health: dependencies, SLOs of the last hour, graph size, GC backlog "
+        "(exit 1 when something needs attention)",
+    )
+    st.add_argument(
+        "--target",
+        default="127.0.0.1:8001",
+        help="HOST:PORT serving /metrics: the sidecar's HTTP admin or probe port, or the "
+        "operator's metrics port (8081)",
+    )
     gc = sub.add_parser("gc", help="trigger garbage collection on a running sidecar")
     gc.add_argument("--dry-run", action="store_true")
     gc.add_argument(
@@ -467,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             "queue-stats": lambda: cmd_queue_stats(args),
             "gc": lambda: cmd_gc(args),
             "gc-keep": lambda: cmd_gc_keep(args),
+            "status": lambda: cmd_status(args),
             "compact": lambda: cmd_compact(settings, args),
             "archive": lambda: cmd_archive(settings, args),
             "redo-diff": lambda: cmd_redo(args),

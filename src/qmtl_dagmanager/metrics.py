@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -26,6 +29,91 @@ class _SinceWeightChange(Collector):
         for sentinel, at in sorted(self.changed_at.items()):
             g.add_metric([sentinel], max(0.0, now - at))
         yield g
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    at: float  # monotonic seconds
+    diffs: float
+    fast: float  # diffs answered within 100 ms (SLO-1)
+    created: float
+    failed: float  # topic creations (SLO-2)
+    gap: bool  # a sentinel gap at this moment (SLO-3)
+
+
+class SloWindow(Collector):
+    """The SLO figures of the last `window` seconds (or of the process's life, if shorter),
+    from snapshots of the counters the vitals timer takes: `dagmanager_slo_ratio{slo}` (the
+    good fraction; NaN with no events), `dagmanager_slo_events{slo}` and
+    `dagmanager_slo_window_seconds` (the span they cover). For a person at a terminal
+    (`dagmanager status`); Prometheus computes the real SLOs from the raw counters."""
+
+    def __init__(self, metrics: Metrics, window: float = 3600.0) -> None:
+        self._m = metrics
+        self.window = window
+        self._snaps: deque[_Snapshot] = deque()
+
+    def _now(self) -> _Snapshot:
+        m = self._m
+        diffs = _sum(m.diff_duration, "diff_duration_seconds_count")
+        fast = _sum(m.diff_duration, "diff_duration_seconds_bucket", le="0.1")
+        return _Snapshot(
+            time.monotonic(),
+            diffs,
+            fast,
+            _sum(m.queue_create_successes, "queue_create_success_total"),
+            _sum(m.queue_create_errors, "queue_create_error_total"),
+            _sum(m.sentinel_gap, "sentinel_gap_count") > 0,
+        )
+
+    def snapshot(self) -> None:
+        snap = self._now()
+        self._snaps.append(snap)
+        while len(self._snaps) > 1 and snap.at - self._snaps[1].at >= self.window:
+            self._snaps.popleft()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = self._now()
+        first = self._snaps[0] if self._snaps else now
+        snaps = [*self._snaps, now]
+        ratio = GaugeMetricFamily(
+            "dagmanager_slo_ratio", "Good fraction over the SLO window", labels=["slo"]
+        )
+        events = GaugeMetricFamily(
+            "dagmanager_slo_events", "Events the SLO window holds", labels=["slo"]
+        )
+        diffs, created = (
+            now.diffs - first.diffs,
+            (now.created + now.failed) - (first.created + first.failed),
+        )
+        ratio.add_metric(["SLO-1"], _fraction(now.fast - first.fast, diffs))
+        events.add_metric(["SLO-1"], diffs)
+        ratio.add_metric(["SLO-2"], _fraction(now.created - first.created, created))
+        events.add_metric(["SLO-2"], created)
+        ratio.add_metric(["SLO-3"], sum(not s.gap for s in snaps) / len(snaps))
+        events.add_metric(["SLO-3"], len(snaps))
+        yield ratio
+        yield events
+        yield GaugeMetricFamily(
+            "dagmanager_slo_window_seconds",
+            "Seconds the SLO window covers (shorter than an hour after a start)",
+            value=now.at - first.at,
+        )
+
+
+def _sum(metric: Collector, name: str, **labels: str) -> float:
+    """The sum of one metric's samples called `name` whose labels include `labels` (read from
+    the metric itself: reading through the registry would collect this collector too)."""
+    return sum(
+        s.value
+        for family in metric.collect()
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def _fraction(good: float, total: float) -> float:
+    return good / total if total > 0 else math.nan
 
 
 class Metrics:
@@ -227,3 +315,5 @@ class Metrics:
         self.grpc_errors = Counter(
             "grpc_errors_total", "gRPC calls that ended in an error", ["method", "code"], registry=r
         )
+        self.slo_window = SloWindow(self)
+        r.register(self.slo_window)

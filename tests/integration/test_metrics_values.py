@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -120,3 +121,32 @@ async def test_graph_gauges_are_true_after_a_quiet_restart(stack: Stack) -> None
         assert value(m, "diff_requests_total") == 0
     finally:
         await second.stop(0)
+
+
+async def test_dagmanager_status_reads_a_running_sidecar(sidecar: Running) -> None:
+    base = sidecar.http
+    await sidecar.client.diff(f"st-{uid()}", dumps(generate(3, salt=uid())))
+    await eventually(base, lambda m: ("dependency_up", (("dependency", "kafka"),)) in m)
+    target = base.removeprefix("http://")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmtl_dagmanager.cli", "status", "--target", target,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 1, (text, err.decode())  # the DAG had no sentinel: SLO-3 breached
+    assert "neo4j    up" in text and "kafka    up" in text, text
+    assert "SLO-1 diffs answered within 100 ms" in text
+    assert "of 1 " in text  # one diff in the window
+    assert "SLO-3" in text and "BREACHED" in text
+    assert "/status  ok" in text
+    assert "no timed GC in this process" in text
+
+
+async def test_dagmanager_status_names_an_unreachable_target() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmtl_dagmanager.cli", "status", "--target", "127.0.0.1:9",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 3 and "127.0.0.1:9" in err.decode()

@@ -56,6 +56,7 @@ class Vitals:
         if counts is not None:
             self.metrics.compute_nodes.set(counts.compute_nodes)
             self.metrics.queues.set(counts.queues)
+        self.metrics.slo_window.snapshot()
         return Reading(up, counts, errors)
 
     async def every(self, interval: float) -> None:
