@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,9 +25,8 @@ def stack_env() -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range (tests/conftest.py says why)."""
+    return conftest.free_port()
 
 
 async def open_loop(

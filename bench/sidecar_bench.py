@@ -6,14 +6,20 @@ Starts `dagmanager server` as its own process (so its memory is its own), agains
 stack's Neo4j and Kafka. Cases: resubmitting a known 1k-node and 100-node DAG; the first
 submission of a new 1k-node DAG (1k topics created in one batch); an open-loop load of 1k-node
 resubmissions at a fixed rate, with the sidecar's RSS sampled every second.
+
+With --tracing the sidecar exports its spans and audit records to a real OpenTelemetry
+Collector (hack/otel/build-otelcol.sh) started for the run: the same cases then measure the
+overhead of tracing, and the spans the collector received are counted at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -124,19 +130,74 @@ async def full_paths(client: GatewayClient, run: str, created: list[str]) -> Non
     row("first submission of a new 1k-node DAG", firsts, "(1k topics each)")
 
 
+COLLECTOR = """receivers:
+  otlp:
+    protocols:
+      http:
+        endpoint: 127.0.0.1:{port}
+exporters:
+  debug:
+    verbosity: basic
+service:
+  telemetry:
+    metrics:
+      level: none
+    logs:
+      sampling:
+        enabled: false  # the collector's own log, which carries the debug output: print all
+  pipelines:
+    traces: {{receivers: [otlp], exporters: [debug]}}
+    logs: {{receivers: [otlp], exporters: [debug]}}
+"""
+
+
+def start_collector() -> tuple[subprocess.Popen[bytes], Path, int]:
+    binary = subprocess.run(
+        ["bash", str(ROOT / "hack" / "otel" / "build-otelcol.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()[-1]
+    port = free_port()
+    cfg = ROOT / ".stack" / "bench-otelcol.yaml"
+    cfg.write_text(COLLECTOR.format(port=port))
+    log = ROOT / ".stack" / "logs" / "bench-otelcol.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [binary, "--config", f"file:{cfg}"], stdout=out, stderr=subprocess.STDOUT
+        )
+    for _ in range(100):
+        if "Everything is ready" in log.read_text(errors="replace"):
+            return proc, log, port
+        time.sleep(0.1)
+    raise SystemExit(f"the collector did not start: see {log}")
+
+
+def received(log: Path) -> tuple[int, int]:
+    """(spans, log records) the collector's debug exporter reported."""
+    text = log.read_text(errors="replace")
+    spans = sum(int(n) for n in re.findall(r'"spans": (\d+)', text))
+    records = sum(int(n) for n in re.findall(r'"log records": (\d+)', text))
+    return spans, records
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--load-seconds", type=float, default=60)
     ap.add_argument("--rate", type=float, default=50)
+    ap.add_argument("--tracing", action="store_true", help="export to a real OTLP collector")
     args = ap.parse_args()
     e = stack_env()
     port, http = free_port(), free_port()
     cfg = ROOT / ".stack" / "bench-sidecar.yml"
     cfg.parent.mkdir(exist_ok=True)
+    collector = start_collector() if args.tracing else None
+    otlp = f"otlp_endpoint: {json.dumps(f'http://127.0.0.1:{collector[2]}')}\n" if collector else ""
     cfg.write_text(
         f"neo4j_dsn: {e['NEO4J_URI']}\nneo4j_user: {e['NEO4J_USER']}\nkafka_dsn: "
         f"{e['KAFKA_BOOTSTRAP_SERVERS']}\ngrpc_port: {port}\nhttp_port: {http}\n"
-        "gc_interval_seconds: 0\nlog_level: warning\nnode_ids: trust\n"
+        "gc_interval_seconds: 0\nlog_level: warning\nnode_ids: trust\n" + otlp
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"],
@@ -148,7 +209,8 @@ async def main() -> None:
         await wait_serving(port, proc)
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
-            f"{platform.python_version()}; sidecar pid {proc.pid}, node ids trusted"
+            f"{platform.python_version()}; sidecar pid {proc.pid}, node ids trusted; "
+            f"tracing {'on (OTLP to a local collector)' if collector else 'off'}"
         )
         print(f"{'case':<46} {'p50 ms':>8} {'p95 ms':>8} {'runs':>6}")
         run = uuid.uuid4().hex[:6]
@@ -176,6 +238,12 @@ async def main() -> None:
         await client.close()
         proc.terminate()
         proc.wait(30)
+        if collector is not None:
+            await asyncio.sleep(2)  # the sidecar flushed on exit; let the collector print it
+            collector[0].terminate()
+            collector[0].wait(10)
+            spans, records = received(collector[1])
+            print(f"the collector received {spans} spans and {records} audit log records")
     # remove what the first submissions created, so repeated runs do not pile up topics
     admin = KafkaTopicAdmin(e["KAFKA_BOOTSTRAP_SERVERS"], timeout=60)
     await admin.delete(sorted(set(created)))

@@ -2,7 +2,8 @@
 # The end-to-end steps shared by `make e2e-node` and `make e2e-kind`, once the cluster, the
 # image and the backends exist: the chart installed the way a platform team does, a Gateway
 # stand-in with the sidecar beside it, then tests/e2e (samples Ready, canary promoted, the
-# sidecar agreeing) and tests/chart (probes, Lease, failover, upgrade, uninstall).
+# sidecar agreeing) and tests/chart (probes, Lease, alert rules and dashboard, failover,
+# upgrade, uninstall).
 # Reads: KUBECONFIG, HELM, IMAGE_REPOSITORY, IMAGE_TAG, NEO4J_URI, NEO4J_PASSWORD,
 #        KAFKA_BOOTSTRAP, S3_ENDPOINT, S3_ACCESS_KEY, S3_SECRET_KEY; PY (default .venv/bin/python)
 set -euo pipefail
@@ -24,6 +25,11 @@ kubectl -n "$NS" create secret generic qmtl-dagmanager-s3 \
   --from-literal=access-key="$S3_ACCESS_KEY" --from-literal=secret-key="$S3_SECRET_KEY" \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
+step "the Prometheus Operator's PrometheusRule and ServiceMonitor CRDs (the chart's alerts)"
+kubectl apply --server-side -f "$(bash hack/e2e/monitoring-crds.sh)" >/dev/null
+RUNBOOKS=https://git.example.invalid/qmtl/dagmanager/docs/runbooks  # checked by tests/chart
+export QMTL_E2E_RUNBOOKS=$RUNBOOKS
+
 # the values of this run; tests/chart upgrades with --reuse-values
 values=(
   --set image.repository="$IMAGE_REPOSITORY" --set image.tag="$IMAGE_TAG"
@@ -32,6 +38,8 @@ values=(
   --set neo4j.existingSecret=qmtl-dagmanager-neo4j --set neo4j.uri="$NEO4J_URI"
   --set kafka.bootstrapServers="$KAFKA_BOOTSTRAP" --set kafka.topicProfile=development
   --set archive.s3.endpoint="${S3_ENDPOINT:-}"
+  --set metrics.prometheusRule.enabled=true --set metrics.serviceMonitor.enabled=true
+  --set metrics.prometheusRule.runbookBaseUrl="$RUNBOOKS"
 )
 # CRDs that exist without the release's ownership (applied by hand or by an earlier tool) are
 # adopted, as Helm requires, instead of failing the install

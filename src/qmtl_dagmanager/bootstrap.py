@@ -6,6 +6,7 @@ drivers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -194,15 +195,17 @@ class Container:
     async def close(self, drain: float = 5.0) -> None:
         """Publish what this process marked in the outbox (bounded), then close; anything
         left is published by another process's poller."""
-        await self.events.close(drain)
-        await self.bus.close()
-        await self.topics.close()
-        await self.graph.close()
-        await self.prometheus.close()
-        if self._audit_handler is not None:
-            logging.getLogger(AUDIT_LOGGER).removeHandler(self._audit_handler)
-        if self.exporter is not None:
-            self.exporter.close()
+        try:
+            await self.events.close(drain)
+            await self.bus.close()
+            await self.topics.close()
+            await self.graph.close()
+            await self.prometheus.close()
+        finally:  # the spans and audit records of the shutdown itself go out last
+            if self._audit_handler is not None:
+                logging.getLogger(AUDIT_LOGGER).removeHandler(self._audit_handler)
+            if self.exporter is not None:
+                await asyncio.to_thread(self.exporter.close)
 
 
 def graph_store(settings: Settings) -> GraphStore:

@@ -38,6 +38,9 @@ def configure(level: str, fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # the handler filters too: a logger set lower on purpose (the audit logger, whose records
+    # go to an OTLP collector whatever the level) must not print below the configured level
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

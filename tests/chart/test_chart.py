@@ -258,6 +258,44 @@ def age_seconds(pod: dict[str, Any]) -> float:
     return time.time() - calendar.timegm(started)
 
 
+def test_the_chart_installs_the_alert_rules_and_the_dashboard(tmp_path: Path) -> None:
+    """The PrometheusRule (accepted by the apiserver against the Prometheus Operator's real
+    CRD schema) holds the rule file with the runbook links filled in, and promtool accepts
+    what the cluster stores; the dashboard ConfigMap holds the dashboard; the operator has a
+    ServiceMonitor."""
+    runbooks = os.environ.get("QMTL_E2E_RUNBOOKS", "")
+    assert runbooks, "hack/e2e/chart.sh sets QMTL_E2E_RUNBOOKS"
+    rule = get("prometheusrule", RELEASE)
+    raw = ROOT / "charts" / "qmtl-dagmanager" / "files" / "rules" / "qmtl-dagmanager.rules.yaml"
+    want = yaml.safe_load(raw.read_text().replace("@RUNBOOKS@", runbooks))
+    groups = rule["spec"]["groups"]
+    alerts = {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
+    assert set(alerts) == {r["alert"] for g in want["groups"] for r in g["rules"] if "alert" in r}
+    assert alerts["QueueCreateErrors"]["labels"]["severity"] == "critical"
+    assert alerts["DiffDurationHigh"]["annotations"]["runbook_url"] == (
+        f"{runbooks}/DiffDurationHigh.md"
+    )
+    stored = tmp_path / "stored.rules.yaml"
+    stored.write_text(yaml.safe_dump({"groups": groups}))
+    promtool = subprocess.run(
+        ["bash", str(ROOT / "hack" / "stack" / "build-promtool.sh")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()[-1]  # fmt: skip
+    check = subprocess.run(
+        [promtool, "check", "rules", str(stored)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"SUCCESS: {sum(len(g['rules']) for g in want['groups'])} rules found" in check.stdout
+    board = get("configmap", f"{RELEASE}-dashboard")
+    dashboard = json.loads(board["data"]["qmtl-dagmanager.json"])
+    assert dashboard["uid"] == "qmtl-dagmanager"
+    links = {lk["url"] for p in dashboard["panels"] for lk in p.get("links", [])}
+    assert f"{runbooks}/CrossContextCacheHit.md" in links
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    monitor = get("servicemonitor", RELEASE)
+    assert monitor["spec"]["endpoints"], monitor["spec"]
+
+
 def test_killing_the_leader_fails_over_to_the_second_replica(workspace: str) -> None:
     leader = holder()
     standby = next(

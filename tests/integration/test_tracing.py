@@ -33,6 +33,9 @@ service:
   telemetry:
     metrics:
       level: none
+    logs:
+      sampling:
+        enabled: false  # the collector's own log, which carries the debug output: print all
   pipelines:
     traces: {{receivers: [otlp], exporters: [debug]}}
     logs: {{receivers: [otlp], exporters: [debug]}}

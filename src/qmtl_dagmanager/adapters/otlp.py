@@ -100,6 +100,11 @@ class OtlpExporter:
         """Send what is queued (bounded by `timeout`), then stop the thread."""
         self._stop.set()
         self._thread.join(timeout)
+        log.log(
+            logging.WARNING if self.dropped else logging.INFO,
+            "OTLP export to %s: %d spans and %d log records sent, %d dropped",
+            self.endpoint, self.sent["traces"], self.sent["logs"], self.dropped,
+        )  # fmt: skip
 
     # -- the thread ----------------------------------------------------------------------------
 
