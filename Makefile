@@ -97,6 +97,7 @@ bench: $(STAMP) ## benchmarks of the real code paths (figures go to README: Perf
 	$(PY) bench/adapters_bench.py
 	$(PY) bench/topics_bench.py
 	$(PY) bench/sidecar_bench.py
+	$(PY) bench/sidecar_bench.py --tracing
 	$(PY) bench/writers_bench.py
 
 bench-scale: $(STAMP) ## growth: diff latency against stored nodes (embedded, Neo4j + Kafka), docs/scale.svg
