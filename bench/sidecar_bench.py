@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from qmtl_dagmanager.client import GatewayClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.gen import dumps, generate  # noqa: E402
+from tests.otel_collector import Collector  # noqa: E402
 
 from bench.common import free_port, open_loop, stack_env  # noqa: E402
 
@@ -130,58 +130,6 @@ async def full_paths(client: GatewayClient, run: str, created: list[str]) -> Non
     row("first submission of a new 1k-node DAG", firsts, "(1k topics each)")
 
 
-COLLECTOR = """receivers:
-  otlp:
-    protocols:
-      http:
-        endpoint: 127.0.0.1:{port}
-exporters:
-  debug:
-    verbosity: basic
-service:
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      sampling:
-        enabled: false  # the collector's own log, which carries the debug output: print all
-  pipelines:
-    traces: {{receivers: [otlp], exporters: [debug]}}
-    logs: {{receivers: [otlp], exporters: [debug]}}
-"""
-
-
-def start_collector() -> tuple[subprocess.Popen[bytes], Path, int]:
-    binary = subprocess.run(
-        ["bash", str(ROOT / "hack" / "otel" / "build-otelcol.sh")],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()[-1]
-    port = free_port()
-    cfg = ROOT / ".stack" / "bench-otelcol.yaml"
-    cfg.write_text(COLLECTOR.format(port=port))
-    log = ROOT / ".stack" / "logs" / "bench-otelcol.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [binary, "--config", f"file:{cfg}"], stdout=out, stderr=subprocess.STDOUT
-        )
-    for _ in range(100):
-        if "Everything is ready" in log.read_text(errors="replace"):
-            return proc, log, port
-        time.sleep(0.1)
-    raise SystemExit(f"the collector did not start: see {log}")
-
-
-def received(log: Path) -> tuple[int, int]:
-    """(spans, log records) the collector's debug exporter reported."""
-    text = log.read_text(errors="replace")
-    spans = sum(int(n) for n in re.findall(r'"spans": (\d+)', text))
-    records = sum(int(n) for n in re.findall(r'"log records": (\d+)', text))
-    return spans, records
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--load-seconds", type=float, default=60)
@@ -192,8 +140,8 @@ async def main() -> None:
     port, http = free_port(), free_port()
     cfg = ROOT / ".stack" / "bench-sidecar.yml"
     cfg.parent.mkdir(exist_ok=True)
-    collector = start_collector() if args.tracing else None
-    otlp = f"otlp_endpoint: {json.dumps(f'http://127.0.0.1:{collector[2]}')}\n" if collector else ""
+    collector = Collector(ROOT / ".stack", verbosity="basic") if args.tracing else None
+    otlp = f"otlp_endpoint: {json.dumps(collector.endpoint)}\n" if collector else ""
     cfg.write_text(
         f"neo4j_dsn: {e['NEO4J_URI']}\nneo4j_user: {e['NEO4J_USER']}\nkafka_dsn: "
         f"{e['KAFKA_BOOTSTRAP_SERVERS']}\ngrpc_port: {port}\nhttp_port: {http}\n"
@@ -240,9 +188,8 @@ async def main() -> None:
         proc.wait(30)
         if collector is not None:
             await asyncio.sleep(2)  # the sidecar flushed on exit; let the collector print it
-            collector[0].terminate()
-            collector[0].wait(10)
-            spans, records = received(collector[1])
+            collector.stop()
+            spans, records = collector.received()
             print(f"the collector received {spans} spans and {records} audit log records")
     # remove what the first submissions created, so repeated runs do not pile up topics
     admin = KafkaTopicAdmin(e["KAFKA_BOOTSTRAP_SERVERS"], timeout=60)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import neo4j
 import pytest
 
 from qmtl_dagmanager.services.queue_events import DRAIN_TASK
@@ -158,3 +159,13 @@ def stack() -> Iterator[Stack]:
     )
     if started:
         subprocess.run([*STACK, "down"], check=False)
+
+
+def clear_cross_context_hits(stack: Stack) -> None:
+    """Delete the recorded cross-context hits from the stack's graph. Tests refuse such reuses
+    on purpose, and each hit halts every canary rollout for its analysis window (10 min by
+    default): a test that expects a rollout to move starts without any."""
+    with neo4j.GraphDatabase.driver(
+        stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
+    ) as d:
+        d.execute_query("MATCH (h:CrossContextHit) DELETE h")

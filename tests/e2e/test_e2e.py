@@ -30,7 +30,7 @@ import yaml
 from kubernetes import client, config
 
 from qmtl_dagmanager.client import GatewayClient
-from tests.conftest import free_port
+from tests.conftest import clear_cross_context_hits, free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BIN = Path(sys.executable).parent / "dagmanager"
@@ -151,6 +151,7 @@ async def product(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             target = external
         else:
             s = request.getfixturevalue("stack")
+            clear_cross_context_hits(s)  # other tests' refusals would halt the canary
             kubeconfig = s.kubeconfig
             env = {
                 "KUBECONFIG": s.kubeconfig,

@@ -34,7 +34,7 @@ from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.sidecar import app
-from tests.conftest import Stack, free_port, settle_publishers
+from tests.conftest import Stack, clear_cross_context_hits, free_port, settle_publishers
 from tests.gen import dumps, generate
 from tests.integration.conftest import real_settings
 from tests.integration.kube_harness import Cluster, condition, spec_of, until
@@ -302,6 +302,7 @@ async def test_operator_killed_during_a_canary_pause_resumes_the_same_step(
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
 
+    clear_cross_context_hits(stack)  # other tests' refusals would halt the rollout
     first = operator()
     try:
         strategy = f"kill-{uid()}"

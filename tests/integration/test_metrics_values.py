@@ -86,6 +86,8 @@ async def test_metric_values_follow_real_actions(sidecar: Running) -> None:
     assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     m = await scrape(base)
     assert value(m, "cross_context_cache_hit_total") == 6
+    # recorded in the graph too, where every process's canary rollouts see it
+    assert await container.graph.cross_context_since(container.clock.now() - 60) >= 6
     assert value(m, "diff_failures_total", reason="CrossContextReuse") == 1
 
     before = time.time()

@@ -15,9 +15,16 @@ from aiohttp import web
 
 from qmtl_dagmanager.adapters.kafka_events import read_events
 from qmtl_dagmanager.core.conditions import epoch
-from tests.conftest import Stack
+from tests.conftest import Stack, clear_cross_context_hits
 from tests.gen import generate
 from tests.integration.kube_harness import Cluster, condition, spec_of, until
+
+
+@pytest.fixture(autouse=True)
+def _no_cross_context_hits(stack: Stack) -> None:
+    """Other tests on the shared graph refuse cross-context reuses on purpose, and each such
+    hit halts every rollout for its analysis window: start each test without any."""
+    clear_cross_context_hits(stack)
 
 
 def weights(stack: Stack, topic: str, sentinel_id: str) -> dict[str, list[float]]:
@@ -179,3 +186,32 @@ async def test_a_failing_gate_rolls_back_on_its_own(
     assert any(e.startswith("AnalysisFailed") for e in cluster.events("v2"))
     got = weights(stack, cluster.settings.sentinel_weight_topic, f"{strategy}-sentinel")
     assert dedup(got["v2"]) == [0.1, 0.4, 0.0] and dedup(got["v1"])[-1] == 1.0
+
+
+async def test_a_cross_context_hit_halts_the_rollout_until_its_window_is_clear(
+    cluster: Cluster,
+) -> None:
+    strategy = await version_running(cluster, f"halt-{uuid.uuid4().hex[:6]}")
+    # another process refused a cross-context reuse just now (recorded in the shared graph)
+    await cluster.container.graph.record_cross_context("elsewhere", 2, time.time())
+    steps: list[dict[str, Any]] = [{"weight": 10, "pause": "1s"}, {"weight": 100}]
+    started = time.monotonic()
+    cluster.create_sentinel("v2", sentinel_spec(strategy, steps, analysisWindow="12s"))
+
+    def halted() -> dict[str, Any] | None:
+        obj = cluster.sentinel("v2")
+        c = condition(obj, "Halted") if (obj.get("status") or {}).get("conditions") else {}
+        return obj if c.get("status") == "True" else None
+
+    obj = await until(halted, 30, "Halted=True")
+    assert condition(obj, "Halted")["reason"] == "CrossContextHit"
+    assert "2 node(s)" in condition(obj, "Halted")["message"]
+    assert obj["status"]["currentWeight"] == 10
+    cluster.act("v2", "promote")  # refused while halted
+    await until(lambda: "ActionHalted" in " ".join(cluster.events("v2")), 30, "ActionHalted")
+    assert cluster.sentinel("v2")["status"]["phase"] == "Progressing"
+    obj = await cluster.phase("v2", "Promoted", 60)
+    assert time.monotonic() - started >= 10  # not before the hit left the 12 s window
+    assert condition(obj, "Halted")["status"] == "False"
+    reasons = " ".join(cluster.events("v2"))
+    assert "CrossContextHit" in reasons and "CrossContextClear" in reasons

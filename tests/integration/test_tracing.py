@@ -5,8 +5,6 @@ span and log record: a traced diff is read back span by span from the collector'
 from __future__ import annotations
 
 import re
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,73 +14,19 @@ import pytest
 from qmtl_dagmanager.bootstrap import build_fake
 from qmtl_dagmanager.client import GatewayClient
 from qmtl_dagmanager.sidecar import app
-from tests.conftest import ROOT, Stack, free_port
+from tests.conftest import Stack
 from tests.gen import dumps, generate
 from tests.integration.conftest import real_settings
+from tests.otel_collector import Collector
 
 pytestmark = pytest.mark.integration
-CONFIG = """receivers:
-  otlp:
-    protocols:
-      http:
-        endpoint: 127.0.0.1:{port}
-exporters:
-  debug:
-    verbosity: detailed
-service:
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      sampling:
-        enabled: false  # the collector's own log, which carries the debug output: print all
-  pipelines:
-    traces: {{receivers: [otlp], exporters: [debug]}}
-    logs: {{receivers: [otlp], exporters: [debug]}}
-"""
-
-
-class Collector:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, port: int) -> None:
-        self.proc, self.log, self.endpoint = proc, log, f"http://127.0.0.1:{port}"
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while text not in (out := self.output()):
-            assert self.proc.poll() is None, f"the collector exited:\n{out[-3000:]}"
-            assert time.monotonic() < deadline, f"{text!r} not received:\n{out[-3000:]}"
-            time.sleep(0.1)
-        return out
 
 
 @pytest.fixture
 def collector(tmp_path: Path) -> Iterator[Collector]:
-    build = subprocess.run(
-        ["bash", str(ROOT / "hack" / "otel" / "build-otelcol.sh")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert build.returncode == 0, f"the collector could not be built:\n{build.stderr[-3000:]}"
-    binary = build.stdout.strip().splitlines()[-1]
-    port = free_port()
-    config = tmp_path / "otelcol.yaml"
-    config.write_text(CONFIG.format(port=port))
-    log = tmp_path / "otelcol.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [binary, "--config", f"file:{config}"], stdout=out, stderr=subprocess.STDOUT
-        )
-    c = Collector(proc, log, port)
-    try:
-        c.wait_for("Everything is ready")
-        yield c
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    c = Collector(tmp_path)
+    yield c
+    c.stop()
 
 
 def spans(output: str) -> list[dict[str, str]]:
