@@ -4,6 +4,7 @@ built once per process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from qmtl_dagmanager.adapters.clock import ManualClock
 from qmtl_dagmanager.adapters.memory_graph import MemoryGraphStore
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.core.errors import CrossContextReuse
 from qmtl_dagmanager.core.plan import Request
 from tests.unit.dags import chain, encode
 
@@ -68,3 +70,31 @@ def test_the_operator_root_runs_from_a_checkout() -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr
+
+
+def test_a_refused_cross_context_reuse_is_recorded_for_rollouts_unless_a_dry_run() -> None:
+    clock = ManualClock(1_000.0)
+    c = bootstrap.build_fake(Settings(), clock)
+    nodes = encode(chain(3))
+
+    async def go() -> tuple[int, int, float]:
+        await c.start()
+        try:
+            await c.diffs().diff(Request("a", execution_domain="backtest", as_of="1"), nodes)
+            other = Request("b", execution_domain="backtest", as_of="2")
+            for dry in (True, False):
+                with contextlib.suppress(CrossContextReuse):
+                    await c.diffs().diff(other, nodes, dry_run=dry)
+                if dry:
+                    after_dry = await c.graph.cross_context_since(0)
+            return (
+                after_dry,
+                await c.graph.cross_context_since(0),
+                c.metrics.cross_context._value.get(),
+            )
+        finally:
+            await c.close()
+
+    after_dry, after_real, counted = asyncio.run(go())
+    assert after_dry == 0  # a dry run holds no rollout back
+    assert after_real == 3 and counted == 6  # the counter counts both refusals

@@ -284,7 +284,8 @@ class DiffService:
             p, fingerprint = await self._plan(d, request, fresh=fresh)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))
-            await self._note_cross_context(request.strategy_id, len(p.violations))
+            if not dry:  # a dry run (a person checking a DAG) holds no rollout back
+                await self._note_cross_context(request.strategy_id, len(p.violations))
             p.raise_for_violations()
         for action, count in (
             ("reuse", p.counts["reused"]),
