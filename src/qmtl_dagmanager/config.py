@@ -17,6 +17,29 @@ from qmtl_dagmanager.core.dag import IdMode, Limits
 from qmtl_dagmanager.core.gc import DEFAULT_POLICIES, GcAction, GcPolicy
 from qmtl_dagmanager.core.topics import Profile
 
+JWT_ALGORITHMS = frozenset(
+    {
+        "HS256",
+        "HS384",
+        "HS512",
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+    }
+)
+
+
+def split_list(text: str) -> list[str]:
+    """The non-blank entries of a comma-separated setting."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
 
 class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the key or variable."""
@@ -492,8 +515,47 @@ class Settings:
         "grpc_jwt_key",
         "QMTL_GRPC_JWT_KEY",
         _text,
-        "every call needs `authorization: Bearer <HS256 JWT>` signed with it (`exp` required)",
+        "shared HS256 key: every call needs `authorization: Bearer <JWT>` (`exp` required); "
+        "several keys separated by commas all verify (old and new during a rotation)",
         secret=True,
+    )
+    grpc_jwt_keys_file: str = setting(
+        "",
+        "grpc_jwt_keys_file",
+        "QMTL_GRPC_JWT_KEYS_FILE",
+        _text,
+        "file of shared HS256 keys, one per line, re-read when it changes (a mounted Secret)",
+    )
+    grpc_jwks_url: str = setting(
+        "",
+        "grpc_jwks_url",
+        "QMTL_GRPC_JWKS_URL",
+        _url,
+        "JWKS of the token issuer: RS256/ES256 tokens are verified against its keys",
+    )
+    grpc_jwks_ca: str = setting(
+        "", "grpc_jwks_ca", "QMTL_GRPC_JWKS_CA", _text, "PEM CA for an https JWKS URL"
+    )
+    grpc_jwks_refresh_seconds: int = setting(
+        300,
+        "grpc_jwks_refresh_seconds",
+        "QMTL_GRPC_JWKS_REFRESH_SECONDS",
+        _positive,
+        "JWKS refresh interval (an unknown `kid` also triggers a fetch, at most one a second)",
+    )
+    grpc_jwt_algorithms: str = setting(
+        "HS256,RS256,ES256",
+        "grpc_jwt_algorithms",
+        "QMTL_GRPC_JWT_ALGORITHMS",
+        _text,
+        "accepted `alg` values (HS* need a shared key, RS/PS/ES/EdDSA the JWKS)",
+    )
+    grpc_jwt_leeway_seconds: int = setting(
+        30,
+        "grpc_jwt_leeway_seconds",
+        "QMTL_GRPC_JWT_LEEWAY_SECONDS",
+        _nonneg,
+        "clock skew allowed on `exp` and `nbf`",
     )
     grpc_jwt_audience: str = setting(
         "", "grpc_jwt_audience", "QMTL_GRPC_JWT_AUDIENCE", _text, "checked when set"
@@ -676,12 +738,7 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
         raise SettingsError("grpc_tls_cert and grpc_tls_key go together")
     if settings.grpc_tls_client_ca and not settings.grpc_tls_cert:
         raise SettingsError("grpc_tls_client_ca (mutual TLS) needs grpc_tls_cert and grpc_tls_key")
-    unauthenticated = not (settings.grpc_jwt_key or settings.grpc_tls_client_ca)
-    if settings.profile == "prod" and not loopback(settings.grpc_host) and unauthenticated:
-        raise SettingsError(
-            f"grpc_host {settings.grpc_host} is not loopback: profile prod needs "
-            "grpc_jwt_key (QMTL_GRPC_JWT_KEY) or mutual TLS (grpc_tls_client_ca)"
-        )
+    _check_tokens(settings)
     if settings.gc_load_query and not settings.prometheus_url:
         raise SettingsError("gc_load_query needs prometheus_url (QMTL_PROMETHEUS_URL)")
     if settings.profile == "prod":
@@ -702,6 +759,25 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
 
 def loopback(host: str) -> bool:
     return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def _check_tokens(settings: Settings) -> None:
+    bad_algs = set(split_list(settings.grpc_jwt_algorithms)) - JWT_ALGORITHMS
+    if bad_algs:
+        raise SettingsError(
+            "grpc_jwt_algorithms (QMTL_GRPC_JWT_ALGORITHMS): unsupported "
+            f"{', '.join(sorted(bad_algs))}; expected some of {', '.join(sorted(JWT_ALGORITHMS))}"
+        )
+    if settings.grpc_jwks_ca and not settings.grpc_jwks_url.startswith("https://"):
+        raise SettingsError("grpc_jwks_ca needs an https:// grpc_jwks_url")
+    tokens = settings.grpc_jwt_key or settings.grpc_jwt_keys_file or settings.grpc_jwks_url
+    unauthenticated = not (tokens or settings.grpc_tls_client_ca)
+    if settings.profile == "prod" and not loopback(settings.grpc_host) and unauthenticated:
+        raise SettingsError(
+            f"grpc_host {settings.grpc_host} is not loopback: profile prod needs "
+            "bearer tokens (grpc_jwt_key, grpc_jwt_keys_file or grpc_jwks_url) "
+            "or mutual TLS (grpc_tls_client_ca)"
+        )
 
 
 def _parsed(parse: Callable[[Any], Any], raw: Any, where: str) -> Any:

@@ -312,8 +312,20 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self._grpc(r)
+        self.slo_window = SloWindow(self)
+        r.register(self.slo_window)
+
+    def _grpc(self, r: CollectorRegistry) -> None:
         self.grpc_errors = Counter(
             "grpc_errors_total", "gRPC calls that ended in an error", ["method", "code"], registry=r
         )
-        self.slo_window = SloWindow(self)
-        r.register(self.slo_window)
+        self.unauthenticated = Counter(
+            "grpc_unauthenticated_total",
+            "gRPC calls refused for a missing or invalid bearer token",
+            registry=r,
+        )
+        self.jwks_refreshes = Counter(
+            "jwks_refresh_total", "JWKS fetches, by outcome (ok, failed)", ["outcome"], registry=r
+        )
+        self.jwks_keys = Gauge("jwks_keys", "Signing keys in the last JWKS fetched", registry=r)

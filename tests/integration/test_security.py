@@ -24,13 +24,15 @@ from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.pb import dagmanager_pb2 as pb
 from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.sidecar import app
-from qmtl_dagmanager.sidecar.security import redact, sign_jwt
+from qmtl_dagmanager.sidecar.security import redact
+from qmtl_dagmanager.sidecar.tokens import sign_jwt
 from tests.conftest import Stack, free_port
 from tests.gen import dumps, generate
 from tests.integration.conftest import real_settings
+from tests.jwks import pem, serving
 from tests.tls import ca, leaf
 
-KEY = "test-signing-key-0123456789"
+KEY = "test-signing-key-0123456789abcdef0123456789"
 
 Start = Callable[..., Any]
 
@@ -67,7 +69,10 @@ async def test_bearer_tokens_are_required_and_checked(start: Start) -> None:
         req = pb.TagQueryRequest(tags=["BTC"], interval=60, match_mode="any")
         cases = {
             "missing": None,
-            "bad signature": sign_jwt({"exp": time.time() + 60, "aud": "dagmanager"}, b"other"),
+            "bad signature": sign_jwt(
+                {"exp": time.time() + 60, "aud": "dagmanager"},
+                b"other-key-0123456789abcdef0123456789",
+            ),
             "expired": token(aud="dagmanager", exp=time.time() - 120),
             "wrong audience": token(aud="someone-else"),
             "not a JWT": "abc",
@@ -86,6 +91,84 @@ async def test_bearer_tokens_are_required_and_checked(start: Start) -> None:
         # types-grpcio-health-checking's HealthStub declares no RPCs
         r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())  # type: ignore[attr-defined]
         assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_keys_rotate_under_load_without_a_failed_call(start: Start, tmp_path: Path) -> None:
+    """Load runs while both kinds of keys rotate: a JWKS issuer publishes a new key and signs
+    with it at once (the unknown kid makes the sidecar fetch), then retires the old one; the
+    shared-key file gains a new key (swapped in as a Secret volume does), signers move to it,
+    and the old one is removed. No call with a valid token fails; retired keys stop working."""
+    old_hs, new_hs = KEY, "next-signing-key-0123456789abcdef0123456789"
+    keys_file = tmp_path / "jwt-keys"
+    keys_file.write_text(f"{old_hs}\n")
+
+    def swap(text: str) -> None:
+        staged = tmp_path / "jwt-keys.new"
+        staged.write_text(text)
+        os.replace(staged, keys_file)
+
+    async with serving() as idp:
+        first = pem(idp.add_rsa("k1"))
+        signer: dict[str, Any] = {"kid": "k1", "key": first, "hs": old_hs}
+        s = await start(
+            grpc_jwks_url=idp.url,
+            grpc_jwks_refresh_seconds=3600,  # only unknown kids make it fetch in this test
+            grpc_jwt_keys_file=str(keys_file),
+            grpc_jwt_audience="dagmanager",
+        )
+
+        def tok(kind: str) -> str:
+            body = {"sub": "gateway", "aud": "dagmanager", "exp": time.time() + 60}
+            if kind == "hs":
+                return sign_jwt(body, signer["hs"])
+            return sign_jwt(body, signer["key"], algorithm="RS256", kid=signer["kid"])
+
+        ok, failures, running = [0], [], [True]
+        req = pb.TagQueryRequest(tags=["BTC"], interval=60, match_mode="any")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{s.grpc_port}") as ch:
+            tags = pb_grpc.TagQueryStub(ch)
+
+            async def client(kind: str) -> None:
+                while running[0]:
+                    md = (("authorization", f"Bearer {tok(kind)}"),)
+                    try:
+                        await tags.GetQueues(req, metadata=md, timeout=5)
+                        ok[0] += 1
+                    except grpc.aio.AioRpcError as e:
+                        failures.append(f"{kind}: {e.code().name} {e.details()}")
+
+            clients = [asyncio.create_task(client(k)) for k in ("hs", "rs") * 4]
+            await asyncio.sleep(1.0)
+            signer.update(kid="k2", key=pem(idp.add_rsa("k2")))  # publish and sign at once
+            await asyncio.sleep(1.5)
+            del idp.keys["k1"]
+            swap(f"{old_hs}\n{new_hs}\n")
+            signer["hs"] = new_hs  # signers move at once: a bad signature re-reads the file
+            await asyncio.sleep(1.5)
+            swap(f"{new_hs}\n")
+            await asyncio.sleep(1.5)
+            running[0] = False
+            await asyncio.gather(*clients)
+            assert failures == []
+            assert ok[0] > 100, ok  # the load really ran through every step
+            # what was retired no longer verifies
+            await s.tokens.refresh()
+            s.tokens._file.checked = -1e9  # past the file's check
+            for why, bad in (
+                ("old HS key", sign_jwt({"aud": "dagmanager", "exp": time.time() + 60}, old_hs)),
+                (
+                    "retired kid",
+                    sign_jwt(
+                        {"aud": "dagmanager", "exp": time.time() + 60},
+                        first,
+                        algorithm="RS256",
+                        kid="k1",
+                    ),
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await tags.GetQueues(req, metadata=(("authorization", f"Bearer {bad}"),))
+                assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED, why
 
 
 async def test_probe_ports_serve_health_and_metrics_only(start: Start) -> None:

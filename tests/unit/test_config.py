@@ -57,6 +57,12 @@ def test_yaml_then_environment(tmp_path: Path) -> None:
         ("gc_policies:\n  raw: {ttl_seconds: -1, grace_seconds: 1, action: drop}\n", "raw"),
         ("gc_policies:\n  raw: {ttl: 5, grace_seconds: 1, action: drop}\n", "unknown: ttl"),
         ("gc_intent_grace_seconds: 0\n", "gc_intent_grace_seconds"),
+        ("grpc_jwt_algorithms: HS256,none\n", "grpc_jwt_algorithms.*unsupported none"),
+        ("grpc_jwks_url: ftp://idp/jwks\n", "grpc_jwks_url"),
+        ("grpc_jwks_url: http://idp/jwks\ngrpc_jwks_ca: ca.pem\n", "grpc_jwks_ca needs"),
+        ("grpc_jwks_refresh_seconds: 0\n", "grpc_jwks_refresh_seconds"),
+        ("grpc_jwt_leeway_seconds: -1\n", "grpc_jwt_leeway_seconds"),
+        ("profile: prod\ngrpc_host: 0.0.0.0\n", "bearer tokens"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, needle: str) -> None:

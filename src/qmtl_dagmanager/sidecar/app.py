@@ -28,6 +28,7 @@ from qmtl_dagmanager.sidecar.security import (
     SecurityInterceptor,
     redact,
 )
+from qmtl_dagmanager.sidecar.tokens import TokenConfig, TokenVerifier
 
 log = logging.getLogger(__name__)
 SERVICES = (
@@ -51,6 +52,7 @@ class Sidecar:
     heap_task: asyncio.Task[None] | None = None
     probe_grpc: grpc.aio.Server | None = None
     probe_http: web.AppRunner | None = None
+    tokens: TokenVerifier | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         for task in (self.gc_task, self.events_task, self.heap_task):
@@ -64,6 +66,8 @@ class Sidecar:
             await self.probe_http.cleanup()
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
+        if self.tokens is not None:
+            await self.tokens.close()
         await self.container.close()
 
 
@@ -73,12 +77,10 @@ async def start(settings: Settings) -> Sidecar:
     await container.start()
     guard = Guard(container.metrics)
     diffs, queues = container.diffs(), container.queues()
+    tokens = TokenVerifier(TokenConfig.of(settings), container.metrics)
+    await tokens.start()
     server = grpc.aio.server(
-        interceptors=[
-            SecurityInterceptor(
-                settings.grpc_jwt_key, settings.grpc_jwt_audience, settings.grpc_jwt_issuer
-            )
-        ],
+        interceptors=[SecurityInterceptor(tokens, container.metrics)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -124,7 +126,7 @@ async def start(settings: Settings) -> Sidecar:
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
     await site.start()
     http_port = settings.http_port or _bound_port(runner)
-    sidecar = Sidecar(container, server, runner, grpc_port, http_port)
+    sidecar = Sidecar(container, server, runner, grpc_port, http_port, tokens=tokens)
     await _start_probes(settings, sidecar, std_health)
     sidecar.events_task = asyncio.create_task(_all(container.background()))
     if settings.heap_full_collection_seconds > 0:

@@ -1,8 +1,8 @@
 """Who may call the sidecar, and how hard.
 
-- Bearer tokens: HS256 JWTs checked against `grpc_jwt_key` (signature, `exp` required,
-  `nbf`, and `aud` / `iss` when configured); the standard health service stays open for
-  kubelet probes. A failure is UNAUTHENTICATED with the reason.
+- Bearer tokens: JWTs checked by `tokens.TokenVerifier` (shared HS256 keys and a JWKS, both
+  rotating); the standard health service stays open for kubelet probes. A failure is
+  UNAUTHENTICATED with the reason.
 - TLS and mutual TLS from PEM files that are re-read when they change (no restart).
 - Malformed messages (bytes that are not the method's protobuf, invalid UTF-8 in a string
   field) are INVALID_ARGUMENT, never INTERNAL or UNKNOWN.
@@ -11,10 +11,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import logging
 import os
 import time
@@ -23,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
 import grpc
-import orjson
 from blake3 import blake3
+
+from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.sidecar.tokens import AuthError, TokenVerifier
 
 audit_log = logging.getLogger("qmtl_dagmanager.audit")
 log = logging.getLogger(__name__)
@@ -34,66 +32,7 @@ AUDITED = {
     "/qmtl.services.dagmanager.AdminService/RedoDiff": "redo-diff",
     "/qmtl.services.dagmanager.AdminService/Cleanup": "cleanup",
 }
-LEEWAY = 30.0
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
-
-class AuthError(Exception):
-    pass
-
-
-def _b64(part: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError) as e:
-        raise AuthError("the token is not base64url") from e
-
-
-def verify_jwt(
-    token: str, key: bytes, *, now: float, audience: str = "", issuer: str = ""
-) -> dict[str, Any]:
-    """The claims of a valid HS256 token; AuthError says why otherwise."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise AuthError("the token is not a JWT (three dot-separated parts)")
-    try:
-        header, claims = orjson.loads(_b64(parts[0])), orjson.loads(_b64(parts[1]))
-    except orjson.JSONDecodeError as e:
-        raise AuthError("the token's header or claims are not JSON") from e
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        raise AuthError("only HS256 tokens are accepted")
-    expected = hmac.new(key, f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, _b64(parts[2])):
-        raise AuthError("bad signature")
-    if not isinstance(claims, dict):
-        raise AuthError("the claims are not an object")
-    exp, nbf = claims.get("exp"), claims.get("nbf")
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
-        raise AuthError("the token has no exp")
-    if now > exp + LEEWAY:
-        raise AuthError("the token has expired")
-    if isinstance(nbf, int | float) and now + LEEWAY < nbf:
-        raise AuthError("the token is not valid yet")
-    if audience:
-        aud = claims.get("aud")
-        auds = aud if isinstance(aud, list) else [aud]
-        if audience not in auds:
-            raise AuthError(f"the token is not for audience {audience}")
-    if issuer and claims.get("iss") != issuer:
-        raise AuthError(f"the token is not from issuer {issuer}")
-    return claims
-
-
-def sign_jwt(claims: dict[str, Any], key: bytes) -> str:
-    """An HS256 token (for clients and tests)."""
-
-    def enc(b: bytes) -> str:
-        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-    head = enc(orjson.dumps({"alg": "HS256", "typ": "JWT"}))
-    body = enc(orjson.dumps(claims))
-    sig = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{enc(sig)}"
 
 
 @dataclass
@@ -141,25 +80,19 @@ def dag_hash(dag_json: str) -> str:
 class SecurityInterceptor(grpc.aio.ServerInterceptor):
     """Authentication, malformed-message handling and audit lines, for every method."""
 
-    def __init__(self, jwt_key: str = "", audience: str = "", issuer: str = "") -> None:
-        self._key = jwt_key.encode() if jwt_key else b""
-        self._audience, self._issuer = audience, issuer
+    def __init__(self, tokens: TokenVerifier | None = None, metrics: Metrics | None = None) -> None:
+        self._tokens = tokens if tokens is not None and tokens.enabled else None
+        self._metrics = metrics
 
-    def _who(self, method: str, context: Any) -> str:
+    async def _who(self, method: str, context: Any) -> str:
         peer = str(context.peer() or "unknown")
-        if not self._key or method.startswith(OPEN_PREFIXES):
+        if self._tokens is None or method.startswith(OPEN_PREFIXES):
             return peer
         metadata = dict(context.invocation_metadata() or ())
         value = str(metadata.get("authorization", ""))
         if not value.lower().startswith("bearer "):
             raise AuthError("missing `authorization: Bearer <token>` metadata")
-        claims = verify_jwt(
-            value[7:].strip(),
-            self._key,
-            now=time.time(),
-            audience=self._audience,
-            issuer=self._issuer,
-        )
+        claims = await self._tokens.verify(value[7:].strip())
         return f"{claims.get('sub', '?')}@{peer}"
 
     async def _admit(self, method: str, request: Any, context: Any) -> str:
@@ -168,8 +101,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.INVALID_ARGUMENT, f"MalformedRequest: {request.error}"
             )
         try:
-            return self._who(method, context)
+            return await self._who(method, context)
         except AuthError as e:
+            if self._metrics is not None:
+                self._metrics.unauthenticated.inc()
             log.warning("refused %s from %s: %s", method, context.peer(), e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Unauthenticated: {e}")
             raise  # not reached: abort raises
