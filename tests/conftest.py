@@ -10,22 +10,40 @@ with the reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import neo4j
 import pytest
 
+from qmtl_dagmanager.config import Settings, kafka_security
 from qmtl_dagmanager.services.queue_events import DRAIN_TASK
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = [sys.executable, str(ROOT / "hack" / "stack" / "stack.py")]
+KAFKA_ENV_KEYS = (
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CA",
+)
+KAFKA_FIELDS = (
+    "kafka_bootstrap",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_ca",
+)
 ENV_KEYS = (
     "KUBECONFIG",
     "NEO4J_URI",
@@ -50,6 +68,53 @@ class Stack:
     s3_access_key: str
     s3_secret_key: str
     s3_bucket: str
+    # Kafka's security: the product's principal (KAFKA_* variables), plus the stack's other
+    # principals by role ("operator", "admin" for tests acting as the world, "noacl")
+    kafka_env: dict[str, str] = field(default_factory=dict)
+    kafka_users: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def kafka_security(self) -> dict[str, str]:
+        """librdkafka settings for the product's principal (empty on a plaintext stack)."""
+        return kafka_security(self.kafka_fields())
+
+    def kafka_fields(self, role: str = "") -> Settings:
+        """Settings with the stack's Kafka, as `role` (default: the product's principal)."""
+        e = self.kafka_env
+        user, password = e.get("KAFKA_SASL_USERNAME", ""), e.get("KAFKA_SASL_PASSWORD", "")
+        if role:
+            user, password = self.kafka_users[role]
+        return dataclasses.replace(
+            Settings(),
+            kafka_bootstrap=self.kafka_bootstrap,
+            kafka_security_protocol=e.get("KAFKA_SECURITY_PROTOCOL", "plaintext").lower(),
+            kafka_sasl_mechanism=e.get("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            kafka_sasl_username=user,
+            kafka_sasl_password=password,
+            kafka_ssl_ca=e.get("KAFKA_SSL_CA", ""),
+        )
+
+    def kafka_settings(self, role: str = "") -> dict[str, Any]:
+        """The Kafka fields of Settings, for `dataclasses.replace(settings, **...)`."""
+        f = self.kafka_fields(role)
+        return {k: getattr(f, k) for k in KAFKA_FIELDS}
+
+    def kafka_client(self, role: str = "admin") -> dict[str, Any]:
+        """librdkafka settings (bootstrap included) for a raw client, by default the stack's
+        super user: tests that produce, consume or inspect act as the world, not the product."""
+        if not self.kafka_users:
+            return {"bootstrap.servers": self.kafka_bootstrap}
+        return {
+            "bootstrap.servers": self.kafka_bootstrap,
+            **kafka_security(self.kafka_fields(role)),
+        }
+
+    def kafka_process_env(self, role: str = "") -> dict[str, str]:
+        """Environment variables that give a child process the stack's Kafka, as `role`."""
+        env = {"KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap, **self.kafka_env}
+        if role and role in self.kafka_users:
+            env["KAFKA_SASL_USERNAME"], env["KAFKA_SASL_PASSWORD"] = self.kafka_users[role]
+        return env
 
     def s3_settings(self, prefix: str) -> dict[str, str]:
         """Environment settings that send archives to the stack's bucket under `prefix`."""
@@ -142,7 +207,16 @@ def stack() -> Iterator[Stack]:
                 pytest.fail(msg, pytrace=False)
             pytest.skip(msg)
         started = True
-    env = {**_read_env_file(), **{k: os.environ[k] for k in ENV_KEYS if os.environ.get(k)}}
+    every = (
+        *ENV_KEYS,
+        *KAFKA_ENV_KEYS,
+        *(
+            f"QMTL_STACK_KAFKA_{r}_{w}"
+            for r in ("ADMIN", "OPERATOR", "NOACL")
+            for w in ("USER", "PASSWORD")
+        ),
+    )
+    env = {**_read_env_file(), **{k: os.environ[k] for k in every if os.environ.get(k)}}
     missing = [k for k in ENV_KEYS if not env.get(k)]
     if missing:
         pytest.fail(f"stack endpoints missing: {', '.join(missing)}", pytrace=False)
@@ -156,9 +230,31 @@ def stack() -> Iterator[Stack]:
         s3_access_key=env["QMTL_S3_ACCESS_KEY"],
         s3_secret_key=env["QMTL_S3_SECRET_KEY"],
         s3_bucket=env["QMTL_S3_BUCKET"],
+        kafka_env={k: env[k] for k in KAFKA_ENV_KEYS if env.get(k)},
+        kafka_users={
+            role: (
+                env[f"QMTL_STACK_KAFKA_{role.upper()}_USER"],
+                env[f"QMTL_STACK_KAFKA_{role.upper()}_PASSWORD"],
+            )
+            for role in ("admin", "operator", "noacl")
+            if env.get(f"QMTL_STACK_KAFKA_{role.upper()}_USER")
+        },
     )
     if started:
         subprocess.run([*STACK, "down"], check=False)
+
+
+def kafka_env_of(settings: Settings) -> dict[str, str]:
+    """Environment variables that give a child process the Kafka of `settings`."""
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap,
+        "KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+        "KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
+        "KAFKA_SASL_USERNAME": settings.kafka_sasl_username,
+        "KAFKA_SASL_PASSWORD": settings.kafka_sasl_password,
+        "KAFKA_SSL_CA": settings.kafka_ssl_ca,
+    }
+    return {k: v for k, v in env.items() if v}
 
 
 def clear_cross_context_hits(stack: Stack) -> None:

@@ -135,6 +135,7 @@ class Fleet:
             k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))
         }
         env["NEO4J_PASSWORD"] = self.stack.neo4j_password
+        env.update(self.stack.kafka_process_env())  # the Kafka password comes from there too
         return env
 
     def _spawn(self, args: list[str], name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -252,7 +253,7 @@ class Traffic:
             )
             for i in range(shape.pool)
         ]
-        self.kafka = AdminClient({"bootstrap.servers": fleet.stack.kafka_bootstrap})
+        self.kafka = AdminClient(fleet.stack.kafka_client())
         self.tally = Tally()
         self.started = time.monotonic()
         self.clients = [GatewayClient(f"127.0.0.1:{g}") for g, _ in fleet.sidecars]
@@ -428,7 +429,7 @@ def check(stack: Stack, run: str) -> Findings:
             "RETURN i.topic AS topic",
             prefixes=list(prefixes),
         )
-    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    admin = AdminClient(stack.kafka_client())
     listed = {t for t in admin.list_topics(timeout=30).topics if t.startswith(prefixes)}
     slots: dict[tuple[str, str], list[str]] = {}
     for r in rows:

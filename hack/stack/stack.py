@@ -31,7 +31,6 @@ import shutil
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
@@ -43,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import kafka_wire  # noqa: E402  (beside this script)
+
 PROJECT = HERE.parent.parent
 STATE = Path(os.environ.get("QMTL_STACK_DIR", PROJECT / ".stack"))
 CACHE = Path(os.environ.get("QMTL_STACK_CACHE", Path.home() / ".cache" / "qmtl-stack"))
@@ -57,6 +59,18 @@ NODE_POD_CIDR = "10.244.0.0/24"
 S3_ACCESS_KEY = "qmtl-local"
 S3_BUCKET = "qmtl-archives"
 NEO4J_USER = "neo4j"
+# Kafka principals: the stack's super users, the product's two, and one with no ACLs
+KAFKA_ADMIN, KAFKA_CONTROLLER = "admin", "controller"
+KAFKA_OPERATOR, KAFKA_SIDECAR, KAFKA_NOACL = "qmtl-operator", "qmtl-sidecar", "qmtl-noacl"
+PRODUCT_TOPIC_OPERATIONS = (
+    "CREATE",
+    "DESCRIBE",
+    "DESCRIBE_CONFIGS",
+    "ALTER_CONFIGS",
+    "DELETE",
+    "READ",
+    "WRITE",
+)
 MIN_FREE_DISK = 3 * 1024**3
 
 
@@ -340,34 +354,47 @@ def probe_kcm(port: int) -> str | None:
     return None if body.strip() == "ok" else f"healthz: {body[:200]}"
 
 
+def kafka_users() -> dict[str, str]:
+    """The SCRAM users of the stack's Kafka and their passwords (made by `up`)."""
+    return dict(json.loads((STATE / "kafka-users.json").read_text()))
+
+
 def kafka_metadata(port: int, timeout: float = 3.0) -> dict[str, object]:
-    """A real Kafka Metadata request (v4, the oldest version Kafka 4 still serves):
-    returns the cluster id, controller id and brokers the broker reports."""
-    client = b"qmtl-stack"
-    body = struct.pack(">hhih", 3, 4, 7, len(client)) + client + struct.pack(">i?", -1, False)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(struct.pack(">i", len(body)) + body)
-        size = struct.unpack(">i", _recv(s, 4))[0]
-        data = _recv(s, size)
-    corr, _throttle, nbrokers = struct.unpack_from(">iii", data, 0)
-    if corr != 7:
-        raise ValueError(f"unexpected correlation id {corr}")
-    off = 12
-    brokers = []
-    for _ in range(nbrokers):
-        node_id, hlen = struct.unpack_from(">ih", data, off)
-        off += 6
-        host = data[off : off + hlen].decode()
-        off += hlen
-        (bport, rlen) = struct.unpack_from(">ih", data, off)
-        off += 6 + max(rlen, 0)
-        brokers.append(f"{node_id}@{host}:{bport}")
-    (clen,) = struct.unpack_from(">h", data, off)
-    off += 2
-    cluster_id = data[off : off + clen].decode() if clen >= 0 else None
-    off += max(clen, 0)
-    (controller,) = struct.unpack_from(">i", data, off)
-    return {"cluster_id": cluster_id, "controller_id": controller, "brokers": brokers}
+    """A real Metadata request over the SASL_SSL listener, logged in as the admin: returns the
+    cluster id, controller id and brokers the broker reports."""
+    users = kafka_users()
+    ca = str(STATE / "pki" / "ca.crt")
+    with kafka_wire.connect(port, KAFKA_ADMIN, users[KAFKA_ADMIN], ca, timeout=timeout) as c:
+        return kafka_wire.metadata(c)
+
+
+def kafka_acls() -> list[kafka_wire.Acl]:
+    """What the product's principals may do, and nothing more (README: Security)."""
+    out = []
+    for user in (KAFKA_OPERATOR, KAFKA_SIDECAR):
+        who = f"User:{user}"
+        for op in PRODUCT_TOPIC_OPERATIONS:
+            out.append(kafka_wire.Acl(who, kafka_wire.TOPIC, "*", kafka_wire.LITERAL, op))
+        out.append(kafka_wire.Acl(who, kafka_wire.GROUP, "qmtl-", kafka_wire.PREFIXED, "READ"))
+        out.append(
+            kafka_wire.Acl(who, kafka_wire.CLUSTER, "kafka-cluster", kafka_wire.LITERAL, "DESCRIBE")
+        )
+    return out
+
+
+def grant_kafka_acls(port: int, timeout: float) -> None:
+    users = kafka_users()
+    ca = str(STATE / "pki" / "ca.crt")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with kafka_wire.connect(port, KAFKA_ADMIN, users[KAFKA_ADMIN], ca) as c:
+                kafka_wire.create_acls(c, kafka_acls())
+            return
+        except (OSError, kafka_wire.WireError) as e:
+            if time.monotonic() > deadline:
+                raise StackError(f"kafka: could not create the ACLs: {e}") from e
+            time.sleep(0.5)
 
 
 def _recv(s: socket.socket, n: int) -> bytes:
@@ -492,6 +519,31 @@ def make_pki() -> None:
     )
     pki_key("sa")
     run(["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")])
+    pki_cert(
+        "kafka",
+        "/CN=kafka",
+        f"subjectAltName=IP:127.0.0.1,IP:{NODE_ADDRESS},DNS:localhost\n"
+        "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+    )
+    run(
+        [
+            "openssl",
+            "pkcs12",
+            "-export",
+            "-in",
+            str(pki / "kafka.crt"),
+            "-inkey",
+            str(pki / "kafka.key"),
+            "-certfile",
+            str(pki / "ca.crt"),
+            "-name",
+            "kafka",
+            "-out",
+            str(pki / "kafka.p12"),
+            "-passout",
+            f"pass:{kafka_users()['keystore']}",
+        ]
+    )
 
 
 def write_kubeconfig(
@@ -540,15 +592,27 @@ def write_kubeconfig(
 
 
 def kafka_config(port: int, cport: int, node_port: int = 0) -> Path:
-    """KRaft broker+controller on loopback; with `node_port`, a second listener (NODE) on the
-    node address that advertises that address, for clients in pods."""
+    """KRaft broker+controller on loopback. Clients reach a SASL_SSL listener (SCRAM-SHA-512,
+    the stack's CA) and the StandardAuthorizer checks ACLs; the controller listener takes
+    SASL/PLAIN from the broker itself. With `node_port`, a second SASL_SSL listener (NODE) on
+    the node address that advertises that address, for clients in pods."""
     data = STATE / "data" / "kafka"
     conf = STATE / "conf"
-    listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"
-    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    users = kafka_users()
+    listeners = f"SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"
+    protocols = "SASL_SSL:SASL_SSL,CONTROLLER:SASL_PLAINTEXT"
+    scram = (
+        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="{KAFKA_ADMIN}" password="{users[KAFKA_ADMIN]}";'
+    )
+    plain = users[KAFKA_CONTROLLER]
+    secured = [
+        f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}",
+    ]
     if node_port:
         listeners += f",NODE://{NODE_ADDRESS}:{node_port}"
-        protocols += ",NODE:PLAINTEXT"
+        protocols += ",NODE:SASL_SSL"
+        secured.append(f"listener.name.node.scram-sha-512.sasl.jaas.config={scram}")
     (conf / "kafka.properties").write_text(
         "\n".join(
             [
@@ -558,8 +622,25 @@ def kafka_config(port: int, cport: int, node_port: int = 0) -> Path:
                 f"listeners={listeners}",
                 f"advertised.listeners={listeners}",
                 "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
+                "inter.broker.listener.name=SASL_SSL",
                 f"listener.security.protocol.map={protocols}",
+                "sasl.enabled.mechanisms=SCRAM-SHA-512",
+                "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
+                *secured,
+                "sasl.mechanism.controller.protocol=PLAIN",
+                "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+                "listener.name.controller.plain.sasl.jaas.config="
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{KAFKA_CONTROLLER}" password="{plain}" '
+                f'user_{KAFKA_CONTROLLER}="{plain}";',
+                "ssl.keystore.type=PKCS12",
+                f"ssl.keystore.location={STATE / 'pki' / 'kafka.p12'}",
+                f"ssl.keystore.password={users['keystore']}",
+                "ssl.truststore.type=PEM",  # the broker's own SASL_SSL client (inter-broker)
+                f"ssl.truststore.location={STATE / 'pki' / 'ca.crt'}",
+                "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                f"super.users=User:{KAFKA_ADMIN};User:{KAFKA_CONTROLLER}",
+                "allow.everyone.if.no.acl.found=false",
                 f"log.dirs={data}",
                 "num.partitions=1",
                 "offsets.topic.replication.factor=1",
@@ -710,12 +791,26 @@ def probe_s3(port: int) -> str | None:
 
 def write_env(ports: Ports, password: str, s3_secret: str) -> dict[str, str]:
     """The endpoints and credentials of a started stack, in STATE/env (mode 600)."""
+    users = kafka_users()
     env = {
         "KUBECONFIG": str(STATE / "kubeconfig"),
         "NEO4J_URI": f"bolt://127.0.0.1:{ports.neo4j}",
         "NEO4J_USER": NEO4J_USER,
         "NEO4J_PASSWORD": password,
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": KAFKA_SIDECAR,
+        "KAFKA_SASL_PASSWORD": users[KAFKA_SIDECAR],
+        "KAFKA_SSL_CA": str(STATE / "pki" / "ca.crt"),
+        # the operator's own principal, the stack's super user (tests act as the world with
+        # it) and a principal without ACLs
+        "QMTL_STACK_KAFKA_OPERATOR_USER": KAFKA_OPERATOR,
+        "QMTL_STACK_KAFKA_OPERATOR_PASSWORD": users[KAFKA_OPERATOR],
+        "QMTL_STACK_KAFKA_ADMIN_USER": KAFKA_ADMIN,
+        "QMTL_STACK_KAFKA_ADMIN_PASSWORD": users[KAFKA_ADMIN],
+        "QMTL_STACK_KAFKA_NOACL_USER": KAFKA_NOACL,
+        "QMTL_STACK_KAFKA_NOACL_PASSWORD": users[KAFKA_NOACL],
         "QMTL_S3_ENDPOINT": f"http://127.0.0.1:{ports.s3}",
         "QMTL_S3_ACCESS_KEY": S3_ACCESS_KEY,
         "QMTL_S3_SECRET_KEY": s3_secret,
@@ -761,6 +856,51 @@ def _reuse_running(node: bool) -> bool:
     return False
 
 
+def make_kafka_users() -> None:
+    """Passwords for the Kafka principals (and the broker's keystore), in STATE (mode 600)."""
+    users = {
+        u: secrets.token_hex(16)
+        for u in (KAFKA_ADMIN, KAFKA_CONTROLLER, KAFKA_OPERATOR, KAFKA_SIDECAR, KAFKA_NOACL)
+    }
+    path = STATE / "kafka-users.json"
+    path.write_text(json.dumps({**users, "keystore": secrets.token_hex(16)}))
+    path.chmod(0o600)
+
+
+def start_kafka(ports: Ports) -> None:
+    """Format the KRaft log (with the SCRAM users) and start the broker."""
+    users = kafka_users()
+    kconf = kafka_config(ports.kafka, ports.kafka_controller, ports.kafka_node)
+    kjava = [
+        "java",
+        "-Xms256m",
+        "-Xmx768m",
+        "-XX:+UseG1GC",
+        f"-Dlog4j2.configurationFile={STATE / 'conf' / 'kafka-log4j2.properties'}",
+        "-cp",
+        str(kafka_home() / "lib" / "*"),
+    ]
+    cluster_id = kafka_cluster_id()
+    run(
+        [
+            *kjava,
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(kconf),
+            "--standalone",
+            *(
+                arg
+                for u in (KAFKA_ADMIN, KAFKA_OPERATOR, KAFKA_SIDECAR, KAFKA_NOACL)
+                for arg in ("--add-scram", f"SCRAM-SHA-512=[name={u},password={users[u]}]")
+            ),
+        ]
+    )
+    start("kafka", [*kjava, "kafka.Kafka", str(kconf)])
+
+
 def up(timeout: float, node: bool = False) -> None:
     t0 = time.monotonic()
     if _reuse_running(node):
@@ -779,6 +919,7 @@ def up(timeout: float, node: bool = False) -> None:
         shutil.rmtree(STATE)
     for d in ("logs", "pids", "conf", "data/etcd", "data/kafka", "data/neo4j", "data/s3"):
         (STATE / d).mkdir(parents=True, exist_ok=True)
+    make_kafka_users()
     make_pki()
     names = [
         f.name
@@ -800,30 +941,7 @@ def up(timeout: float, node: bool = False) -> None:
         if node:
             node_bridge()
         # Kafka and Neo4j are independent of Kubernetes: start the JVMs first, they are slowest.
-        kconf = kafka_config(ports.kafka, ports.kafka_controller, ports.kafka_node)
-        kjava = [
-            "java",
-            "-Xms256m",
-            "-Xmx768m",
-            "-XX:+UseG1GC",
-            f"-Dlog4j2.configurationFile={STATE / 'conf' / 'kafka-log4j2.properties'}",
-            "-cp",
-            str(kafka_home() / "lib" / "*"),
-        ]
-        cluster_id = kafka_cluster_id()
-        run(
-            [
-                *kjava,
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                cluster_id,
-                "-c",
-                str(kconf),
-                "--standalone",
-            ]
-        )
-        start("kafka", [*kjava, "kafka.Kafka", str(kconf)])
+        start_kafka(ports)
 
         classes = next(neo4j_home().glob("classes-*"))
         start(
@@ -900,6 +1018,7 @@ def up(timeout: float, node: bool = False) -> None:
         )
         wait_until("kube-controller-manager", lambda: probe_kcm(ports.kcm), timeout)
         wait_until("kafka", lambda: probe_kafka(ports.kafka), timeout)
+        grant_kafka_acls(ports.kafka, timeout)
         wait_until("neo4j", lambda: probe_neo4j(ports.neo4j), timeout)
         wait_until("s3", lambda: probe_s3(ports.s3), timeout)
     except (StackError, OSError, StopIteration) as e:

@@ -25,7 +25,7 @@ from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.adapters.otlp import OtlpExporter, OtlpLogHandler
 from qmtl_dagmanager.adapters.prometheus import Prometheus, PrometheusQuery
 from qmtl_dagmanager.adapters.s3_store import S3Store, parse_url
-from qmtl_dagmanager.config import Settings
+from qmtl_dagmanager.config import Settings, kafka_security
 from qmtl_dagmanager.core.dag import NodeMemo
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
@@ -48,6 +48,7 @@ from qmtl_dagmanager.services.vitals import Vitals
 from qmtl_dagmanager.tracing import Tracer
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 AUDIT_LOGGER = "qmtl_dagmanager.audit"  # sidecar/security.py writes the audit records there
 
 
@@ -224,8 +225,16 @@ def build(settings: Settings) -> Container:
     graph = graph_store(settings)
     if settings.embedded_kafka:
         return assemble(settings, graph, *_memory_kafka(settings), SystemClock())
-    topics = KafkaTopicAdmin(settings.kafka_bootstrap, profile=settings.topic_profile)
-    bus = KafkaEventBus(settings.controlbus_bootstrap or settings.kafka_bootstrap)
+    security = kafka_security(settings)
+    if settings.profile == "prod" and settings.kafka_security_protocol == "plaintext":
+        log.warning(
+            "Kafka is reached in plaintext without an identity: set "
+            "kafka_security_protocol sasl_ssl (README: Security)"
+        )
+    topics = KafkaTopicAdmin(
+        settings.kafka_bootstrap, profile=settings.topic_profile, extra=security
+    )
+    bus = KafkaEventBus(settings.controlbus_bootstrap or settings.kafka_bootstrap, extra=security)
     archive = archive_of(settings)
     return assemble(settings, graph, topics, bus, archive, SystemClock())
 
@@ -241,8 +250,14 @@ def archive_of(settings: Settings) -> KafkaArchive:
             secret_key=settings.s3_secret_key,
             region=settings.s3_region,
         )
-        return KafkaArchive(settings.kafka_bootstrap, store, prefix=prefix)
-    return KafkaArchive(settings.kafka_bootstrap, DirectoryStore(settings.archive_dir))
+        return KafkaArchive(
+            settings.kafka_bootstrap, store, prefix=prefix, extra=kafka_security(settings)
+        )
+    return KafkaArchive(
+        settings.kafka_bootstrap,
+        DirectoryStore(settings.archive_dir),
+        extra=kafka_security(settings),
+    )
 
 
 def build_fake(settings: Settings | None = None, clock: Clock | None = None) -> Container:

@@ -109,6 +109,16 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _upper_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        text = _text(v).upper()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
 def _float(v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError("expected a number")
@@ -249,6 +259,33 @@ class Settings:
         _text,
         "Kafka: topics, archives",
         shown="embedded",
+    )
+    kafka_security_protocol: str = setting(
+        "plaintext",
+        "kafka_security_protocol",
+        "KAFKA_SECURITY_PROTOCOL",
+        _choice("plaintext", "ssl", "sasl_plaintext", "sasl_ssl"),
+        "how Kafka (and the ControlBus) is reached: `sasl_ssl` in production",
+    )
+    kafka_sasl_mechanism: str = setting(
+        "SCRAM-SHA-512",
+        "kafka_sasl_mechanism",
+        "KAFKA_SASL_MECHANISM",
+        _upper_choice("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"),
+        "SASL mechanism (sasl_* protocols)",
+    )
+    kafka_sasl_username: str = setting(
+        "", "kafka_sasl_username", "KAFKA_SASL_USERNAME", _text, "this process's Kafka principal"
+    )
+    kafka_sasl_password: str = setting(
+        "", "kafka_sasl_password", "KAFKA_SASL_PASSWORD", _text, "its password", secret=True
+    )
+    kafka_ssl_ca: str = setting(
+        "",
+        "kafka_ssl_ca",
+        "KAFKA_SSL_CA",
+        _text,
+        "PEM CA the brokers' certificates chain to (default: the system's)",
     )
     controlbus_bootstrap: str = setting(
         "", "controlbus_dsn", "QMTL_CONTROLBUS_DSN", _text, "ControlBus events", shown="`kafka_dsn`"
@@ -738,7 +775,7 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
         raise SettingsError("grpc_tls_cert and grpc_tls_key go together")
     if settings.grpc_tls_client_ca and not settings.grpc_tls_cert:
         raise SettingsError("grpc_tls_client_ca (mutual TLS) needs grpc_tls_cert and grpc_tls_key")
-    _check_tokens(settings)
+    _check_security(settings)
     if settings.gc_load_query and not settings.prometheus_url:
         raise SettingsError("gc_load_query needs prometheus_url (QMTL_PROMETHEUS_URL)")
     if settings.profile == "prod":
@@ -759,6 +796,44 @@ def load(path: Path | None, env: Mapping[str, str]) -> Settings:
 
 def loopback(host: str) -> bool:
     return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def kafka_security(settings: Settings) -> dict[str, str]:
+    """The librdkafka settings that secure a client as the settings ask (empty: plaintext)."""
+    out: dict[str, str] = {}
+    if settings.kafka_security_protocol != "plaintext":
+        out["security.protocol"] = settings.kafka_security_protocol.upper()
+    if settings.kafka_security_protocol.startswith("sasl_"):
+        out["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        out["sasl.username"] = settings.kafka_sasl_username
+        out["sasl.password"] = settings.kafka_sasl_password
+    if settings.kafka_ssl_ca:
+        out["ssl.ca.location"] = settings.kafka_ssl_ca
+    return out
+
+
+def _check_kafka(settings: Settings) -> None:
+    protocol = settings.kafka_security_protocol
+    sasl = protocol.startswith("sasl_")
+    if sasl and not (settings.kafka_sasl_username and settings.kafka_sasl_password):
+        raise SettingsError(
+            f"kafka_security_protocol {protocol} needs kafka_sasl_username "
+            "(KAFKA_SASL_USERNAME) and kafka_sasl_password (KAFKA_SASL_PASSWORD)"
+        )
+    if not sasl and (settings.kafka_sasl_username or settings.kafka_sasl_password):
+        raise SettingsError(
+            f"kafka_sasl_username/kafka_sasl_password are set but kafka_security_protocol is "
+            f"{protocol}: use sasl_ssl (or sasl_plaintext)"
+        )
+    if settings.kafka_ssl_ca and protocol in ("plaintext", "sasl_plaintext"):
+        raise SettingsError(f"kafka_ssl_ca needs a TLS protocol (ssl or sasl_ssl), not {protocol}")
+    if settings.kafka_ssl_ca and not Path(settings.kafka_ssl_ca).is_file():
+        raise SettingsError(f"kafka_ssl_ca (KAFKA_SSL_CA): no such file {settings.kafka_ssl_ca}")
+
+
+def _check_security(settings: Settings) -> None:
+    _check_tokens(settings)
+    _check_kafka(settings)
 
 
 def _check_tokens(settings: Settings) -> None:

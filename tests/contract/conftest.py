@@ -48,7 +48,7 @@ async def topic_admin(request: pytest.FixtureRequest) -> AsyncIterator[TopicAdmi
         yield admin
         return
     stack: Stack = request.getfixturevalue("stack")
-    real = KafkaTopicAdmin(stack.kafka_bootstrap)
+    real = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
     before = await real.list_topics()
     yield real
     leftovers = sorted((await real.list_topics()) - before)
@@ -73,13 +73,15 @@ async def events(request: pytest.FixtureRequest) -> AsyncIterator[Events]:
     stack: Stack = request.getfixturevalue("stack")
     run = uuid.uuid4().hex[:6]
     topics = EventTopics(queue=f"queue-{run}", sentinel_weight=f"sentinel_weight-{run}")
-    admin = KafkaTopicAdmin(stack.kafka_bootstrap)
+    admin = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
     made = await admin.ensure(
         {topics.queue: EVENT_TOPIC_SPEC, topics.sentinel_weight: EVENT_TOPIC_SPEC}
     )
     assert all(r.ok for r in made.values()), made
-    bus = KafkaEventBus(stack.kafka_bootstrap)
-    yield Events(bus, lambda t: read_events(stack.kafka_bootstrap, t), topics)
+    bus = KafkaEventBus(stack.kafka_bootstrap, extra=stack.kafka_security)
+    yield Events(
+        bus, lambda t: read_events(stack.kafka_bootstrap, t, extra=stack.kafka_security), topics
+    )
     await bus.close()
     await admin.delete([topics.queue, topics.sentinel_weight])
 

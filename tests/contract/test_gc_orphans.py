@@ -222,7 +222,7 @@ async def produce(admin: TopicAdmin, topic: str, count: int) -> None:
         admin.messages[topic] = admin.messages.get(topic, 0) + count
         return
     assert isinstance(admin, KafkaTopicAdmin)
-    producer = Producer({"bootstrap.servers": admin.bootstrap})
+    producer = Producer({"bootstrap.servers": admin.bootstrap, **admin.extra})
     for i in range(count):
         producer.produce(topic, key=f"k{i}".encode(), value=f"v{i}".encode())
     assert producer.flush(30) == 0

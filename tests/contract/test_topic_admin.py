@@ -83,7 +83,9 @@ async def test_replication_is_capped_in_development_and_refused_in_production(
         strict: TopicAdmin = MemoryTopicAdmin(profile=Profile.PRODUCTION)
     else:
         stack: Stack = request.getfixturevalue("stack")
-        strict = KafkaTopicAdmin(stack.kafka_bootstrap, profile=Profile.PRODUCTION)
+        strict = KafkaTopicAdmin(
+            stack.kafka_bootstrap, extra=stack.kafka_security, profile=Profile.PRODUCTION
+        )
     refused = (await strict.ensure({prod: rf3}))[prod]
     assert refused.status is TopicStatus.FAILED and "replication factor 3" in refused.message
     assert prod not in await topic_admin.list_topics()
@@ -98,7 +100,7 @@ async def test_delete_and_message_counts(
         topic_admin.messages[a] = 3
     else:
         stack: Stack = request.getfixturevalue("stack")
-        producer = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+        producer = Producer(stack.kafka_client())
         for i in range(3):
             producer.produce(a, value=f"m{i}".encode())
         assert producer.flush(30) == 0

@@ -158,7 +158,7 @@ async def product(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
                 "NEO4J_URI": s.neo4j_uri,
                 "NEO4J_USER": s.neo4j_user,
                 "NEO4J_PASSWORD": s.neo4j_password,
-                "KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap,
+                **s.kafka_process_env(),
             }
             api = config.new_client_from_config(config_file=kubeconfig)
             ext = client.ApiextensionsV1Api(api)

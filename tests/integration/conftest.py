@@ -32,7 +32,7 @@ def real_settings(stack: Stack, **over: Any) -> Settings:
         neo4j_uri=stack.neo4j_uri,
         neo4j_user=stack.neo4j_user,
         neo4j_password=stack.neo4j_password,
-        kafka_bootstrap=stack.kafka_bootstrap,
+        **stack.kafka_settings(),
         grpc_port=0,
         http_port=0,
         gc_interval_seconds=0,

@@ -241,7 +241,7 @@ async def cluster(
         neo4j_uri=stack.neo4j_uri,
         neo4j_user=stack.neo4j_user,
         neo4j_password=stack.neo4j_password,
-        kafka_bootstrap=stack.kafka_bootstrap,
+        **stack.kafka_settings("operator"),  # the operator's own principal
         archive_dir=str(tmp_path / "archive"),
     )
     cl = Cluster(client.CustomObjectsApi(api_client), core, ns, bootstrap.build(settings))

@@ -65,7 +65,7 @@ def store(request: pytest.FixtureRequest, stack: Stack, tmp_path: Path) -> Itera
 
 @pytest.fixture
 async def admin(stack: Stack) -> AsyncIterator[KafkaTopicAdmin]:
-    a = KafkaTopicAdmin(stack.kafka_bootstrap)
+    a = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
     yield a
     await a.close()
 
@@ -78,7 +78,7 @@ async def make_topic(admin: KafkaTopicAdmin, partitions: int = 2) -> str:
 
 
 def produce(stack: Stack, topic: str, count: int, partitions: int = 2) -> None:
-    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+    producer = Producer(stack.kafka_client())
     for i in range(count):
         producer.produce(
             topic,
@@ -94,7 +94,7 @@ def produce(stack: Stack, topic: str, count: int, partitions: int = 2) -> None:
 def consume_all(stack: Stack, topic: str, partitions: int = 2) -> list[tuple[Any, ...]]:
     """(partition, key, value, headers, timestamp) of every message, in order."""
     c = Consumer(
-        {"bootstrap.servers": stack.kafka_bootstrap, "group.id": uuid.uuid4().hex,
+        {**stack.kafka_client(), "group.id": uuid.uuid4().hex,
          "enable.auto.commit": False}
     )  # fmt: skip
     try:
@@ -121,7 +121,12 @@ async def test_an_archive_restored_into_a_new_topic_holds_the_same_messages(
     target = await make_topic(admin)
     try:
         produce(stack, topic, 25)
-        archive = KafkaArchive(stack.kafka_bootstrap, store, prefix=f"t-{uuid.uuid4().hex[:6]}/")
+        archive = KafkaArchive(
+            stack.kafka_bootstrap,
+            extra=stack.kafka_security,
+            store=store,
+            prefix=f"t-{uuid.uuid4().hex[:6]}/",
+        )
         result = await archive.archive(topic)
         assert result.messages == 25 and result.bytes > 0
         (entry,) = await archive.entries(topic)
@@ -172,7 +177,7 @@ async def gc_world(
 ) -> tuple[GcService, str, MemoryEventBus]:
     """A trade_exec queue (archive policy), orphaned long enough to be due."""
     graph, clock, metrics = MemoryGraphStore(), ManualClock(time.time()), Metrics()
-    topics = KafkaTopicAdmin(stack.kafka_bootstrap)
+    topics = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
     events = MemoryEventBus(history=100)
     bus = ControlBus(events, clock)
     n = node("TradeOrderPublisherNode", tags=["BTC"], code=f"arch-{uuid.uuid4().hex[:8]}")
@@ -184,7 +189,9 @@ async def gc_world(
     await QueueService(graph, topics, metrics, clock).cleanup("arch")
     clock.advance(DAY)
     policy = {"trade_exec": GcPolicy(60, 1, GcAction.ARCHIVE)}
-    archive = KafkaArchive(stack.kafka_bootstrap, store, prefix=prefix)
+    archive = KafkaArchive(
+        stack.kafka_bootstrap, extra=stack.kafka_security, store=store, prefix=prefix
+    )
     gc = GcService(graph, topics, archive, bus, clock, metrics, policies=policy,
                    limits=GcLimits(max_count=10, max_fraction=1.0))  # fmt: skip
     return gc, queue, events
@@ -209,9 +216,16 @@ async def test_an_archive_that_fails_part_way_deletes_nothing(
         events = [e.value for e in bus.read("queue")]
         assert [(e["data"]["queue"], e["data"]["action"]) for e in events
                 if e["type"] == "queue_lifecycle"] == [(queue, "archive_failed")]  # fmt: skip
-        assert await KafkaArchive(stack.kafka_bootstrap, s3(stack), prefix=prefix).entries() == []
+        assert (
+            await KafkaArchive(
+                stack.kafka_bootstrap, extra=stack.kafka_security, store=s3(stack), prefix=prefix
+            ).entries()
+            == []
+        )
         # the store works again: the next run archives, verifies, and only then deletes
-        gc.archive = KafkaArchive(stack.kafka_bootstrap, s3(stack), prefix=prefix)
+        gc.archive = KafkaArchive(
+            stack.kafka_bootstrap, extra=stack.kafka_security, store=s3(stack), prefix=prefix
+        )
         again = await gc.collect()
         assert [p["queue"] for p in again.processed] == [queue]
         assert again.processed[0]["archived"]["messages"] == 6
@@ -235,8 +249,12 @@ async def test_a_topic_written_while_it_is_archived_is_kept(
                     produce(stack, topic, 1, partitions=1)  # a late message arrives
                 return self.inner.put(key, data)
 
-        archive = KafkaArchive(stack.kafka_bootstrap, WritesDuringUpload(s3(stack)),
-                               prefix=f"late-{uuid.uuid4().hex[:6]}/")  # fmt: skip
+        archive = KafkaArchive(
+            stack.kafka_bootstrap,
+            extra=stack.kafka_security,
+            store=WritesDuringUpload(s3(stack)),
+            prefix=f"late-{uuid.uuid4().hex[:6]}/",
+        )
         with pytest.raises(ArchiveFailed, match="changed while it was archived"):
             await archive.archive(topic)
         assert await archive.entries(topic) == []
@@ -251,18 +269,23 @@ def test_archive_list_and_restore_from_the_command_line(stack: Stack, tmp_path: 
     prefix = f"cli-{uuid.uuid4().hex[:6]}"
 
     async def prepare() -> None:
-        a = KafkaTopicAdmin(stack.kafka_bootstrap)
+        a = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
         try:
             await make_named(a, admin_topic)
             produce(stack, admin_topic, 8)
-            archive = KafkaArchive(stack.kafka_bootstrap, s3(stack), prefix=f"{prefix}/")
+            archive = KafkaArchive(
+                stack.kafka_bootstrap,
+                extra=stack.kafka_security,
+                store=s3(stack),
+                prefix=f"{prefix}/",
+            )
             await archive.archive(admin_topic)
         finally:
             await a.close()
 
     asyncio.run(prepare())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
-    env |= {"KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap, **stack.s3_settings(prefix)}
+    env |= {**stack.kafka_process_env(), **stack.s3_settings(prefix)}
     cli = [sys.executable, "-m", "qmtl_dagmanager.cli", "archive"]
     listed = subprocess.run([*cli, "list", "--queue", admin_topic], capture_output=True,
                             text=True, env=env, check=False, timeout=120)  # fmt: skip
@@ -278,7 +301,7 @@ def test_archive_list_and_restore_from_the_command_line(stack: Stack, tmp_path: 
     finally:
 
         async def cleanup() -> None:
-            a = KafkaTopicAdmin(stack.kafka_bootstrap)
+            a = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
             await a.delete([admin_topic, target])
             await a.close()
 

@@ -74,6 +74,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int
     if request.param == "real":
         env["NEO4J_PASSWORD"] = stack.neo4j_password  # secrets come from the environment only
         env["QMTL_S3_SECRET_KEY"] = stack.s3_secret_key
+        env.update(stack.kafka_process_env())
     proc = subprocess.Popen(
         [*CLI, "--config", str(config), "server"],
         env=env,

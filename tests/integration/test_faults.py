@@ -168,7 +168,7 @@ async def test_cut_connections_to_kafka_are_unavailable_not_a_hang(
     # the broker advertises its own address, so only the bootstrap goes through the proxy: a
     # cut proxy is a Kafka the sidecar cannot reach when it (re)connects
     proxy.cut = True
-    admin = KafkaTopicAdmin(f"127.0.0.1:{proxy.port}", timeout=3.0)
+    admin = KafkaTopicAdmin(f"127.0.0.1:{proxy.port}", timeout=3.0, extra=stack.kafka_security)
     started = time.monotonic()
     with pytest.raises(Unavailable):
         await admin.list_topics()
@@ -208,7 +208,7 @@ async def test_gc_never_drops_twice_nor_a_queue_that_became_referenced(
     stack: Stack, tmp_path: Path
 ) -> None:
     graph = Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password)
-    topics = KafkaTopicAdmin(stack.kafka_bootstrap)
+    topics = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
     events, clock, metrics = MemoryEventBus(), ManualClock(time.time()), Metrics()
     bus = ControlBus(events, clock)
     diffs = DiffService(graph, topics, bus, clock, metrics)
@@ -285,7 +285,7 @@ async def test_operator_killed_during_a_canary_pause_resumes_the_same_step(
             "NEO4J_URI": stack.neo4j_uri,
             "NEO4J_USER": stack.neo4j_user,
             "NEO4J_PASSWORD": stack.neo4j_password,
-            "KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap,
+            **stack.kafka_process_env(),
             "QMTL_ARCHIVE_DIR": str(tmp_path / "archive"),
             "QMTL_GC_INTERVAL_SECONDS": "0",
         }

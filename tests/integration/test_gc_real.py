@@ -31,7 +31,7 @@ async def test_gc_drops_exactly_the_eligible_queues(stack: Stack, tmp_path: Path
     ) as d:
         d.execute_query("MATCH (n) DETACH DELETE n")  # only this test's queues in the graph
     graph = Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password)
-    topics = KafkaTopicAdmin(stack.kafka_bootstrap)
+    topics = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
     events = MemoryEventBus()
     clock = ManualClock(time.time())
     metrics = Metrics()
@@ -40,7 +40,9 @@ async def test_gc_drops_exactly_the_eligible_queues(stack: Stack, tmp_path: Path
     gc = GcService(
         graph,
         topics,
-        KafkaArchive(stack.kafka_bootstrap, DirectoryStore(tmp_path)),
+        KafkaArchive(
+            stack.kafka_bootstrap, extra=stack.kafka_security, store=DirectoryStore(tmp_path)
+        ),
         controlbus,
         clock,
         metrics,

@@ -142,7 +142,7 @@ async def test_operator_stands_by_until_it_holds_the_lease(
         neo4j_uri=stack.neo4j_uri,
         neo4j_user=stack.neo4j_user,
         neo4j_password=stack.neo4j_password,
-        kafka_bootstrap=stack.kafka_bootstrap,
+        **stack.kafka_settings(),
         archive_dir=str(tmp_path),
         gc_interval_seconds=0,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from kubernetes import client
 
 from qmtl_dagmanager.core import identity
-from tests.conftest import Stack, free_port
+from tests.conftest import Stack, free_port, kafka_env_of
 from tests.gen import generate
 from tests.integration.kube_harness import Cluster, condition, spec_of, until
 
@@ -292,7 +292,7 @@ async def test_operator_process_probes_and_metrics(cluster: Cluster) -> None:
         "NEO4J_URI": cluster.settings.neo4j_uri,
         "NEO4J_USER": cluster.settings.neo4j_user,
         "NEO4J_PASSWORD": cluster.settings.neo4j_password,
-        "KAFKA_BOOTSTRAP_SERVERS": cluster.settings.kafka_bootstrap,
+        **kafka_env_of(cluster.settings),
     }
     await cluster.stop_operator()  # one operator per namespace
     proc = subprocess.Popen(

@@ -54,7 +54,9 @@ async def published_set(
     last: set[str] = set()
     while time.monotonic() < deadline:
         try:
-            events = await asyncio.to_thread(read_events, stack.kafka_bootstrap, topic)
+            events = await asyncio.to_thread(
+                read_events, stack.kafka_bootstrap, topic, extra=stack.kafka_security
+            )
         except KafkaException:  # the broker is still electing leaders after its restart
             await asyncio.sleep(1)
             continue
@@ -142,6 +144,7 @@ async def test_events_of_a_killed_sidecar_are_published_by_another_process(
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
     env["NEO4J_PASSWORD"] = stack.neo4j_password
+    env.update(stack.kafka_process_env())
     with (tmp_path / "a.log").open("wb") as out:
         a = subprocess.Popen(
             [*CLI, "--config", str(cfg), "server"], env=env, stdout=out, stderr=subprocess.STDOUT

@@ -89,7 +89,7 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
         "NEO4J_URI": stack.neo4j_uri,
         "NEO4J_USER": stack.neo4j_user,
         "NEO4J_PASSWORD": stack.neo4j_password,
-        "KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap,
+        **stack.kafka_process_env(),
         "QMTL_ARCHIVE_DIR": str(tmp_path / "archive"),
         "QMTL_GC_INTERVAL_SECONDS": "0",
     }

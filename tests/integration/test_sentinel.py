@@ -30,7 +30,7 @@ def _no_cross_context_hits(stack: Stack) -> None:
 def weights(stack: Stack, topic: str, sentinel_id: str) -> dict[str, list[float]]:
     """version → the weights published for it, in order."""
     out: dict[str, list[float]] = {}
-    for e in read_events(stack.kafka_bootstrap, topic):
+    for e in read_events(stack.kafka_bootstrap, topic, extra=stack.kafka_security):
         data = e.value["data"]
         if e.key == sentinel_id and data["sentinel_id"] == sentinel_id:
             out.setdefault(data["sentinel_version"], []).append(data["weight"])

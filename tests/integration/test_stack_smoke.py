@@ -118,14 +118,14 @@ def test_kube_apiserver_serves_crds_and_watches(stack: Stack) -> None:
 
 def test_kafka_broker_creates_topics_and_moves_messages(stack: Stack) -> None:
     topic = f"smoke-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    admin = AdminClient(stack.kafka_client())
     futures = admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
     futures[topic].result(timeout=30)
     try:
         md = admin.list_topics(topic, timeout=10)
         assert len(md.topics[topic].partitions) == 2
 
-        producer = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+        producer = Producer(stack.kafka_client())
         delivered: list[object] = []
         producer.produce(
             topic,
@@ -138,7 +138,7 @@ def test_kafka_broker_creates_topics_and_moves_messages(stack: Stack) -> None:
 
         consumer = Consumer(
             {
-                "bootstrap.servers": stack.kafka_bootstrap,
+                **stack.kafka_client(),
                 "group.id": f"g-{topic}",
                 "auto.offset.reset": "earliest",
             }

@@ -116,9 +116,16 @@ class _Dump:
 
 class KafkaArchive:
     def __init__(
-        self, bootstrap: str, store: ObjectStore, *, timeout: float = 30.0, prefix: str = ""
+        self,
+        bootstrap: str,
+        store: ObjectStore,
+        *,
+        timeout: float = 30.0,
+        prefix: str = "",
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._extra = dict(extra or {})  # security settings, as for every client
         self._store = store
         self._timeout = timeout
         self._prefix = prefix
@@ -138,6 +145,7 @@ class KafkaArchive:
         return Consumer(
             {
                 "bootstrap.servers": self._bootstrap,
+                **self._extra,
                 "group.id": f"qmtl-archive-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
             }
@@ -275,7 +283,9 @@ class KafkaArchive:
         m = self._manifest(manifest_key)
         data = self._store.get(str(m["data"]))
         _verify(str(m["topic"]), data, str(m["sha256"]), int(m["messages"]))
-        producer = Producer({"bootstrap.servers": self._bootstrap, "enable.idempotence": True})
+        producer = Producer(
+            {"bootstrap.servers": self._bootstrap, **self._extra, "enable.idempotence": True}
+        )
         consumer = self._consumer()
         try:
             partitions = len(self._watermarks(consumer, to_topic))

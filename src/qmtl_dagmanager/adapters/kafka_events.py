@@ -100,12 +100,19 @@ def _settle(fut: asyncio.Future[None], err: KafkaError | None) -> None:
         )
 
 
-def read_events(bootstrap: str, topic: str, *, timeout: float = 10.0) -> list[Published]:
+def read_events(
+    bootstrap: str,
+    topic: str,
+    *,
+    timeout: float = 10.0,
+    extra: Mapping[str, Any] | None = None,
+) -> list[Published]:
     """Every event currently in `topic` (all partitions, from the start), decoded."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex}",
+            **(extra or {}),
+            "group.id": f"qmtl-reader-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }

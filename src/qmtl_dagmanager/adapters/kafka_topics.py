@@ -93,6 +93,7 @@ class KafkaTopicAdmin:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.extra = dict(extra or {})  # security settings, shared with other clients
         self._timeout = timeout
         self._profile = profile
         self._listing: tuple[float, int, set[str]] | None = None
