@@ -17,8 +17,6 @@ import time
 import uuid
 from pathlib import Path
 
-import neo4j
-
 from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.core import dag, plan
@@ -27,7 +25,7 @@ from qmtl_dagmanager.ports import SentinelWrite
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import stack_env  # noqa: E402
+from bench.common import backend_settings, neo4j_driver, stack_env  # noqa: E402
 
 
 def row(case: str, times: list[float]) -> None:
@@ -42,8 +40,9 @@ async def main() -> None:
     d = dag.parse(raw, ids=dag.IdMode.TRUST)
     ids = [n.node_id for n in d.nodes]
     req = plan.Request(f"bench-{uuid.uuid4().hex[:6]}", world_id="w1", execution_domain="live")
-    store = Neo4jGraphStore(e["NEO4J_URI"], e["NEO4J_USER"], e["NEO4J_PASSWORD"])
-    sync = neo4j.GraphDatabase.driver(e["NEO4J_URI"], auth=(e["NEO4J_USER"], e["NEO4J_PASSWORD"]))
+    s = backend_settings(e)
+    store = Neo4jGraphStore(s.neo4j_uri, s.neo4j_user, s.neo4j_password, ca=s.neo4j_ssl_ca)
+    sync = neo4j_driver(e)
 
     def forget() -> None:
         sync.execute_query(

@@ -8,7 +8,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import neo4j
 from tests import conftest
+
+from qmtl_dagmanager.adapters.neo4j_graph import tls_options
+from qmtl_dagmanager.config import Settings, kafka_security, load
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +26,35 @@ def stack_env() -> dict[str, str]:
             key, _, value = line.removeprefix("export ").partition("=")
             out[key] = value
     return out
+
+
+BACKEND_PREFIXES = ("NEO4J_", "KAFKA_")
+
+
+def backend_env(env: dict[str, str]) -> dict[str, str]:
+    """The stack's Neo4j and Kafka variables (URIs, credentials, TLS and SASL settings)."""
+    return {k: v for k, v in env.items() if k.startswith(BACKEND_PREFIXES)}
+
+
+def backend_settings(env: dict[str, str]) -> Settings:
+    """Settings for the stack's Neo4j and Kafka, as the product reads them."""
+    return load(None, backend_env(env))
+
+
+def kafka_extra(env: dict[str, str]) -> dict[str, str]:
+    """librdkafka security settings of the stack's Kafka (empty on a plaintext one)."""
+    return kafka_security(backend_settings(env))
+
+
+def neo4j_driver(env: dict[str, str]) -> neo4j.Driver:
+    s = backend_settings(env)
+    uri, tls = tls_options(s.neo4j_uri, s.neo4j_ssl_ca)
+    return neo4j.GraphDatabase.driver(uri, auth=(s.neo4j_user, s.neo4j_password), **tls)
+
+
+def stack_of(env: dict[str, str]) -> conftest.Stack:
+    """The test harness's view of the stack, from its environment."""
+    return conftest.stack_from_env(env)
 
 
 def free_port() -> int:

@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.gen import generate  # noqa: E402
 
-from bench.common import stack_env  # noqa: E402
+from bench.common import backend_settings, stack_env  # noqa: E402
 from qmtl_dagmanager import bootstrap  # noqa: E402
 from qmtl_dagmanager.api.v1alpha1 import strategydag  # noqa: E402
-from qmtl_dagmanager.config import Settings  # noqa: E402
 from qmtl_dagmanager.kube import operator  # noqa: E402
 
 
@@ -119,16 +118,7 @@ async def main() -> None:
     custom = client.CustomObjectsApi(api_client)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    container = bootstrap.build(
-        dataclasses.replace(
-            Settings(),
-            neo4j_uri=e["NEO4J_URI"],
-            neo4j_user=e["NEO4J_USER"],
-            neo4j_password=e["NEO4J_PASSWORD"],
-            kafka_bootstrap=e["KAFKA_BOOTSTRAP_SERVERS"],
-            gc_interval_seconds=0,
-        )
-    )
+    container = bootstrap.build(dataclasses.replace(backend_settings(e), gc_interval_seconds=0))
     writes = [0]
     # phase 1 with the production resync period (300 s): only the creations are timed
     stop, task = await start(container, ns, 300, writes)

@@ -28,7 +28,7 @@ from kubernetes.client.rest import RESTResponseType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, stack_env  # noqa: E402
+from bench.common import backend_env, free_port, stack_env  # noqa: E402
 from bench.operator_bench import bodies_for, install_crds, ready_count  # noqa: E402
 from qmtl_dagmanager.api.v1alpha1 import strategydag  # noqa: E402
 
@@ -106,10 +106,7 @@ async def main() -> int:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_"))},
         "KUBECONFIG": e["KUBECONFIG"],
-        "NEO4J_URI": e["NEO4J_URI"],
-        "NEO4J_USER": e["NEO4J_USER"],
-        "NEO4J_PASSWORD": e["NEO4J_PASSWORD"],
-        "KAFKA_BOOTSTRAP_SERVERS": e["KAFKA_BOOTSTRAP_SERVERS"],
+        **backend_env(e),
         "QMTL_GC_INTERVAL_SECONDS": "0",
         "QMTL_LOG_LEVEL": "warning",
     }

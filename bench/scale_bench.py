@@ -44,13 +44,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import neo4j  # noqa: E402
 import orjson  # noqa: E402
 from confluent_kafka import KafkaException, TopicCollection  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 from tests.gen import dumps, generate  # noqa: E402
 
-from bench.common import free_port, stack_env  # noqa: E402
+from bench.common import backend_env, free_port, kafka_extra, neo4j_driver, stack_env  # noqa: E402
 from bench.scale_chart import write_svg  # noqa: E402
 from bench.sidecar_bench import rss_mb, wait_serving  # noqa: E402
 from bench.topics_bench import barrier  # noqa: E402
@@ -97,8 +96,8 @@ class Store:
             ]
         cfg.write_text("\n".join(lines) + "\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_"))}
-        if self.real:
-            env["NEO4J_PASSWORD"] = self.env["NEO4J_PASSWORD"]
+        if self.real:  # secrets and TLS/SASL settings: from the environment
+            env.update(backend_env(self.env))
         return subprocess.Popen(
             [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"],
             env=env,
@@ -114,18 +113,14 @@ class Store:
 
 def empty_neo4j(env: dict[str, str]) -> None:
     with (
-        neo4j.GraphDatabase.driver(
-            env["NEO4J_URI"], auth=(env["NEO4J_USER"], env["NEO4J_PASSWORD"])
-        ) as d,
+        neo4j_driver(env) as d,
         d.session() as session,
     ):  # IN TRANSACTIONS needs an auto-commit transaction
         session.run("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 5000 ROWS").consume()
 
 
 def neo4j_round_trip(env: dict[str, str], runs: int) -> float:
-    with neo4j.GraphDatabase.driver(
-        env["NEO4J_URI"], auth=(env["NEO4J_USER"], env["NEO4J_PASSWORD"])
-    ) as d:
+    with neo4j_driver(env) as d:
         d.execute_query("RETURN 1")
         took = []
         for _ in range(runs):
@@ -248,7 +243,9 @@ async def bench_store(name: str, sizes: list[int], runs: int, env: dict[str, str
     client = GatewayClient(f"127.0.0.1:{store.port}")
     rows: list[dict[str, Any]] = []
     try:
-        admin = AdminClient({"bootstrap.servers": env.get("KAFKA_BOOTSTRAP_SERVERS", "")})
+        admin = AdminClient(
+            {"bootstrap.servers": env.get("KAFKA_BOOTSTRAP_SERVERS", ""), **kafka_extra(env)}
+        )
         await wait_serving(store.port, proc)
         known = btc(generate(FILL, seed=1, salt=f"k{store.run}"))
         await store.diff(client, f"known-{store.run}", dumps(known))
@@ -278,7 +275,9 @@ async def bench_store(name: str, sizes: list[int], runs: int, env: dict[str, str
         proc.wait(60)
         if store.real and store.created:
             print(f"[scale] deleting the {len(set(store.created))} topics of this run", flush=True)
-            topics = KafkaTopicAdmin(env["KAFKA_BOOTSTRAP_SERVERS"], timeout=120)
+            topics = KafkaTopicAdmin(
+                env["KAFKA_BOOTSTRAP_SERVERS"], timeout=120, extra=kafka_extra(env)
+            )
             names = sorted(set(store.created))
             for k in range(0, len(names), 2000):
                 await topics.delete(names[k : k + 2000])

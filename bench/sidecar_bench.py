@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from tests.gen import dumps, generate  # noqa: E402
 from tests.otel_collector import Collector  # noqa: E402
 
-from bench.common import free_port, open_loop, stack_env  # noqa: E402
+from bench.common import backend_env, free_port, kafka_extra, open_loop, stack_env  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -149,7 +149,7 @@ async def main() -> None:
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"],
-        env={**os.environ, "NEO4J_PASSWORD": e["NEO4J_PASSWORD"]},  # secrets: environment only
+        env={**os.environ, **backend_env(e)},  # secrets: environment only
     )
     client = GatewayClient(f"127.0.0.1:{port}")
     created: list[str] = []
@@ -192,7 +192,7 @@ async def main() -> None:
             spans, records = collector.received()
             print(f"the collector received {spans} spans and {records} audit log records")
     # remove what the first submissions created, so repeated runs do not pile up topics
-    admin = KafkaTopicAdmin(e["KAFKA_BOOTSTRAP_SERVERS"], timeout=60)
+    admin = KafkaTopicAdmin(e["KAFKA_BOOTSTRAP_SERVERS"], timeout=60, extra=kafka_extra(e))
     await admin.delete(sorted(set(created)))
 
 

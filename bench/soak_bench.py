@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.gen import dumps, generate  # noqa: E402
 
-from bench.common import free_port, open_loop, stack_env  # noqa: E402
+from bench.common import backend_env, free_port, open_loop, stack_env  # noqa: E402
 from bench.sidecar_bench import pct, rss_mb, wait_serving  # noqa: E402
 
 
@@ -100,10 +100,7 @@ async def main() -> None:
     port, http = free_port(), free_port()
     env = {
         **os.environ,
-        "NEO4J_URI": e["NEO4J_URI"],
-        "NEO4J_USER": e["NEO4J_USER"],
-        "NEO4J_PASSWORD": e["NEO4J_PASSWORD"],
-        "KAFKA_BOOTSTRAP_SERVERS": e["KAFKA_BOOTSTRAP_SERVERS"],
+        **backend_env(e),
         "QMTL_GRPC_PORT": str(port),
         "QMTL_HTTP_PORT": str(http),
         "QMTL_GC_INTERVAL_SECONDS": "0",

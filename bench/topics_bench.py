@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
-from bench.common import stack_env  # noqa: E402
+from bench.common import kafka_extra, stack_env  # noqa: E402
 from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin  # noqa: E402
 from qmtl_dagmanager.core.topics import TopicSpec, TopicType  # noqa: E402
 
@@ -101,8 +101,9 @@ async def main() -> int:
         f"Python {platform.python_version()}; broker {bootstrap}",
         flush=True,
     )
-    raw = AdminClient({"bootstrap.servers": bootstrap})
-    ours = KafkaTopicAdmin(bootstrap, timeout=60)
+    extra = kafka_extra(stack_env())
+    raw = AdminClient({"bootstrap.servers": bootstrap, **extra})
+    ours = KafkaTopicAdmin(bootstrap, timeout=60, extra=extra)
     worst = 0.0
     for count in (int(c) for c in args.counts.split(",")):
         base, ensure, verify, backlog = [], [], [], []

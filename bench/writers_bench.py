@@ -21,10 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import Stack  # noqa: E402
 from tests.writers import Shape, soak  # noqa: E402
 
-from bench.common import stack_env  # noqa: E402
+from bench.common import stack_env, stack_of  # noqa: E402
 
 
 def main() -> int:
@@ -34,17 +33,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=9)
     args = ap.parse_args()
     env = stack_env()
-    stack = Stack(
-        env["KUBECONFIG"],
-        env["NEO4J_URI"],
-        env["NEO4J_USER"],
-        env["NEO4J_PASSWORD"],
-        env["KAFKA_BOOTSTRAP_SERVERS"],
-        env["QMTL_S3_ENDPOINT"],
-        env["QMTL_S3_ACCESS_KEY"],
-        env["QMTL_S3_SECRET_KEY"],
-        env["QMTL_S3_BUCKET"],
-    )
+    stack = stack_of(env)
     shape = Shape(sidecars=args.sidecars, seconds=args.minutes * 60, clients=args.clients, pool=48)
     print(
         f"[writers] machine: {platform.machine()}, {os.cpu_count()} cores, "

@@ -24,6 +24,7 @@ from typing import Any
 import neo4j
 import pytest
 
+from qmtl_dagmanager.adapters.neo4j_graph import tls_options
 from qmtl_dagmanager.config import Settings, kafka_security
 from qmtl_dagmanager.services.queue_events import DRAIN_TASK
 
@@ -70,8 +71,26 @@ class Stack:
     s3_bucket: str
     # Kafka's security: the product's principal (KAFKA_* variables), plus the stack's other
     # principals by role ("operator", "admin" for tests acting as the world, "noacl")
+    neo4j_ca: str = ""  # PEM CA of a TLS Neo4j (bolt+s://), from NEO4J_SSL_CA
     kafka_env: dict[str, str] = field(default_factory=dict)
     kafka_users: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def neo4j_driver(self) -> neo4j.Driver:
+        """A driver for the stack's Neo4j (TLS with the stack's CA when it serves TLS)."""
+        uri, tls = tls_options(self.neo4j_uri, self.neo4j_ca)
+        return neo4j.GraphDatabase.driver(uri, auth=(self.neo4j_user, self.neo4j_password), **tls)
+
+    @property
+    def neo4j_env(self) -> dict[str, str]:
+        """Environment variables that give a child process the stack's Neo4j."""
+        env = {
+            "NEO4J_URI": self.neo4j_uri,
+            "NEO4J_USER": self.neo4j_user,
+            "NEO4J_PASSWORD": self.neo4j_password,
+        }
+        if self.neo4j_ca:
+            env["NEO4J_SSL_CA"] = self.neo4j_ca
+        return env
 
     @property
     def kafka_security(self) -> dict[str, str]:
@@ -194,6 +213,31 @@ def _healthy() -> bool:
     return subprocess.run([*STACK, "status"], capture_output=True, check=False).returncode == 0
 
 
+def stack_from_env(env: dict[str, str]) -> Stack:
+    """The stack whose endpoints and credentials `env` holds (the keys of `.stack/env`)."""
+    return Stack(
+        kubeconfig=env["KUBECONFIG"],
+        neo4j_uri=env["NEO4J_URI"],
+        neo4j_user=env["NEO4J_USER"],
+        neo4j_password=env["NEO4J_PASSWORD"],
+        kafka_bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"],
+        s3_endpoint=env["QMTL_S3_ENDPOINT"],
+        s3_access_key=env["QMTL_S3_ACCESS_KEY"],
+        s3_secret_key=env["QMTL_S3_SECRET_KEY"],
+        s3_bucket=env["QMTL_S3_BUCKET"],
+        neo4j_ca=env.get("NEO4J_SSL_CA", ""),
+        kafka_env={k: env[k] for k in KAFKA_ENV_KEYS if env.get(k)},
+        kafka_users={
+            role: (
+                env[f"QMTL_STACK_KAFKA_{role.upper()}_USER"],
+                env[f"QMTL_STACK_KAFKA_{role.upper()}_PASSWORD"],
+            )
+            for role in ("admin", "operator", "noacl")
+            if env.get(f"QMTL_STACK_KAFKA_{role.upper()}_USER")
+        },
+    )
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     in_ci = os.environ.get("CI", "").lower() == "true"
@@ -210,6 +254,7 @@ def stack() -> Iterator[Stack]:
     every = (
         *ENV_KEYS,
         *KAFKA_ENV_KEYS,
+        "NEO4J_SSL_CA",
         *(
             f"QMTL_STACK_KAFKA_{r}_{w}"
             for r in ("ADMIN", "OPERATOR", "NOACL")
@@ -220,26 +265,7 @@ def stack() -> Iterator[Stack]:
     missing = [k for k in ENV_KEYS if not env.get(k)]
     if missing:
         pytest.fail(f"stack endpoints missing: {', '.join(missing)}", pytrace=False)
-    yield Stack(
-        kubeconfig=env["KUBECONFIG"],
-        neo4j_uri=env["NEO4J_URI"],
-        neo4j_user=env["NEO4J_USER"],
-        neo4j_password=env["NEO4J_PASSWORD"],
-        kafka_bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"],
-        s3_endpoint=env["QMTL_S3_ENDPOINT"],
-        s3_access_key=env["QMTL_S3_ACCESS_KEY"],
-        s3_secret_key=env["QMTL_S3_SECRET_KEY"],
-        s3_bucket=env["QMTL_S3_BUCKET"],
-        kafka_env={k: env[k] for k in KAFKA_ENV_KEYS if env.get(k)},
-        kafka_users={
-            role: (
-                env[f"QMTL_STACK_KAFKA_{role.upper()}_USER"],
-                env[f"QMTL_STACK_KAFKA_{role.upper()}_PASSWORD"],
-            )
-            for role in ("admin", "operator", "noacl")
-            if env.get(f"QMTL_STACK_KAFKA_{role.upper()}_USER")
-        },
-    )
+    yield stack_from_env(env)
     if started:
         subprocess.run([*STACK, "down"], check=False)
 
@@ -261,7 +287,5 @@ def clear_cross_context_hits(stack: Stack) -> None:
     """Delete the recorded cross-context hits from the stack's graph. Tests refuse such reuses
     on purpose, and each hit halts every canary rollout for its analysis window (10 min by
     default): a test that expects a rollout to move starts without any."""
-    with neo4j.GraphDatabase.driver(
-        stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
-    ) as d:
+    with stack.neo4j_driver() as d:
         d.execute_query("MATCH (h:CrossContextHit) DELETE h")

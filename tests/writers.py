@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
-import neo4j
 import orjson
 import yaml
 from confluent_kafka import KafkaException, TopicCollection
@@ -135,6 +134,7 @@ class Fleet:
             k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))
         }
         env["NEO4J_PASSWORD"] = self.stack.neo4j_password
+        env["NEO4J_SSL_CA"] = self.stack.neo4j_ca  # empty: no TLS
         env.update(self.stack.kafka_process_env())  # the Kafka password comes from there too
         return env
 
@@ -414,9 +414,7 @@ def check(stack: Stack, run: str) -> Findings:
     """Read Neo4j and Kafka directly: the invariants of many writers, for this run's topics
     (their names start with one of the run's worlds)."""
     prefixes = (f"mw{run}a.", f"mw{run}b.")
-    with neo4j.GraphDatabase.driver(
-        stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
-    ) as d:
+    with stack.neo4j_driver() as d:
         rows, _, _ = d.execute_query(
             "MATCH (q:Queue) WHERE any(p IN $prefixes WHERE q.topic STARTS WITH p) "
             "OPTIONAL MATCH (n:ComputeNode)-[:EMITS]->(q) "

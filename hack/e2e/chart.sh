@@ -5,7 +5,10 @@
 # sidecar agreeing) and tests/chart (probes, Lease, alert rules and dashboard, failover,
 # upgrade, uninstall).
 # Reads: KUBECONFIG, HELM, IMAGE_REPOSITORY, IMAGE_TAG, NEO4J_URI, NEO4J_PASSWORD,
-#        KAFKA_BOOTSTRAP, S3_ENDPOINT, S3_ACCESS_KEY, S3_SECRET_KEY; PY (default .venv/bin/python)
+#        KAFKA_BOOTSTRAP, S3_ENDPOINT, S3_ACCESS_KEY, S3_SECRET_KEY; PY (default .venv/bin/python);
+#        for Kafka over SASL_SSL also KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM,
+#        KAFKA_SASL_USERNAME/PASSWORD (the sidecar), KAFKA_OPERATOR_USER/PASSWORD, KAFKA_SSL_CA;
+#        NEO4J_SSL_CA for a bolt+s:// NEO4J_URI
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${KUBECONFIG:?}" "${HELM:?}" "${IMAGE_REPOSITORY:?}" "${IMAGE_TAG:?}" "${NEO4J_URI:?}"
@@ -24,6 +27,31 @@ kubectl -n "$NS" create secret generic qmtl-dagmanager-neo4j \
 kubectl -n "$NS" create secret generic qmtl-dagmanager-s3 \
   --from-literal=access-key="$S3_ACCESS_KEY" --from-literal=secret-key="$S3_SECRET_KEY" \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+backend_values=()
+if [[ -n "${NEO4J_SSL_CA:-}" ]]; then
+  step "Neo4j over TLS: its CA as a Secret"
+  kubectl -n "$NS" create secret generic qmtl-dagmanager-neo4j-ca --from-file=ca.crt="$NEO4J_SSL_CA" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  backend_values+=(--set neo4j.caSecret=qmtl-dagmanager-neo4j-ca)
+fi
+if [[ "${KAFKA_SECURITY_PROTOCOL:-plaintext}" == SASL_SSL || "${KAFKA_SECURITY_PROTOCOL:-}" == sasl_ssl ]]; then
+  : "${KAFKA_OPERATOR_USER:?}" "${KAFKA_OPERATOR_PASSWORD:?}" "${KAFKA_SASL_USERNAME:?}" "${KAFKA_SASL_PASSWORD:?}" "${KAFKA_SSL_CA:?}"
+  step "Kafka over SASL_SSL: the two principals' passwords and the brokers' CA as Secrets"
+  kubectl -n "$NS" create secret generic qmtl-dagmanager-kafka \
+    --from-literal=operator-password="$KAFKA_OPERATOR_PASSWORD" \
+    --from-literal=sidecar-password="$KAFKA_SASL_PASSWORD" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl -n "$NS" create secret generic qmtl-dagmanager-kafka-ca --from-file=ca.crt="$KAFKA_SSL_CA" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  backend_values+=(
+    --set kafka.security.protocol=sasl_ssl
+    --set kafka.security.saslMechanism="${KAFKA_SASL_MECHANISM:-SCRAM-SHA-512}"
+    --set kafka.security.operatorUser="$KAFKA_OPERATOR_USER"
+    --set kafka.security.sidecarUser="$KAFKA_SASL_USERNAME"
+    --set kafka.security.existingSecret=qmtl-dagmanager-kafka
+    --set kafka.security.caSecret=qmtl-dagmanager-kafka-ca
+  )
+fi
 
 step "the Prometheus Operator's PrometheusRule and ServiceMonitor CRDs (the chart's alerts)"
 kubectl apply --server-side -f "$(bash hack/e2e/monitoring-crds.sh)" >/dev/null
@@ -40,6 +68,7 @@ values=(
   --set archive.s3.endpoint="${S3_ENDPOINT:-}"
   --set metrics.prometheusRule.enabled=true --set metrics.serviceMonitor.enabled=true
   --set metrics.prometheusRule.runbookBaseUrl="$RUNBOOKS"
+  "${backend_values[@]}"
 )
 # CRDs that exist without the release's ownership (applied by hand or by an earlier tool) are
 # adopted, as Helm requires, instead of failing the install

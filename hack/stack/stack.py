@@ -415,7 +415,11 @@ def probe_kafka(port: int) -> str | None:
 def bolt_handshake(port: int, timeout: float = 3.0) -> str:
     """The Bolt handshake: magic preamble and four proposed versions; returns the agreed one."""
     proposal = bytes.fromhex("6060B017") + bytes.fromhex("00000805000004040000000400000003")
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    ctx = ssl.create_default_context(cafile=str(STATE / "pki" / "ca.crt"))  # TLS is required
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+    ):
         s.sendall(proposal)
         agreed = _recv(s, 4)
     if agreed == b"\x00\x00\x00\x00":
@@ -519,6 +523,17 @@ def make_pki() -> None:
     )
     pki_key("sa")
     run(["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")])
+    pki_cert(
+        "neo4j",
+        "/CN=neo4j",
+        f"subjectAltName=IP:127.0.0.1,IP:{NODE_ADDRESS},DNS:localhost\n"
+        "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+    )
+    bolt = pki / "neo4j-bolt"  # the layout of a Neo4j SSL policy directory
+    (bolt / "trusted").mkdir(parents=True)
+    (bolt / "revoked").mkdir()
+    shutil.copy(pki / "neo4j.key", bolt / "private.key")
+    shutil.copy(pki / "neo4j.crt", bolt / "public.crt")
     pki_cert(
         "kafka",
         "/CN=kafka",
@@ -715,6 +730,13 @@ def neo4j_config(port: int, node: bool = False) -> Path:
                 f"server.bolt.listen_address={listen}:{port}",
                 f"server.bolt.advertised_address=127.0.0.1:{port}",
                 "dbms.security.auth_enabled=true",
+                # Bolt only over TLS, with a certificate of the stack's CA
+                "server.bolt.tls_level=REQUIRED",
+                "dbms.ssl.policy.bolt.enabled=true",
+                f"dbms.ssl.policy.bolt.base_directory={STATE / 'pki' / 'neo4j-bolt'}",
+                "dbms.ssl.policy.bolt.private_key=private.key",
+                "dbms.ssl.policy.bolt.public_certificate=public.crt",
+                "dbms.ssl.policy.bolt.client_auth=NONE",
                 "server.memory.pagecache.size=256m",
                 "db.tx_log.rotation.retention_policy=100M size",
                 "dbms.usage_report.enabled=false",
@@ -794,7 +816,8 @@ def write_env(ports: Ports, password: str, s3_secret: str) -> dict[str, str]:
     users = kafka_users()
     env = {
         "KUBECONFIG": str(STATE / "kubeconfig"),
-        "NEO4J_URI": f"bolt://127.0.0.1:{ports.neo4j}",
+        "NEO4J_URI": f"bolt+s://127.0.0.1:{ports.neo4j}",
+        "NEO4J_SSL_CA": str(STATE / "pki" / "ca.crt"),
         "NEO4J_USER": NEO4J_USER,
         "NEO4J_PASSWORD": password,
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
@@ -818,7 +841,7 @@ def write_env(ports: Ports, password: str, s3_secret: str) -> dict[str, str]:
     }
     if ports.node:
         env["QMTL_NODE_ADDRESS"] = NODE_ADDRESS
-        env["QMTL_NODE_NEO4J_URI"] = f"bolt://{NODE_ADDRESS}:{ports.neo4j}"
+        env["QMTL_NODE_NEO4J_URI"] = f"bolt+s://{NODE_ADDRESS}:{ports.neo4j}"
         env["QMTL_NODE_KAFKA_BOOTSTRAP_SERVERS"] = f"{NODE_ADDRESS}:{ports.kafka_node}"
         env["QMTL_NODE_S3_ENDPOINT"] = f"http://{NODE_ADDRESS}:{ports.s3}"
     (STATE / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
@@ -1158,7 +1181,7 @@ def status(quiet: bool = False) -> bool:
         "kube-apiserver": f"https://127.0.0.1:{ports.apiserver}",
         "kube-controller-manager": f"https://127.0.0.1:{ports.kcm}",
         "kafka": f"127.0.0.1:{ports.kafka}",
-        "neo4j": f"bolt://127.0.0.1:{ports.neo4j}",
+        "neo4j": f"bolt+s://127.0.0.1:{ports.neo4j}",
         "s3": f"http://127.0.0.1:{ports.s3}",
     }
     healthy = True

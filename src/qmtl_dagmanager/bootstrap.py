@@ -103,7 +103,8 @@ class Container:
         )
         failed = {t: r.message for t, r in made.items() if not r.ok}
         if failed:
-            raise RuntimeError(f"cannot prepare the ControlBus topics: {failed}")
+            detail = "; ".join(f"{t}: {m}" for t, m in sorted(failed.items()))
+            raise RuntimeError(f"cannot prepare the ControlBus topics: {detail}")
 
     def diffs(self, *, shed_load: bool = True) -> DiffService:
         """The Diff use case. The sidecar sheds load it cannot serve in time; the operator
@@ -217,6 +218,7 @@ def graph_store(settings: Settings) -> GraphStore:
         settings.neo4j_user,
         settings.neo4j_password,
         database=settings.neo4j_database,
+        ca=settings.neo4j_ssl_ca,
     )
 
 

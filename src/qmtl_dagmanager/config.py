@@ -252,6 +252,13 @@ class Settings:
         "", "neo4j_password", "NEO4J_PASSWORD", _text, "its password", secret=True
     )
     neo4j_database: str = setting("neo4j", "neo4j_database", "NEO4J_DATABASE", _text, "database")
+    neo4j_ssl_ca: str = setting(
+        "",
+        "neo4j_ssl_ca",
+        "NEO4J_SSL_CA",
+        _text,
+        "PEM CA of Neo4j's certificate, with a bolt+s:// or neo4j+s:// URI (default: the system's)",
+    )
     kafka_bootstrap: str = setting(
         "",
         "kafka_dsn",
@@ -834,6 +841,19 @@ def _check_kafka(settings: Settings) -> None:
 def _check_security(settings: Settings) -> None:
     _check_tokens(settings)
     _check_kafka(settings)
+    _check_neo4j(settings)
+
+
+def _check_neo4j(settings: Settings) -> None:
+    if not settings.neo4j_ssl_ca:
+        return
+    if not settings.neo4j_uri.startswith(("bolt+s://", "neo4j+s://")):
+        raise SettingsError(
+            "neo4j_ssl_ca (NEO4J_SSL_CA) needs TLS: a bolt+s:// or neo4j+s:// neo4j_dsn, "
+            f"not {settings.neo4j_uri or 'the embedded graph'}"
+        )
+    if not Path(settings.neo4j_ssl_ca).is_file():
+        raise SettingsError(f"neo4j_ssl_ca (NEO4J_SSL_CA): no such file {settings.neo4j_ssl_ca}")
 
 
 def _check_tokens(settings: Settings) -> None:

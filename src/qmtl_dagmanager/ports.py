@@ -395,6 +395,7 @@ class TopicStatus(StrEnum):
     EXISTS = "exists"  # already there with the same configuration: success
     CONFLICT = "conflict"  # already there with a different configuration
     COLLISION = "collision"  # differs from an existing name only in case or `.` versus `_`
+    FORBIDDEN = "forbidden"  # the broker's authorizer refused this process's principal
     FAILED = "failed"
 
 

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import neo4j
 import pytest
 
 from qmtl_dagmanager.adapters.kafka_events import KafkaEventBus, read_events
@@ -30,11 +29,11 @@ async def graph(request: pytest.FixtureRequest) -> AsyncIterator[GraphStore]:
         store: GraphStore = MemoryGraphStore()
     else:
         stack: Stack = request.getfixturevalue("stack")
-        with neo4j.GraphDatabase.driver(
-            stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
-        ) as d:
+        with stack.neo4j_driver() as d:
             d.execute_query("MATCH (n) DETACH DELETE n")
-        store = Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password)
+        store = Neo4jGraphStore(
+            stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password, ca=stack.neo4j_ca
+        )
     await store.init_schema()
     yield store
     await settle_publishers()

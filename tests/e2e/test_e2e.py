@@ -155,7 +155,7 @@ async def product(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             kubeconfig = s.kubeconfig
             env = {
                 "KUBECONFIG": s.kubeconfig,
-                "NEO4J_URI": s.neo4j_uri,
+                **s.neo4j_env,
                 "NEO4J_USER": s.neo4j_user,
                 "NEO4J_PASSWORD": s.neo4j_password,
                 **s.kafka_process_env(),

@@ -30,6 +30,7 @@ def real_settings(stack: Stack, **over: Any) -> Settings:
     return dataclasses.replace(
         Settings(),
         neo4j_uri=stack.neo4j_uri,
+        neo4j_ssl_ca=stack.neo4j_ca,
         neo4j_user=stack.neo4j_user,
         neo4j_password=stack.neo4j_password,
         **stack.kafka_settings(),

@@ -239,6 +239,7 @@ async def cluster(
     settings = dataclasses.replace(
         Settings(),
         neo4j_uri=stack.neo4j_uri,
+        neo4j_ssl_ca=stack.neo4j_ca,
         neo4j_user=stack.neo4j_user,
         neo4j_password=stack.neo4j_password,
         **stack.kafka_settings("operator"),  # the operator's own principal

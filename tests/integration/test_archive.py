@@ -146,6 +146,33 @@ async def test_an_archive_restored_into_a_new_topic_holds_the_same_messages(
         await admin.delete([topic, target])
 
 
+async def test_a_tampered_archive_is_refused_on_restore(
+    stack: Stack, store: ObjectStore, admin: KafkaTopicAdmin
+) -> None:
+    """Stored data altered after the archive was written (same size, other bytes): a restore
+    checks the manifest's digest first and writes nothing."""
+    topic = await make_topic(admin)
+    target = await make_topic(admin)
+    try:
+        produce(stack, topic, 10)
+        archive = KafkaArchive(
+            stack.kafka_bootstrap,
+            extra=stack.kafka_security,
+            store=store,
+            prefix=f"tamper-{uuid.uuid4().hex[:6]}/",
+        )
+        await archive.archive(topic)
+        (entry,) = await archive.entries(topic)
+        manifest = orjson.loads(store.get(entry.manifest))
+        data = store.get(manifest["data"])
+        store.put(manifest["data"], data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))
+        with pytest.raises(ArchiveFailed, match="does not match its checksum"):
+            await archive.restore(entry.manifest, target)
+        assert consume_all(stack, target) == []
+    finally:
+        await admin.delete([topic, target])
+
+
 class FailingAfterData:
     """A store whose second upload (the manifest) fails: a partial archive."""
 

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import neo4j
-
 from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from tests.conftest import Stack
 
@@ -17,7 +15,7 @@ from tests.conftest import Stack
 def dagmanager(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
-        "NEO4J_URI": stack.neo4j_uri,
+        **stack.neo4j_env,
         "NEO4J_USER": stack.neo4j_user,
         "NEO4J_PASSWORD": stack.neo4j_password,
     }
@@ -32,9 +30,7 @@ def dagmanager(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def names(stack: Stack) -> set[str]:
-    with neo4j.GraphDatabase.driver(
-        stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
-    ) as d:
+    with stack.neo4j_driver() as d:
         cons = {r["name"] for r in d.execute_query("SHOW CONSTRAINTS YIELD name").records}
         idx = {r["name"] for r in d.execute_query("SHOW INDEXES YIELD name").records}
     return cons | idx
@@ -91,7 +87,8 @@ async def test_processes_starting_together_on_a_fresh_graph_all_get_the_schema(
     """Several writers (operator replicas, sidecars) start at once on a graph without the
     schema: every one's init succeeds and the schema is complete, however they interleave."""
     stores = [
-        Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password) for _ in range(4)
+        Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password, ca=stack.neo4j_ca)
+        for _ in range(4)
     ]
     try:
         for _ in range(5):

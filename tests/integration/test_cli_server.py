@@ -73,6 +73,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
     if request.param == "real":
         env["NEO4J_PASSWORD"] = stack.neo4j_password  # secrets come from the environment only
+        env["NEO4J_SSL_CA"] = stack.neo4j_ca  # empty: no TLS
         env["QMTL_S3_SECRET_KEY"] = stack.s3_secret_key
         env.update(stack.kafka_process_env())
     proc = subprocess.Popen(
@@ -251,6 +252,7 @@ def test_compact_runs_offline_on_the_configured_graph(stack: Stack, tmp_path: Pa
     cfg.write_text(f"neo4j_dsn: {stack.neo4j_uri}\nneo4j_user: {stack.neo4j_user}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
     env["NEO4J_PASSWORD"] = stack.neo4j_password
+    env["NEO4J_SSL_CA"] = stack.neo4j_ca  # empty: no TLS
     r = run("--config", str(cfg), "compact", "--dry-run", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["removed"] == 0

@@ -120,11 +120,12 @@ def _stems(topics: set[str]) -> set[str]:
 
 
 async def test_latency_and_cut_connections_to_neo4j(stack: Stack, tmp_path: Path) -> None:
-    host, port = stack.neo4j_uri.removeprefix("bolt://").rsplit(":", 1)
+    scheme, _, address = stack.neo4j_uri.partition("://")
+    host, port = address.rsplit(":", 1)
     proxy = await Proxy(host, int(port)).start()
     settings = dataclasses.replace(
         real_settings(stack, archive_dir=str(tmp_path)),
-        neo4j_uri=f"bolt://127.0.0.1:{proxy.port}",
+        neo4j_uri=f"{scheme}://127.0.0.1:{proxy.port}",  # TLS end to end, through the proxy
         node_cache_ttl_seconds=0,
         resubmission_cache_nodes=0,
     )
@@ -207,7 +208,9 @@ async def test_apiserver_restart_the_watch_resumes_and_no_update_is_missed(
 async def test_gc_never_drops_twice_nor_a_queue_that_became_referenced(
     stack: Stack, tmp_path: Path
 ) -> None:
-    graph = Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password)
+    graph = Neo4jGraphStore(
+        stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password, ca=stack.neo4j_ca
+    )
     topics = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
     events, clock, metrics = MemoryEventBus(), ManualClock(time.time()), Metrics()
     bus = ControlBus(events, clock)
@@ -282,7 +285,7 @@ async def test_operator_killed_during_a_canary_pause_resumes_the_same_step(
         env = {
             **os.environ,
             "KUBECONFIG": stack.kubeconfig,
-            "NEO4J_URI": stack.neo4j_uri,
+            **stack.neo4j_env,
             "NEO4J_USER": stack.neo4j_user,
             "NEO4J_PASSWORD": stack.neo4j_password,
             **stack.kafka_process_env(),

@@ -6,8 +6,6 @@ import time
 import uuid
 from pathlib import Path
 
-import neo4j
-
 from qmtl_dagmanager.adapters.archive import DirectoryStore, KafkaArchive
 from qmtl_dagmanager.adapters.clock import ManualClock
 from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
@@ -26,11 +24,11 @@ from tests.unit.dags import encode, node
 
 
 async def test_gc_drops_exactly_the_eligible_queues(stack: Stack, tmp_path: Path) -> None:
-    with neo4j.GraphDatabase.driver(
-        stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
-    ) as d:
+    with stack.neo4j_driver() as d:
         d.execute_query("MATCH (n) DETACH DELETE n")  # only this test's queues in the graph
-    graph = Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password)
+    graph = Neo4jGraphStore(
+        stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password, ca=stack.neo4j_ca
+    )
     topics = KafkaTopicAdmin(stack.kafka_bootstrap, extra=stack.kafka_security)
     events = MemoryEventBus()
     clock = ManualClock(time.time())

@@ -140,6 +140,7 @@ async def test_operator_stands_by_until_it_holds_the_lease(
     settings = dataclasses.replace(
         Settings(),
         neo4j_uri=stack.neo4j_uri,
+        neo4j_ssl_ca=stack.neo4j_ca,
         neo4j_user=stack.neo4j_user,
         neo4j_password=stack.neo4j_password,
         **stack.kafka_settings(),

@@ -290,6 +290,7 @@ async def test_operator_process_probes_and_metrics(cluster: Cluster) -> None:
         **os.environ,
         "KUBECONFIG": os.environ["KUBECONFIG"],
         "NEO4J_URI": cluster.settings.neo4j_uri,
+        "NEO4J_SSL_CA": cluster.settings.neo4j_ssl_ca,
         "NEO4J_USER": cluster.settings.neo4j_user,
         "NEO4J_PASSWORD": cluster.settings.neo4j_password,
         **kafka_env_of(cluster.settings),

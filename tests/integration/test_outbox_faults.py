@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import neo4j
 import pytest
 import yaml
 from confluent_kafka import KafkaException
@@ -111,9 +110,7 @@ async def test_events_pending_while_kafka_is_down_are_published_when_it_is_back(
 
 def marks_of(stack: Stack, tag: str) -> int:
     """Outbox marks still pending for the tag groups that hold `tag`."""
-    with neo4j.GraphDatabase.driver(
-        stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
-    ) as d:
+    with stack.neo4j_driver() as d:
         rows, _, _ = d.execute_query(
             "MATCH (m:QueueEventMark) WHERE $tag IN m.tags RETURN count(m) AS n", tag=tag
         )
@@ -144,12 +141,15 @@ async def test_events_of_a_killed_sidecar_are_published_by_another_process(
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
     env["NEO4J_PASSWORD"] = stack.neo4j_password
+    env["NEO4J_SSL_CA"] = stack.neo4j_ca  # empty: no TLS
     env.update(stack.kafka_process_env())
     with (tmp_path / "a.log").open("wb") as out:
         a = subprocess.Popen(
             [*CLI, "--config", str(cfg), "server"], env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    graph = Neo4jGraphStore(stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password)
+    graph = Neo4jGraphStore(
+        stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password, ca=stack.neo4j_ca
+    )
     tag = f"X{uid()}"
     client = GatewayClient(f"127.0.0.1:{grpc_port}")
     try:

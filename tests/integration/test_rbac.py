@@ -86,7 +86,7 @@ async def test_the_operator_works_under_the_charts_rbac_and_nothing_more(
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "POD_NAMESPACE": ns,
-        "NEO4J_URI": stack.neo4j_uri,
+        **stack.neo4j_env,
         "NEO4J_USER": stack.neo4j_user,
         "NEO4J_PASSWORD": stack.neo4j_password,
         **stack.kafka_process_env(),

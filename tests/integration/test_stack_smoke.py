@@ -7,7 +7,6 @@ import time
 import uuid
 from typing import Any, cast
 
-import neo4j
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from kubernetes import client, config, watch
@@ -161,9 +160,7 @@ def test_kafka_broker_creates_topics_and_moves_messages(stack: Stack) -> None:
 
 def test_neo4j_writes_and_reads_a_node(stack: Stack) -> None:
     marker = uuid.uuid4().hex
-    with neo4j.GraphDatabase.driver(
-        stack.neo4j_uri, auth=(stack.neo4j_user, stack.neo4j_password)
-    ) as driver:
+    with stack.neo4j_driver() as driver:
         driver.verify_connectivity()
         assert driver.execute_query("RETURN 1 AS one").records[0]["one"] == 1
         driver.execute_query("CREATE (:SmokeTest {marker: $m, n: 42})", m=marker)

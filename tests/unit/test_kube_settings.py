@@ -35,7 +35,8 @@ def test_every_setting_is_declared_once() -> None:
     declared = {f.name for f in dataclasses.fields(config.Settings) if f.name != "limits"}
     assert declared <= {k.name for k in keys}
     assert set(config.SECRETS) == {
-        "neo4j_password", "grpc_jwt_key", "http_admin_token", "s3_secret_key"
+        "neo4j_password", "grpc_jwt_key", "http_admin_token", "s3_secret_key",
+        "kafka_sasl_password",
     }  # fmt: skip
     assert all(k.doc for k in keys)
     table = config.table()

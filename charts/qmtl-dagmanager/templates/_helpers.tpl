@@ -46,6 +46,10 @@ app.kubernetes.io/component: operator
     secretKeyRef:
       name: {{ include "qmtl.neo4jSecret" . }}
       key: {{ .Values.neo4j.existingSecretKey }}
+{{- if .Values.neo4j.caSecret }}
+- name: NEO4J_SSL_CA
+  value: /etc/qmtl/neo4j/ca.crt
+{{- end }}
 - name: KAFKA_BOOTSTRAP_SERVERS
   value: {{ .Values.kafka.bootstrapServers | quote }}
 {{- with .Values.kafka.controlbusBootstrapServers }}
@@ -54,6 +58,25 @@ app.kubernetes.io/component: operator
 {{- end }}
 - name: QMTL_TOPIC_PROFILE
   value: {{ .Values.kafka.topicProfile | quote }}
+{{- with .Values.kafka.security }}
+- name: KAFKA_SECURITY_PROTOCOL
+  value: {{ .protocol | quote }}
+{{- if hasPrefix "sasl_" .protocol }}
+- name: KAFKA_SASL_MECHANISM
+  value: {{ .saslMechanism | quote }}
+- name: KAFKA_SASL_USERNAME
+  value: {{ required "kafka.security.operatorUser is required with a sasl_* protocol" .operatorUser | quote }}
+- name: KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "kafka.security.existingSecret is required with a sasl_* protocol" .existingSecret }}
+      key: operator-password
+{{- end }}
+{{- if .caSecret }}
+- name: KAFKA_SSL_CA
+  value: /etc/qmtl/kafka/ca.crt
+{{- end }}
+{{- end }}
 - name: QMTL_PROFILE
   value: prod
 - name: QMTL_LOG_FORMAT

@@ -4,6 +4,7 @@ awaits each delivery, and a small reader used by tests and operators to read eve
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from confluent_kafka import (
 from qmtl_dagmanager.core.errors import Unavailable
 from qmtl_dagmanager.ports import Published
 
+log = logging.getLogger(__name__)
 MAX_EVENT_BYTES = 64 * 1024 * 1024  # uncompressed; the broker limits the compressed batch
 
 
@@ -47,13 +49,21 @@ class KafkaEventBus:
             }
         )
         self._timeout = timeout
+        self.fatal = ""  # set when the producer failed for good
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="controlbus-poll", daemon=True)
         self._poller.start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            try:
+                self._producer.poll(0.05)
+            except KafkaException as e:
+                # A fatal producer error (for example no idempotent-write permission): every
+                # event after it fails with this reason; polling on only repeats it.
+                self.fatal = str(e.args[0].str() if e.args else e)
+                log.error("ControlBus producer failed for good: %s", self.fatal)
+                return
 
     async def publish(self, topic: str, key: str, event: Mapping[str, Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -62,6 +72,10 @@ class KafkaEventBus:
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             loop.call_soon_threadsafe(_settle, done, err)
 
+        if self.fatal:
+            raise Unavailable(
+                f"ControlBus producer failed: {self.fatal}", reason="KafkaUnavailable"
+            )
         value = orjson.dumps(event)
         try:
             self._producer.produce(topic, key=key.encode(), value=value, on_delivery=delivered)

@@ -77,6 +77,13 @@ def _unknown(err: KafkaError | None) -> bool:
     )
 
 
+_DENIED = (
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+)
+
+
 def _error(e: BaseException) -> KafkaError | None:
     if isinstance(e, KafkaException) and e.args and isinstance(e.args[0], KafkaError):
         return e.args[0]
@@ -94,18 +101,25 @@ class KafkaTopicAdmin:
     ) -> None:
         self.bootstrap = bootstrap
         self.extra = dict(extra or {})  # security settings, shared with other clients
+        self.principal = f"User:{self.extra.get('sasl.username') or 'ANONYMOUS'}"
+        self.refused = ""  # the last authentication or TLS failure the client reported
         self._timeout = timeout
         self._profile = profile
         self._listing: tuple[float, int, set[str]] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self.listing_ttl = 5.0
-        self._admin = AdminClient(
-            {
-                "bootstrap.servers": bootstrap,
-                "socket.connection.setup.timeout.ms": int(timeout * 1000),
-                **(extra or {}),
-            }
-        )
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "socket.connection.setup.timeout.ms": int(timeout * 1000),
+            "error_cb": self._on_error,
+            **(extra or {}),
+        }
+        self._admin = AdminClient(conf)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+            self.refused = str(err.str())
+            log.warning("Kafka refused %s: %s", self.principal, self.refused)
 
     async def _wait(self, fut: Future[T]) -> T:
         if fut.done():  # after `_batch`: no event-loop round trip per topic
@@ -147,6 +161,13 @@ class KafkaTopicAdmin:
         try:
             return await asyncio.to_thread(self._admin.list_topics, timeout=self._timeout)
         except KafkaException as e:
+            self._admin.poll(0)  # serve error_cb: why the brokers could not be reached
+            if self.refused:
+                raise Unavailable(
+                    f"Kafka refused this client ({self.principal}): {self.refused}",
+                    reason="KafkaAuthFailed",
+                    retry_after=30.0,
+                ) from e
             raise Unavailable(f"Kafka is unreachable: {e}", reason="KafkaUnavailable") from e
 
     async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
@@ -201,6 +222,12 @@ class KafkaTopicAdmin:
                     err = _error(e)
                     if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                         verify.append(name)  # created concurrently, or metadata was stale
+                    elif err is not None and err.code() in _DENIED:
+                        results[name] = TopicResult(
+                            name,
+                            TopicStatus.FORBIDDEN,
+                            f"{err.name()}: {err.str().rstrip('.')} for {self.principal}",
+                        )
                     elif (
                         err is not None
                         and err.code() == KafkaError.TOPIC_EXCEPTION

@@ -543,6 +543,20 @@ def _raise_for(checked: list[tuple[str, str, str]]) -> None:
         raise StaleRead("; ".join(stale[:3]))
 
 
+def tls_options(uri: str, ca: str) -> tuple[str, dict[str, Any]]:
+    """The URI and driver options for `uri` with a custom CA: the driver takes a CA only with
+    the plain schemes, so `bolt+s`/`neo4j+s` become `bolt`/`neo4j` with encryption on and
+    the certificates checked against `ca` (PEM). Without a CA the URI is used as given."""
+    if not ca:
+        return uri, {}
+    scheme, sep, rest = uri.partition("://")
+    plain = {"bolt+s": "bolt", "neo4j+s": "neo4j"}.get(scheme)
+    if not sep or plain is None:
+        raise ValueError(f"neo4j_ssl_ca needs a bolt+s:// or neo4j+s:// URI, not {scheme}://")
+    options = {"encrypted": True, "trusted_certificates": neo4j.TrustCustomCAs(ca)}
+    return f"{plain}://{rest}", options
+
+
 class Neo4jGraphStore:
     def __init__(
         self,
@@ -553,11 +567,14 @@ class Neo4jGraphStore:
         database: str = "neo4j",
         connect_timeout: float = 5.0,
         max_retry_time: float = 10.0,
+        ca: str = "",
     ) -> None:
         self._db = database
+        uri, tls = tls_options(uri, ca)
         self._driver = neo4j.AsyncGraphDatabase.driver(
             uri,
             auth=(user, password),
+            **tls,
             connection_timeout=connect_timeout,
             connection_acquisition_timeout=connect_timeout,
             max_transaction_retry_time=max_retry_time,

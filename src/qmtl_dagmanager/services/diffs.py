@@ -414,6 +414,15 @@ class DiffService:
             f"{t}: {r.status.value} {r.message}".strip() for t, r in sorted(bad.items())[:5]
         )
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        denied = [r for r in bad.values() if r.status is TopicStatus.FORBIDDEN]
+        if denied:
+            raise Conflict(
+                f"Kafka's authorizer refused {len(denied)} topic creation(s): {detail}{more}. "
+                "Grant this process's principal CREATE, DESCRIBE, DESCRIBE_CONFIGS, "
+                "ALTER_CONFIGS, DELETE, READ and WRITE on the managed topics "
+                "(docs/security.md)",
+                reason="KafkaForbidden",
+            )
         if all(r.status is TopicStatus.FAILED and r.retriable for r in bad.values()):
             raise Unavailable(
                 f"Kafka could not create {len(bad)} topic(s): {detail}{more}",

@@ -74,7 +74,11 @@ class Sidecar:
 async def start(settings: Settings) -> Sidecar:
     """Build everything, bind the ports and start serving; returns the running sidecar."""
     container = bootstrap.build(settings)
-    await container.start()
+    try:
+        await container.start()
+    except BaseException:
+        await container.close()  # nothing left open by a start that failed
+        raise
     guard = Guard(container.metrics)
     diffs, queues = container.diffs(), container.queues()
     tokens = TokenVerifier(TokenConfig.of(settings), container.metrics)
