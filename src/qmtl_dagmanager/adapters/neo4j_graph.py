@@ -7,6 +7,7 @@ query; a plan is written in one managed (retried) transaction of batched UNWIND 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -543,6 +544,9 @@ def _raise_for(checked: list[tuple[str, str, str]]) -> None:
         raise StaleRead("; ".join(stale[:3]))
 
 
+TLS_SHUTDOWN_WAIT = 0.1  # seconds
+
+
 def tls_options(uri: str, ca: str) -> tuple[str, dict[str, Any]]:
     """The URI and driver options for `uri` with a custom CA: the driver takes a CA only with
     the plain schemes, so `bolt+s`/`neo4j+s` become `bolt`/`neo4j` with encryption on and
@@ -570,6 +574,7 @@ class Neo4jGraphStore:
         ca: str = "",
     ) -> None:
         self._db = database
+        self._tls = "+s" in uri.partition("://")[0] or bool(ca)
         uri, tls = tls_options(uri, ca)
         self._driver = neo4j.AsyncGraphDatabase.driver(
             uri,
@@ -1159,3 +1164,7 @@ class Neo4jGraphStore:
 
     async def close(self) -> None:
         await self._driver.close()
+        if self._tls:
+            # asyncio finishes a TLS connection's shutdown (close_notify both ways) on later
+            # turns of the loop: give it those before a caller ends the loop
+            await asyncio.sleep(TLS_SHUTDOWN_WAIT)
