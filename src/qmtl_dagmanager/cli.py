@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import orjson
 
 from qmtl_dagmanager import bootstrap, logs, render, status_report
 from qmtl_dagmanager.client import ContractViolation, GatewayClient
@@ -30,6 +31,7 @@ from qmtl_dagmanager.core.errors import Conflict, DagManagerError, InvalidSpec, 
 from qmtl_dagmanager.core.plan import Request
 from qmtl_dagmanager.core.topics import TopicSpec, TopicType
 from qmtl_dagmanager.kube import main as operator_main
+from qmtl_dagmanager.kube import release_cli
 from qmtl_dagmanager.sidecar import app
 
 log = logging.getLogger("qmtl_dagmanager")
@@ -395,6 +397,15 @@ def _gc_parsers(sub: Any) -> None:
     arc_restore.add_argument("queue", help="the archived queue (topic name)")
     arc_restore.add_argument("--to", required=True, help="the topic to restore into")
     arc_restore.add_argument("--manifest", help="which archive (default: the newest)")
+    rel = sub.add_parser(
+        "release-finalizers",
+        help="no operator running: record the releases of a namespace's deleted StrategyDAGs "
+        "and remove their finalizers (the operator completes them when it runs again)",
+    )
+    rel.add_argument("--namespace", required=True, help="the namespace stuck terminating")
+    rel.add_argument(
+        "--operator-namespace", help="where the operator runs (default: POD_NAMESPACE)"
+    )
     keep = sub.add_parser(
         "gc-keep", help="mark queues keep on a running sidecar (GC never collects them)"
     )
@@ -480,6 +491,20 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+async def cmd_release_finalizers(settings: Settings, args: argparse.Namespace) -> int:
+    operator_ns = args.operator_namespace or settings.pod_namespace or "default"
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    names = await asyncio.to_thread(
+        release_cli.release, settings, args.namespace, operator_ns, progress
+    )
+    summary = {"released": names, "namespace": args.namespace, "operatorNamespace": operator_ns}
+    print(orjson.dumps(summary).decode())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -500,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "compact": lambda: cmd_compact(settings, args),
             "archive": lambda: cmd_archive(settings, args),
             "redo-diff": lambda: cmd_redo(args),
+            "release-finalizers": lambda: cmd_release_finalizers(settings, args),
         }
         return asyncio.run(commands[args.cmd]())
     except KeyboardInterrupt:

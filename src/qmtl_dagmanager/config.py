@@ -623,6 +623,22 @@ class Settings:
         _positive,
         "GetQueueStats rate limit (RESOURCE_EXHAUSTED beyond)",
     )
+    finalizer_timeout_seconds: int = setting(
+        300,
+        "finalizer_timeout_seconds",
+        "QMTL_FINALIZER_TIMEOUT_SECONDS",
+        _positive,
+        "a StrategyDAG deletion failing this long on unreachable backends, in a terminating "
+        "namespace or with the annotation `qmtl.io/release-when-unreachable`, records its "
+        "release and lets the finalizer go",
+    )
+    pending_release_interval_seconds: int = setting(
+        30,
+        "pending_release_interval_seconds",
+        "QMTL_PENDING_RELEASE_INTERVAL_SECONDS",
+        _positive,
+        "how often the operator tries to complete recorded releases",
+    )
     gc_trigger_interval_seconds: int = setting(
         10,
         "gc_trigger_interval_seconds",

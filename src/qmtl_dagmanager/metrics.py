@@ -312,11 +312,26 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self._grpc(r)
+        self._extras(r)
         self.slo_window = SloWindow(self)
         r.register(self.slo_window)
 
-    def _grpc(self, r: CollectorRegistry) -> None:
+    def _extras(self, r: CollectorRegistry) -> None:
+        self.pending_releases = Gauge(
+            "operator_pending_releases",
+            "StrategyDAG deletions recorded while the backends were down, not yet completed",
+            registry=r,
+        )
+        self.pending_releases_recorded = Counter(
+            "operator_pending_releases_recorded_total",
+            "Finalizers released with the graph work recorded for later (backends down)",
+            registry=r,
+        )
+        self.pending_releases_completed = Counter(
+            "operator_pending_releases_completed_total",
+            "Recorded StrategyDAG releases completed once the backends answered",
+            registry=r,
+        )
         self.grpc_errors = Counter(
             "grpc_errors_total", "gRPC calls that ended in an error", ["method", "code"], registry=r
         )

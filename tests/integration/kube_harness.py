@@ -36,6 +36,7 @@ class Cluster:
 
     settings: Settings = dataclasses.field(default_factory=Settings)
     lease_duration: float = 10.0
+    lease_namespace: str = ""  # default: the watched namespace
     _stop: asyncio.Event | None = None
     _task: asyncio.Task[None] | None = None
     _ran: bool = False
@@ -56,7 +57,9 @@ class Cluster:
                 stop=self._stop,
                 ready=ready,
                 election=LeaderElection(
-                    kubeapi.coordination, self.namespace, duration=self.lease_duration
+                    kubeapi.coordination,
+                    self.lease_namespace or self.namespace,
+                    duration=self.lease_duration,
                 ),
             )
         )

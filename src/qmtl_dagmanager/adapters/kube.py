@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from qmtl_dagmanager.ports import Owner
 
 # what a call to the API server raises: a status, or a connection that failed
 API_ERRORS = (kubernetes.client.ApiException, OSError, urllib3.exceptions.HTTPError)
+log = logging.getLogger(__name__)
 
 
 def kube_configuration(kubeconfig: str = "") -> kubernetes.client.Configuration:
@@ -151,6 +153,74 @@ class ConfigMaps:
         value = (cm.data or {}).get(key)
         return str(value) if value is not None else None
 
+    def set_key(self, namespace: str, name: str, key: str, value: str | None) -> None:
+        """Set one key of the ConfigMap (None removes it), creating the ConfigMap when
+        missing; a concurrent writer makes it read and try again (resourceVersion)."""
+        core = self.api.core()
+        what = f"writing {key} of ConfigMap {namespace}/{name}"
+        for _ in range(8):
+            try:
+                cm = core.read_namespaced_config_map(name, namespace)
+            except kubernetes.client.ApiException as e:
+                if e.status != 404:
+                    raise _typed(what, e) from e
+                if value is None:
+                    return
+                try:
+                    self.upsert(namespace, name, {key: value})
+                    return
+                except Conflict:
+                    continue  # created meanwhile: read it
+            except API_ERRORS as e:
+                raise _typed(what, e) from e
+            data = dict(cm.data or {})
+            if value is None:
+                if key not in data:
+                    return
+                data.pop(key)
+            else:
+                data[key] = value
+            cm.data = data
+            try:
+                core.replace_namespaced_config_map(name, namespace, cm)
+                return
+            except kubernetes.client.ApiException as e:
+                if e.status != 409:
+                    raise _typed(what, e) from e
+            except API_ERRORS as e:
+                raise _typed(what, e) from e
+        raise Unavailable(f"{what}: other writers kept changing it")
+
+    def read_all(self, namespace: str, name: str) -> dict[str, str]:
+        """Every key of the ConfigMap; empty when it does not exist."""
+        what = f"reading ConfigMap {namespace}/{name}"
+        try:
+            cm = self.api.core().read_namespaced_config_map(name, namespace)
+        except kubernetes.client.ApiException as e:
+            if e.status == 404:
+                return {}
+            raise _typed(what, e) from e
+        except API_ERRORS as e:
+            raise _typed(what, e) from e
+        return {str(k): str(v) for k, v in (cm.data or {}).items()}
+
+
+def namespace_terminating(api: KubeApi, namespace: str) -> bool:
+    """Whether the namespace is being deleted (or is gone). A refused read counts as not."""
+    try:
+        ns = api.core().read_namespace(namespace)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            return True
+        log.warning(
+            "cannot read namespace %s (%s): treated as not terminating", namespace, e.status
+        )
+        return False
+    except API_ERRORS as e:
+        raise _typed(f"reading namespace {namespace}", e) from e
+    deleting = ns.metadata is not None and ns.metadata.deletion_timestamp is not None
+    return deleting or (ns.status is not None and ns.status.phase == "Terminating")
+
 
 def _typed(what: str, e: Exception) -> DagManagerError:
     if isinstance(e, kubernetes.client.ApiException) and e.status == 409:
@@ -200,6 +270,24 @@ class StrategyObjects:
             raise _typed(f"listing {self.plural}", e) from e
         doc = orjson.loads(raw.data)
         return list(doc.get("items") or []), (doc.get("metadata") or {}).get("continue") or None
+
+    def remove_finalizer(self, meta: Mapping[str, Any], finalizer: str) -> bool:
+        """Remove one finalizer of the object `meta` describes (guarded by its
+        resourceVersion); False when the object is already gone."""
+        rest = [f for f in meta.get("finalizers") or [] if f != finalizer]
+        patch = {"metadata": {"finalizers": rest, "resourceVersion": meta["resourceVersion"]}}
+        name, namespace = str(meta["name"]), str(meta["namespace"])
+        try:
+            self._custom.patch_namespaced_custom_object(
+                self.group, self.version, namespace, self.plural, name, patch
+            )
+        except kubernetes.client.ApiException as e:
+            if e.status == 404:
+                return False
+            raise _typed(f"removing the finalizer of {namespace}/{name}", e) from e
+        except API_ERRORS as e:
+            raise _typed(f"removing the finalizer of {namespace}/{name}", e) from e
+        return True
 
     def read(self, namespace: str, name: str) -> dict[str, Any] | None:
         raw: Any

@@ -544,7 +544,20 @@ def _raise_for(checked: list[tuple[str, str, str]]) -> None:
         raise StaleRead("; ".join(stale[:3]))
 
 
-TLS_SHUTDOWN_WAIT = 0.1  # seconds
+TLS_SHUTDOWN_WAIT = 2.0  # seconds, at most, for pooled TLS connections to finish closing
+
+
+def _pooled_writers(driver: Any) -> list[asyncio.StreamWriter]:
+    """The stream writers of the driver's pooled connections (read from its internals,
+    defensively: a driver without them just gives none)."""
+    pool = getattr(driver, "_pool", None)
+    out = []
+    for conns in dict(getattr(pool, "connections", None) or {}).values():
+        for conn in list(conns):
+            writer = getattr(getattr(conn, "socket", None), "_writer", None)
+            if isinstance(writer, asyncio.StreamWriter):
+                out.append(writer)
+    return out
 
 
 def tls_options(uri: str, ca: str) -> tuple[str, dict[str, Any]]:
@@ -1163,8 +1176,13 @@ class Neo4jGraphStore:
         )
 
     async def close(self) -> None:
+        writers = _pooled_writers(self._driver) if self._tls else []
         await self._driver.close()
-        if self._tls:
-            # asyncio finishes a TLS connection's shutdown (close_notify both ways) on later
-            # turns of the loop: give it those before a caller ends the loop
-            await asyncio.sleep(TLS_SHUTDOWN_WAIT)
+        if writers:
+            # The driver closes its sockets in the background; over TLS asyncio finishes each
+            # (close_notify both ways) on later turns of the loop. Wait for that, bounded, so
+            # a caller that ends its loop next leaves no socket open.
+            waits = [asyncio.ensure_future(w.wait_closed()) for w in writers]
+            _, late = await asyncio.wait(waits, timeout=TLS_SHUTDOWN_WAIT)
+            for fut in late:
+                fut.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import logging
 import urllib.parse
@@ -21,10 +22,20 @@ from qmtl_dagmanager.adapters.kube import (
     StrategyObjects,
     StrategyReadinessApi,
     bearer_token,
+    namespace_terminating,
 )
 from qmtl_dagmanager.adapters.kube_lease import LeaderElection, LeadershipLost
 from qmtl_dagmanager.api.v1alpha1 import strategydag, versionsentinel
+from qmtl_dagmanager.config import Settings
 from qmtl_dagmanager.core.errors import DagManagerError
+from qmtl_dagmanager.kube.pending_releases import (
+    FINALIZER,
+    PENDING_CONFIGMAP,
+    PendingReleases,
+    PendingStore,
+    annotated,
+    may_release,
+)
 from qmtl_dagmanager.kube.resync import Resync
 from qmtl_dagmanager.kube.sentinel_reconciler import SentinelReconciler
 from qmtl_dagmanager.kube.strategy_reconciler import KopfSink, Reconciler
@@ -32,7 +43,6 @@ from qmtl_dagmanager.services.garbage import GcRun
 from qmtl_dagmanager.services.strategies import StrategyService
 
 log = logging.getLogger(__name__)
-FINALIZER = "qmtl.io/strategy-cleanup"
 RESOURCE = (strategydag.GROUP, strategydag.VERSION, strategydag.PLURAL)
 SENTINELS = (strategydag.GROUP, strategydag.VERSION, versionsentinel.PLURAL)
 
@@ -65,6 +75,43 @@ def for_kopf(e: DagManagerError) -> kopf.TemporaryError | kopf.PermanentError:
     return kopf.PermanentError(e.message)
 
 
+async def delete_or_record(
+    rec: Reconciler,
+    pending: PendingReleases,
+    kube: KubeApi,
+    settings: Settings,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    runtime: datetime.timedelta,
+) -> None:
+    """Delete a StrategyDAG's references; if the backends have been unreachable too long
+    while its namespace terminates (or it asks so), record the work and let it go."""
+    try:
+        await rec.delete(body, spec)
+        return
+    except DagManagerError as e:
+        if not e.retryable:
+            raise for_kopf(e) from e
+        error = e
+    terminating = await asyncio.to_thread(namespace_terminating, kube, str(meta.get("namespace")))
+    if not may_release(
+        terminating=terminating,
+        annotated=annotated(meta),
+        unreachable_for=runtime.total_seconds(),
+        timeout=float(settings.finalizer_timeout_seconds),
+    ):
+        raise for_kopf(error) from error
+    # a namespace must never wedge on us: record the graph work, let the finalizer go
+    await pending.record(await rec.pending_release(body, spec, error.message))
+    kopf.warn(
+        body,
+        reason="ReleasePending",
+        message=f"backends unreachable for {runtime.total_seconds():.0f} s ({error.message}): "
+        f"the release is recorded in {PENDING_CONFIGMAP} and completed when they return",
+    )
+
+
 def build_registry(
     container: bootstrap.Container,
     resync_seconds: float = 300.0,
@@ -77,8 +124,13 @@ def build_registry(
     registry = kopf.OperatorRegistry()
     kube = kube or KubeApi(container.settings.kubeconfig)
     config_maps = ConfigMaps(kube)
-    rec = Reconciler(
-        StrategyService(container.diffs(shed_load=False), container.graph), config_maps
+    strategies = StrategyService(container.diffs(shed_load=False), container.graph)
+    rec = Reconciler(strategies, config_maps)
+    settings_ = container.settings
+    pending = PendingReleases(
+        PendingStore(config_maps, settings_.pod_namespace or "default"),
+        strategies,
+        container.metrics,
     )
     objects = StrategyObjects(
         strategydag.GROUP, strategydag.VERSION, strategydag.PLURAL, strategydag.KIND, kube
@@ -101,6 +153,8 @@ def build_registry(
         if resync_seconds > 0:
             resync = Resync(rec, objects, namespaces, resync_seconds)
             background.append(asyncio.create_task(resync.run()))
+        every = float(settings_.pending_release_interval_seconds)
+        background.append(asyncio.create_task(pending.run(every)))
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -154,11 +208,10 @@ def build_registry(
         sentinels.forget(str(meta.get("uid")))
 
     @kopf.on.delete(*RESOURCE, registry=registry)
-    async def on_delete(body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
-        try:
-            await rec.delete(body, spec)
-        except DagManagerError as e:
-            raise for_kopf(e) from e
+    async def on_delete(
+        body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, runtime: datetime.timedelta, **_: Any
+    ) -> None:
+        await delete_or_record(rec, pending, kube, settings_, body, spec, meta, runtime)
 
     return registry
 

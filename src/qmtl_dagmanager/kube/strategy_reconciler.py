@@ -20,6 +20,7 @@ from qmtl_dagmanager.core import strategy_status as status
 from qmtl_dagmanager.core.conditions import same
 from qmtl_dagmanager.core.errors import DagManagerError
 from qmtl_dagmanager.core.strategy_spec import StrategySpec
+from qmtl_dagmanager.kube.pending_releases import PendingRelease
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import ConfigMapStore, Owner
 from qmtl_dagmanager.services.strategies import Drift, StrategyService, dag_text
@@ -186,8 +187,8 @@ class Reconciler:
         if changed:
             sink.event(True, e.reason, e.message)
 
-    async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
-        s = strategydag.parse_spec(dict(spec))
+    async def _topics(self, body: kopf.Body) -> list[str]:
+        """The topics the resource's status records (inline, or in its topics ConfigMap)."""
         st = body.get("status") or {}
         topics = list((st.get("topics") or {}).values())
         if not topics and st.get("topicsConfigMap"):
@@ -198,6 +199,28 @@ class Reconciler:
                 "topics.json",
             )
             topics = list(orjson.loads(stored).values()) if stored else []
+        return topics
+
+    async def pending_release(
+        self, body: kopf.Body, spec: kopf.Spec, reason: str
+    ) -> PendingRelease:
+        """What deleting the resource still has to do in the graph, to record for later."""
+        s = strategydag.parse_spec(dict(spec))
+        meta = body.metadata
+        return PendingRelease(
+            strategy_id=s.strategy_id,
+            deletion_policy=s.deletion_policy,
+            topics=tuple(await self._topics(body)),
+            namespace=str(meta.namespace),
+            name=str(meta.name),
+            uid=str(meta.uid),
+            recorded_at=time.time(),
+            reason=reason,
+        )
+
+    async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
+        s = strategydag.parse_spec(dict(spec))
+        topics = await self._topics(body)
         dropped = await self.strategies.delete(s, topics)  # typed errors: the driver maps them
         kopf.info(
             body, reason="Deleted", message=f"{dropped} references dropped ({s.deletion_policy})"

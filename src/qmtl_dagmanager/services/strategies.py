@@ -131,15 +131,15 @@ class StrategyService:
 
     async def delete(self, spec: StrategySpec, topics: list[str]) -> int:
         """Drop the strategy's references; with Retain, keep its topics as unmanaged."""
-        async with self._lock(spec.strategy_id):
-            if spec.deletion_policy is DeletionPolicy.RETAIN and topics:
+        return await self.release(spec.strategy_id, spec.deletion_policy, topics)
+
+    async def release(self, strategy_id: str, policy: DeletionPolicy, topics: list[str]) -> int:
+        """What deleting a StrategyDAG does to the graph (also for a deletion recorded while
+        the backends were down, completed later). Idempotent: a second call drops nothing."""
+        async with self._lock(strategy_id):
+            if policy is DeletionPolicy.RETAIN and topics:
                 await self.graph.set_unmanaged(topics)
-            dropped = await self.graph.release(spec.strategy_id, self.diffs.clock.now())
-        self._locks.pop(spec.strategy_id, None)
-        log.info(
-            "strategy %s deleted (%s): %d references dropped",
-            spec.strategy_id,
-            spec.deletion_policy,
-            dropped,
-        )
+            dropped = await self.graph.release(strategy_id, self.diffs.clock.now())
+        self._locks.pop(strategy_id, None)
+        log.info("strategy %s deleted (%s): %d references dropped", strategy_id, policy, dropped)
         return dropped
