@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 from kubernetes import client
@@ -27,8 +28,8 @@ from tests.integration.kube_harness import Cluster, spec_of, until
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def sample(salt: str) -> dict[str, object]:
-    doc = json.loads((ROOT / "tests" / "data" / "sample-dag.json").read_text())
+def sample(salt: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((ROOT / "tests" / "data" / "sample-dag.json").read_text())
     for n in doc["nodes"]:
         n["name"] = f"{n['name']}-{salt}"
     return doc
@@ -54,11 +55,11 @@ def gone(core: client.CoreV1Api, namespace: str) -> bool:
     try:
         core.read_namespace(namespace)
     except client.ApiException as e:
-        return e.status == 404
+        return bool(e.status == 404)
     return False
 
 
-async def app_namespace(cluster: Cluster, **settings: object) -> Cluster:
+async def app_namespace(cluster: Cluster, **settings: Any) -> Cluster:
     """A second namespace for the StrategyDAG, watched by an operator whose Lease and
     pending releases live in the fixture's namespace (the operator's own)."""
     await cluster.stop_operator()
