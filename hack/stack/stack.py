@@ -23,6 +23,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -407,9 +408,17 @@ def _recv(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def probe_kafka(port: int) -> str | None:
+def probe_kafka(port: int, brokers: int = 1) -> str | None:
+    """Ready once this node answers Metadata as the admin and names `brokers` brokers (a
+    node restarted alone into a cluster with others down counts as ready with itself)."""
     md = kafka_metadata(port)
-    return None if md["brokers"] else "no brokers in metadata yet"
+    seen = md["brokers"]
+    assert isinstance(seen, list)
+    if not seen:
+        return "no brokers in metadata yet"
+    if brokers > 1 and not any(b.endswith(f":{port}") for b in seen):
+        return f"this broker is not in the metadata yet ({len(seen)} of {brokers})"
+    return None
 
 
 def bolt_handshake(port: int, timeout: float = 3.0) -> str:
@@ -606,14 +615,24 @@ def write_kubeconfig(
     return path
 
 
-def kafka_config(port: int, cport: int, node_port: int = 0) -> Path:
-    """KRaft broker+controller on loopback. Clients reach a SASL_SSL listener (SCRAM-SHA-512,
-    the stack's CA) and the StandardAuthorizer checks ACLs; the controller listener takes
-    SASL/PLAIN from the broker itself. With `node_port`, a second SASL_SSL listener (NODE) on
-    the node address that advertises that address, for clients in pods."""
-    data = STATE / "data" / "kafka"
+def kafka_config(
+    port: int, cport: int, node_port: int = 0, node_id: int = 1, voters: str = ""
+) -> Path:
+    """KRaft broker+controller on loopback (with `voters`, node `node_id` of a static
+    quorum of several; else a single dynamic controller). Clients reach a SASL_SSL listener
+    (SCRAM-SHA-512, the stack's CA) and the StandardAuthorizer checks ACLs; the controller
+    listener takes SASL/PLAIN from the broker itself. With `node_port`, a second SASL_SSL
+    listener (NODE) on the node address that advertises that address, for clients in pods."""
+    name = kafka_name(node_id)
+    data = STATE / "data" / name
     conf = STATE / "conf"
     users = kafka_users()
+    replicas = len(voters.split(",")) if voters else 1
+    quorum = (
+        f"controller.quorum.voters={voters}"
+        if voters
+        else f"controller.quorum.bootstrap.servers=127.0.0.1:{cport}"
+    )
     listeners = f"SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"
     protocols = "SASL_SSL:SASL_SSL,CONTROLLER:SASL_PLAINTEXT"
     scram = (
@@ -628,12 +647,12 @@ def kafka_config(port: int, cport: int, node_port: int = 0) -> Path:
         listeners += f",NODE://{NODE_ADDRESS}:{node_port}"
         protocols += ",NODE:SASL_SSL"
         secured.append(f"listener.name.node.scram-sha-512.sasl.jaas.config={scram}")
-    (conf / "kafka.properties").write_text(
+    (conf / f"{name}.properties").write_text(
         "\n".join(
             [
                 "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.bootstrap.servers=127.0.0.1:{cport}",
+                f"node.id={node_id}",
+                quorum,
                 f"listeners={listeners}",
                 f"advertised.listeners={listeners}",
                 "controller.listener.names=CONTROLLER",
@@ -658,12 +677,12 @@ def kafka_config(port: int, cport: int, node_port: int = 0) -> Path:
                 "allow.everyone.if.no.acl.found=false",
                 f"log.dirs={data}",
                 "num.partitions=1",
-                "offsets.topic.replication.factor=1",
+                f"offsets.topic.replication.factor={replicas}",
                 "offsets.topic.num.partitions=1",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "share.coordinator.state.topic.replication.factor=1",
-                "share.coordinator.state.topic.min.isr=1",
+                f"transaction.state.log.replication.factor={replicas}",
+                f"transaction.state.log.min.isr={min(replicas, 2)}",
+                f"share.coordinator.state.topic.replication.factor={replicas}",
+                f"share.coordinator.state.topic.min.isr={min(replicas, 2)}",
                 "group.initial.rebalance.delay.ms=0",
                 "auto.create.topics.enable=false",
                 "delete.topic.enable=true",
@@ -687,7 +706,26 @@ def kafka_config(port: int, cport: int, node_port: int = 0) -> Path:
             ]
         )
     )
-    return conf / "kafka.properties"
+    return conf / f"{name}.properties"
+
+
+def kafka_name(node_id: int) -> str:
+    """The server name (pid file, log, data directory) of Kafka node `node_id`."""
+    return "kafka" if node_id == 1 else f"kafka-{node_id}"
+
+
+def kafka_nodes(ports: Ports) -> list[tuple[str, int, int]]:
+    """(server name, client port, controller port) of every Kafka node, node 1 first."""
+    nodes = [("kafka", ports.kafka, ports.kafka_controller)]
+    nodes += [(kafka_name(i + 2), p, c) for i, (p, c) in enumerate(ports.kafka_peers)]
+    return nodes
+
+
+def servers(ports: Ports | None) -> tuple[str, ...]:
+    """The stack's servers in start order (more Kafka nodes after the first)."""
+    extra = tuple(n for n, _, _ in kafka_nodes(ports)[1:]) if ports else ()
+    i = ORDER.index("kafka") + 1
+    return (*ORDER[:i], *extra, *ORDER[i:])
 
 
 def kafka_cluster_id() -> str:
@@ -759,6 +797,8 @@ class Ports:
     s3: int
     s3_internal: list[int]  # master, volume, filer (each with its gRPC port), s3 gRPC, admin
     kafka_node: int = 0  # the NODE listener on NODE_ADDRESS (node mode only)
+    # Kafka nodes 2, 3, ... (client port, controller port); empty: a single broker
+    kafka_peers: list[list[int]] = dataclasses.field(default_factory=list)
     node: bool = False
 
 
@@ -820,7 +860,8 @@ def write_env(ports: Ports, password: str, s3_secret: str) -> dict[str, str]:
         "NEO4J_SSL_CA": str(STATE / "pki" / "ca.crt"),
         "NEO4J_USER": NEO4J_USER,
         "NEO4J_PASSWORD": password,
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
+        "KAFKA_BOOTSTRAP_SERVERS": ",".join(f"127.0.0.1:{p}" for _, p, _ in kafka_nodes(ports)),
+        "QMTL_STACK_KAFKA_BROKERS": str(len(kafka_nodes(ports))),
         "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
         "KAFKA_SASL_USERNAME": KAFKA_SIDECAR,
@@ -861,9 +902,19 @@ def node_script(*args: str) -> int:
     return subprocess.run([sys.executable, str(HERE / "node.py"), *args], check=False).returncode
 
 
-def _reuse_running(node: bool) -> bool:
+def _recorded_ports() -> Ports | None:
+    try:
+        return Ports(**json.loads((STATE / "ports.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _reuse_running(node: bool, brokers: int = 1) -> bool:
     """True if a healthy stack of the asked kind runs already; else stop what runs."""
-    if all(running_pid(n) for n in ORDER) and status(quiet=True):
+    recorded = _recorded_ports()
+    same_brokers = recorded is not None and 1 + len(recorded.kafka_peers) == brokers
+    every = servers(recorded)
+    if all(running_pid(n) for n in every) and same_brokers and status(quiet=True):
         if not node:
             say(f"already up; source {STATE / 'env'}")
             return True
@@ -873,8 +924,8 @@ def _reuse_running(node: bool) -> bool:
             return True
         say("up without a node: restarting it in node mode")
         down()
-    if any(running_pid(n) for n in (*ORDER, *NODE_ORDER)):
-        say("a partial stack is running: stopping it first")
+    if any(running_pid(n) for n in (*every, *NODE_ORDER)):
+        say("a partial stack (or one of another shape) is running: stopping it first")
         down()
     return False
 
@@ -891,9 +942,23 @@ def make_kafka_users() -> None:
 
 
 def start_kafka(ports: Ports) -> None:
-    """Format the KRaft log (with the SCRAM users) and start the broker."""
+    """Format each node's KRaft log (with the SCRAM users) and start the brokers."""
     users = kafka_users()
-    kconf = kafka_config(ports.kafka, ports.kafka_controller, ports.kafka_node)
+    nodes = kafka_nodes(ports)
+    voters = (
+        ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, _, c) in enumerate(nodes))
+        if len(nodes) > 1
+        else ""
+    )
+    cluster_id = kafka_cluster_id()
+    for i, (name, port, cport) in enumerate(nodes):
+        kconf = kafka_config(port, cport, ports.kafka_node if i == 0 else 0, i + 1, voters)
+        _start_kafka_node(name, kconf, cluster_id, users, standalone=not voters)
+
+
+def _start_kafka_node(
+    name: str, kconf: Path, cluster_id: str, users: dict[str, str], *, standalone: bool
+) -> None:
     kjava = [
         "java",
         "-Xms256m",
@@ -903,7 +968,6 @@ def start_kafka(ports: Ports) -> None:
         "-cp",
         str(kafka_home() / "lib" / "*"),
     ]
-    cluster_id = kafka_cluster_id()
     run(
         [
             *kjava,
@@ -913,7 +977,7 @@ def start_kafka(ports: Ports) -> None:
             cluster_id,
             "-c",
             str(kconf),
-            "--standalone",
+            *(["--standalone"] if standalone else []),
             *(
                 arg
                 for u in (KAFKA_ADMIN, KAFKA_OPERATOR, KAFKA_SIDECAR, KAFKA_NOACL)
@@ -921,13 +985,32 @@ def start_kafka(ports: Ports) -> None:
             ),
         ]
     )
-    start("kafka", [*kjava, "kafka.Kafka", str(kconf)])
+    start(name, [*kjava, "kafka.Kafka", str(kconf)])
 
 
-def up(timeout: float, node: bool = False) -> None:
-    t0 = time.monotonic()
-    if _reuse_running(node):
-        return
+def allocate_ports(node: bool, brokers: int) -> Ports:
+    """Free ports for every server of the stack (and the data directories of extra brokers)."""
+    names = [
+        f.name
+        for f in dataclasses.fields(Ports)
+        if f.name not in ("s3_internal", "kafka_node", "node", "kafka_peers")
+    ]
+    ports = Ports(
+        **{n: free_port() for n in names},
+        s3_internal=[free_port() for _ in range(9)],
+        kafka_node=free_port() if node else 0,
+        node=node,
+        kafka_peers=[[free_port(), free_port()] for _ in range(brokers - 1)],
+    )
+    return ports
+
+
+def preflight(node: bool, brokers: int) -> None:
+    """Refuse at once what cannot start: a shape the stack does not run, no disk, no tools."""
+    if brokers not in (1, 3):
+        raise StackError(f"--brokers {brokers}: the stack runs 1 or 3 Kafka brokers")
+    if node and brokers != 1:
+        raise StackError("node mode runs one Kafka broker (its NODE listener)")
     free = shutil.disk_usage(CACHE.parent if CACHE.parent.exists() else Path.home()).free
     if free < MIN_FREE_DISK:
         raise StackError(f"only {free / 1024**3:.1f} GiB free on disk; the stack needs 3 GiB")
@@ -935,26 +1018,24 @@ def up(timeout: float, node: bool = False) -> None:
         if shutil.which(tool) is None:
             raise StackError(f"`{tool}` is not on PATH (see README: Local stack)")
 
+
+def up(timeout: float, node: bool = False, brokers: int = 1) -> None:
+    t0 = time.monotonic()
+    if _reuse_running(node, brokers):
+        return
+    preflight(node, brokers)
+
     ensure_artefacts()
     t_built = time.monotonic()
 
     if STATE.exists():
         shutil.rmtree(STATE)
-    for d in ("logs", "pids", "conf", "data/etcd", "data/kafka", "data/neo4j", "data/s3"):
+    dirs = ("logs", "pids", "conf", "data/etcd", "data/neo4j", "data/s3")
+    for d in (*dirs, *(f"data/{kafka_name(i + 1)}" for i in range(brokers))):
         (STATE / d).mkdir(parents=True, exist_ok=True)
     make_kafka_users()
     make_pki()
-    names = [
-        f.name
-        for f in dataclasses.fields(Ports)
-        if f.name not in ("s3_internal", "kafka_node", "node")
-    ]
-    ports = Ports(
-        **{n: free_port() for n in names},
-        s3_internal=[free_port() for _ in range(9)],
-        kafka_node=free_port() if node else 0,
-        node=node,
-    )
+    ports = allocate_ports(node, brokers)
     (STATE / "ports.json").write_text(json.dumps(ports.__dict__))
     pki = STATE / "pki"
     password = secrets.token_urlsafe(18)
@@ -1040,7 +1121,8 @@ def up(timeout: float, node: bool = False) -> None:
             ],
         )
         wait_until("kube-controller-manager", lambda: probe_kcm(ports.kcm), timeout)
-        wait_until("kafka", lambda: probe_kafka(ports.kafka), timeout)
+        for name, port, _ in kafka_nodes(ports):
+            wait_until(name, functools.partial(probe_kafka, port, brokers), timeout)
         grant_kafka_acls(ports.kafka, timeout)
         wait_until("neo4j", lambda: probe_neo4j(ports.neo4j), timeout)
         wait_until("s3", lambda: probe_s3(ports.s3), timeout)
@@ -1125,15 +1207,19 @@ def probes(ports: Ports) -> dict[str, Callable[[], str | None]]:
         "etcd": lambda: probe_etcd(ports.etcd),
         "kube-apiserver": lambda: probe_apiserver(ports.apiserver),
         "kube-controller-manager": lambda: probe_kcm(ports.kcm),
-        "kafka": lambda: probe_kafka(ports.kafka),
+        **{
+            name: functools.partial(probe_kafka, port, len(kafka_nodes(ports)))
+            for name, port, _ in kafka_nodes(ports)
+        },
         "neo4j": lambda: probe_neo4j(ports.neo4j),
         "s3": lambda: probe_s3(ports.s3),
     }
 
 
 def _known(name: str) -> None:
-    if name not in ORDER:
-        raise StackError(f"unknown server {name!r}: one of {', '.join(ORDER)}")
+    known = servers(_recorded_ports())
+    if name not in known:
+        raise StackError(f"unknown server {name!r}: one of {', '.join(known)}")
 
 
 def stop_one(name: str) -> None:
@@ -1164,7 +1250,7 @@ def down() -> None:
         return
     if any(pid_file(n).exists() for n in NODE_ORDER):
         node_script("down")
-    for name in reversed(ORDER):
+    for name in reversed(servers(_recorded_ports())):
         stop(name)
 
 
@@ -1180,12 +1266,12 @@ def status(quiet: bool = False) -> bool:
         "etcd": f"http://127.0.0.1:{ports.etcd}",
         "kube-apiserver": f"https://127.0.0.1:{ports.apiserver}",
         "kube-controller-manager": f"https://127.0.0.1:{ports.kcm}",
-        "kafka": f"127.0.0.1:{ports.kafka}",
+        **{n: f"127.0.0.1:{p}" for n, p, _ in kafka_nodes(ports)},
         "neo4j": f"bolt+s://127.0.0.1:{ports.neo4j}",
         "s3": f"http://127.0.0.1:{ports.s3}",
     }
     healthy = True
-    for name in ORDER:
+    for name in servers(ports):
         pid = running_pid(name)
         if pid is None:
             state = "stopped"
@@ -1217,17 +1303,24 @@ def main() -> int:
         default=os.environ.get("QMTL_STACK_NODE") == "1",
         help="also a real node (node.py); QMTL_STACK_NODE=1 is the same",
     )
+    upp.add_argument(
+        "--brokers",
+        type=int,
+        default=int(os.environ.get("QMTL_STACK_KAFKA_BROKERS") or 1),
+        help="Kafka brokers: 1 (default) or 3, a KRaft quorum of three (fault tests)",
+    )
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("kafka-metadata")
-    sub.add_parser("stop").add_argument("name", choices=ORDER)
+    kafkas = tuple(kafka_name(i) for i in (2, 3))
+    sub.add_parser("stop").add_argument("name", choices=(*ORDER, *kafkas))
     one = sub.add_parser("start")
-    one.add_argument("name", choices=ORDER)
+    one.add_argument("name", choices=(*ORDER, *kafkas))
     one.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args()
     try:
         if args.cmd == "up":
-            up(args.timeout, args.node)
+            up(args.timeout, args.node, args.brokers)
         elif args.cmd == "down":
             down()
         elif args.cmd == "status":

@@ -14,7 +14,7 @@ import pytest
 from qmtl_dagmanager.bootstrap import build_fake
 from qmtl_dagmanager.client import GatewayClient
 from qmtl_dagmanager.sidecar import app
-from tests.conftest import Stack
+from tests.conftest import Stack, settle_publishers
 from tests.gen import dumps, generate
 from tests.integration.conftest import real_settings
 from tests.otel_collector import Collector
@@ -50,6 +50,7 @@ async def test_a_diff_is_traced_span_by_span_and_audited_as_otlp_logs(
     try:
         reply = await client.diff(strategy, dumps(generate(5, salt=uuid.uuid4().hex[:8])))
         assert len(reply.queue_map) == 5
+        await settle_publishers()  # the QueueUpdated publication, off the response path
     finally:
         await client.close()
         await sidecar.stop(0)  # flushes the exporter

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -544,7 +545,7 @@ def _raise_for(checked: list[tuple[str, str, str]]) -> None:
         raise StaleRead("; ".join(stale[:3]))
 
 
-TLS_SHUTDOWN_WAIT = 2.0  # seconds, at most, for pooled TLS connections to finish closing
+TLS_SHUTDOWN_WAIT = 0.5  # seconds, at most, for TLS connections to finish closing
 
 
 def _pooled_writers(driver: Any) -> list[asyncio.StreamWriter]:
@@ -588,6 +589,7 @@ class Neo4jGraphStore:
     ) -> None:
         self._db = database
         self._tls = "+s" in uri.partition("://")[0] or bool(ca)
+        self._seen: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
         uri, tls = tls_options(uri, ca)
         self._driver = neo4j.AsyncGraphDatabase.driver(
             uri,
@@ -640,6 +642,9 @@ class Neo4jGraphStore:
             raise InvalidSpec(f"Neo4j rejected {what}: {e.message}", reason="GraphRejected") from e
         except neo4j_errors.DriverError as e:  # the driver closed under a late caller, and kin
             raise Unavailable(f"Neo4j driver failed ({what}): {e}", reason="Neo4jDriver") from e
+        finally:
+            if self._tls:  # the connections to finish closing at `close` (see there)
+                self._seen.update(_pooled_writers(self._driver))
 
     async def _write(
         self, what: str, tx_fn: Callable[[neo4j.AsyncManagedTransaction], Awaitable[T]]
@@ -1176,13 +1181,18 @@ class Neo4jGraphStore:
         )
 
     async def close(self) -> None:
-        writers = _pooled_writers(self._driver) if self._tls else []
+        writers = {*self._seen, *_pooled_writers(self._driver)} if self._tls else set()
         await self._driver.close()
         if writers:
-            # The driver closes its sockets in the background; over TLS asyncio finishes each
-            # (close_notify both ways) on later turns of the loop. Wait for that, bounded, so
-            # a caller that ends its loop next leaves no socket open.
-            waits = [asyncio.ensure_future(w.wait_closed()) for w in writers]
+            # The driver closes its sockets in the background (also one it dropped earlier,
+            # after an error or a cancelled query); over TLS asyncio finishes each close
+            # (close_notify both ways) on later turns of the loop, or only after 30 s when the
+            # server does not answer. Wait briefly, then cut what is left, so a caller that
+            # ends its loop next leaves no socket open.
+            waits = {asyncio.ensure_future(w.wait_closed()): w for w in writers}
             _, late = await asyncio.wait(waits, timeout=TLS_SHUTDOWN_WAIT)
             for fut in late:
+                waits[fut].transport.abort()
                 fut.cancel()
+            if late:
+                await asyncio.sleep(0)  # let the aborted transports close their sockets
