@@ -34,6 +34,7 @@ PACKAGES = {
     "containerd": "containerd",
     "runc": "runc",
     "/usr/lib/cni/bridge": "containernetworking-plugins",
+    "podman": "podman",  # the images (make image) and the pause image
 }
 CONF = STATE / "conf" / "node"
 # containerd's state holds sockets and mounts: short and off the project tree
@@ -66,7 +67,12 @@ def ensure_tools() -> None:
     )
     if missing:
         say(f"installing {' '.join(missing)} (Debian packages)")
-        stack.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing])
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        try:
+            stack.run(install)
+        except StackError:  # a fresh machine: no package lists yet
+            stack.run(["apt-get", "update", "-qq"])
+            stack.run(install)
     for tool in ("podman", "cc", "go"):
         if shutil.which(tool) is None:
             raise StackError(f"`{tool}` is not on PATH (the node needs it; see README: Install)")
