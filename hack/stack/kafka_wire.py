@@ -41,12 +41,13 @@ def _str(s: str | bytes) -> bytes:
     return struct.pack(">h", len(b)) + b
 
 
-def _recv(s: socket.socket, n: int) -> bytes:
+def recv(s: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from the socket."""
     buf = bytearray()
     while len(buf) < n:
         chunk = s.recv(n - len(buf))
         if not chunk:
-            raise WireError("connection closed by the broker")
+            raise WireError("the connection was closed by the server")
         buf += chunk
     return bytes(buf)
 
@@ -63,8 +64,8 @@ class Conn:
         head = struct.pack(">hhi", api, version, self._corr) + _str(CLIENT_ID)
         msg = head + body
         self.sock.sendall(struct.pack(">i", len(msg)) + msg)
-        size = struct.unpack(">i", _recv(self.sock, 4))[0]
-        data = _recv(self.sock, size)
+        size = struct.unpack(">i", recv(self.sock, 4))[0]
+        data = recv(self.sock, size)
         (corr,) = struct.unpack_from(">i", data, 0)
         if corr != self._corr:
             raise WireError(f"unexpected correlation id {corr}")

@@ -398,16 +398,6 @@ def grant_kafka_acls(port: int, timeout: float) -> None:
             time.sleep(0.5)
 
 
-def _recv(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ValueError("connection closed by the broker")
-        buf += chunk
-    return bytes(buf)
-
-
 def probe_kafka(port: int, brokers: int = 1) -> str | None:
     """Ready once this node answers Metadata as the admin and names `brokers` brokers (a
     node restarted alone into a cluster with others down counts as ready with itself)."""
@@ -430,7 +420,7 @@ def bolt_handshake(port: int, timeout: float = 3.0) -> str:
         ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
     ):
         s.sendall(proposal)
-        agreed = _recv(s, 4)
+        agreed = kafka_wire.recv(s, 4)
     if agreed == b"\x00\x00\x00\x00":
         raise ValueError("server accepted none of the proposed Bolt versions")
     return f"{agreed[3]}.{agreed[2]}"

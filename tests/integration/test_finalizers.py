@@ -51,6 +51,12 @@ def pending(core: client.CoreV1Api, namespace: str) -> dict[str, str]:
     return dict(cm.data or {})
 
 
+def recorded(core: client.CoreV1Api, namespace: str, strategy: str) -> list[dict[str, Any]]:
+    """The pending releases recorded in the operator's namespace for `strategy`."""
+    records = [orjson.loads(v) for v in pending(core, namespace).values()]
+    return [r for r in records if r["strategyId"] == strategy]
+
+
 def gone(core: client.CoreV1Api, namespace: str) -> bool:
     try:
         core.read_namespace(namespace)
@@ -95,11 +101,7 @@ async def test_a_namespace_deleted_while_neo4j_is_down_is_not_wedged(
         try:
             app.core.delete_namespace(app.namespace)
             await until(lambda: gone(app.core, app.namespace), 150, "the namespace deleted")
-            (record,) = [
-                orjson.loads(v)
-                for v in pending(app.core, cluster.namespace).values()
-                if orjson.loads(v)["strategyId"] == strategy
-            ]
+            (record,) = recorded(app.core, cluster.namespace, strategy)
             assert record["namespace"] == app.namespace and record["name"] == "doomed"
             assert "Neo4j" in record["reason"]
         finally:
@@ -107,12 +109,7 @@ async def test_a_namespace_deleted_while_neo4j_is_down_is_not_wedged(
 
         # the backends are back: the operator completes the release, then forgets it
         await until(
-            lambda: (
-                not any(
-                    orjson.loads(v)["strategyId"] == strategy
-                    for v in pending(app.core, cluster.namespace).values()
-                )
-            ),
+            lambda: not recorded(app.core, cluster.namespace, strategy),
             90,
             "the recorded release completed",
         )
@@ -166,12 +163,7 @@ async def test_with_no_operator_the_manual_path_releases_and_nothing_leaks(
         )
         await cluster.start_operator()
         await until(
-            lambda: (
-                not any(
-                    orjson.loads(v)["strategyId"] == strategy
-                    for v in pending(app.core, cluster.namespace).values()
-                )
-            ),
+            lambda: not recorded(app.core, cluster.namespace, strategy),
             60,
             "the recorded release completed",
         )

@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec
-from qmtl_dagmanager.core.strategy_spec import DeletionPolicy
+from qmtl_dagmanager.core.strategy_spec import DeletionPolicy, StrategySpec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.services.strategies import StrategyService
 
@@ -45,6 +45,22 @@ class PendingRelease:
     uid: str
     recorded_at: float
     reason: str  # why it could not be done at deletion time
+
+    @classmethod
+    def of(
+        cls, spec: StrategySpec, meta: Mapping[str, Any], topics: Iterable[str], reason: str
+    ) -> PendingRelease:
+        """The record for the StrategyDAG with this spec and metadata, made now."""
+        return cls(
+            strategy_id=spec.strategy_id,
+            deletion_policy=spec.deletion_policy,
+            topics=tuple(str(t) for t in topics),
+            namespace=str(meta.get("namespace")),
+            name=str(meta.get("name")),
+            uid=str(meta.get("uid")),
+            recorded_at=time.time(),
+            reason=reason,
+        )
 
     @property
     def key(self) -> str:

@@ -7,7 +7,6 @@ runs again, so no reference is leaked."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,15 +28,11 @@ def _record_of(obj: dict[str, Any]) -> PendingRelease:
         spec = strategydag.parse_spec(obj.get("spec") or {})
     except InvalidSpec as e:
         raise InvalidSpec(f"StrategyDAG {meta.get('namespace')}/{meta.get('name')}: {e}") from e
-    return PendingRelease(
-        strategy_id=spec.strategy_id,
-        deletion_policy=spec.deletion_policy,
-        topics=tuple(str(t) for t in (st.get("topics") or {}).values()),
-        namespace=str(meta.get("namespace")),
-        name=str(meta.get("name")),
-        uid=str(meta.get("uid")),
-        recorded_at=time.time(),
-        reason="released by hand (dagmanager release-finalizers): no operator was running",
+    return PendingRelease.of(
+        spec,
+        meta,
+        (st.get("topics") or {}).values(),
+        "released by hand (dagmanager release-finalizers): no operator was running",
     )
 
 

@@ -206,17 +206,7 @@ class Reconciler:
     ) -> PendingRelease:
         """What deleting the resource still has to do in the graph, to record for later."""
         s = strategydag.parse_spec(dict(spec))
-        meta = body.metadata
-        return PendingRelease(
-            strategy_id=s.strategy_id,
-            deletion_policy=s.deletion_policy,
-            topics=tuple(await self._topics(body)),
-            namespace=str(meta.namespace),
-            name=str(meta.name),
-            uid=str(meta.uid),
-            recorded_at=time.time(),
-            reason=reason,
-        )
+        return PendingRelease.of(s, body.metadata, await self._topics(body), reason)
 
     async def delete(self, body: kopf.Body, spec: kopf.Spec) -> None:
         s = strategydag.parse_spec(dict(spec))
