@@ -81,13 +81,19 @@ test-fast: $(STAMP) ## the fast stage: lint, the rules' promtool tests, then `ma
 
 test-stack: $(STAMP) ## the stack stage: the real local stack (started if needed), integration and e2e tests, the fuzzing campaign
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
-	$(PY) -m pytest -m "integration or campaign" -q
+	$(PY) -m pytest -m "(integration or campaign) and not brokers" -q
 
-test: $(STAMP) ## all three stages: test-fast, test-stack, then e2e-node (the image and the chart on a real node)
+test-brokers: $(STAMP) ## the broker fault suite: the stack with Kafka as three KRaft nodes (restarted so if needed), brokers killed under load
+	$(STACK) up --brokers 3
+	$(PY) -m pytest -m brokers -q -o log_cli=true --log-cli-level=WARNING
+
+test: $(STAMP) ## all four stages: test-fast, test-stack, test-brokers, then e2e-node (the image and the chart on a real node)
 	@echo "[test] $$(date -u +%H:%M:%S) fast stage: lint, unit tests, contract suites on the twins"
 	$(MAKE) --no-print-directory test-fast
 	@echo "[test] $$(date -u +%H:%M:%S) stack stage: real servers, integration, e2e, fuzzing campaign"
 	$(MAKE) --no-print-directory test-stack
+	@echo "[test] $$(date -u +%H:%M:%S) broker stage: Kafka as three KRaft nodes, brokers killed"
+	$(MAKE) --no-print-directory test-brokers
 	@echo "[test] $$(date -u +%H:%M:%S) node stage: make image, the chart on a real node, tests/e2e and tests/chart"
 	$(MAKE) --no-print-directory e2e-node
 
@@ -146,4 +152,4 @@ clean: ## stop the stack and remove .stack/ and the virtualenv (the artefact cac
 	-$(STACK) down
 	rm -rf .stack $(VENV)
 
-.PHONY: rules-test image stack-up-node e2e-node test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean
+.PHONY: test-brokers rules-test image stack-up-node e2e-node test-fast test-stack bench-scale bench-operator bench-writers fuzz e2e-kind manifests crds crds-check settings settings-check proto proto-check help venv stack-up stack-down stack-status lint fmt unit test bench run clean

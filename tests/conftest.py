@@ -148,9 +148,25 @@ class Stack:
         """Stop one server of the project's stack (fault tests); `start_server` restores it."""
         subprocess.run([*STACK, "stop", name], check=True, capture_output=True)
 
+    def kill_server(self, name: str) -> None:
+        """SIGKILL one server (a crash: no clean shutdown); `start_server` restores it."""
+        subprocess.run([*STACK, "kill", name], check=True, capture_output=True)
+
     def start_server(self, name: str) -> None:
         proc = subprocess.run([*STACK, "start", name], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"{name} did not start again:\n{proc.stdout}{proc.stderr}"
+
+    @property
+    def kafka_servers(self) -> tuple[str, ...]:
+        """The stack's Kafka nodes by server name (`kafka`, then `kafka-2`, ...)."""
+        n = len(self.kafka_bootstrap.split(","))
+        return ("kafka", *(f"kafka-{i}" for i in range(2, n + 1)))
+
+    def kafka_leader(self) -> str:
+        """The Kafka node that is the active KRaft controller now."""
+        proc = subprocess.run([*STACK, "kafka-leader"], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"no KRaft leader known:\n{proc.stdout}{proc.stderr}"
+        return proc.stdout.strip()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,15 +2,18 @@
 """The local stack of real servers, as plain processes: etcd, kube-apiserver,
 kube-controller-manager, Kafka (KRaft), Neo4j and an S3-compatible object store (SeaweedFS).
 
-    stack.py up [--timeout SECONDS] [--node]
+    stack.py up [--timeout SECONDS] [--node] [--brokers 1|3]
                                       build or fetch what is missing, then start everything;
                                       --node adds a real node (containerd, kubelet,
                                       kube-scheduler, kube-proxy: node.py) and opens the
-                                      servers to its pods on the node address
+                                      servers to its pods on the node address; --brokers 3
+                                      runs Kafka as three KRaft nodes (kafka, kafka-2, kafka-3)
     stack.py down                     stop exactly the processes `up` started (by PID)
     stack.py status                   one line per server; exit 1 unless all are healthy
     stack.py stop NAME                stop one server of a running stack (fault tests)
+    stack.py kill NAME                SIGKILL it instead: a crash, no clean shutdown
     stack.py start NAME               start it again, same command, data and port
+    stack.py kafka-leader             the Kafka node that is the active KRaft controller
 
 Standard library only, so it runs before the project's virtualenv exists.
 State lives in $QMTL_STACK_DIR (default: <project>/.stack): pki/, logs/, data/, pids/,
@@ -219,13 +222,15 @@ def start(
     return p.pid
 
 
-def stop(name: str, grace: float = 30.0) -> None:
+def stop(name: str, grace: float = 30.0, *, kill: bool = False) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; with `kill`, SIGKILL at once (a crash:
+    no clean shutdown, no goodbye to peers). Returns once the process is gone."""
     pid = running_pid(name)
     pid_file(name).unlink(missing_ok=True)
     if pid is None:
         return
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGKILL if kill else signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
@@ -236,7 +241,7 @@ def stop(name: str, grace: float = 30.0) -> None:
                 os.killpg(pid, signal.SIGKILL)
             deadline = float("inf")
         time.sleep(0.2)
-    say(f"{name} stopped (pid {pid})")
+    say(f"{name} {'killed' if kill else 'stopped'} (pid {pid})")
 
 
 def _alive(pid: int) -> bool:
@@ -1212,12 +1217,35 @@ def _known(name: str) -> None:
         raise StackError(f"unknown server {name!r}: one of {', '.join(known)}")
 
 
-def stop_one(name: str) -> None:
+def stop_one(name: str, *, kill: bool = False) -> None:
     _known(name)
     if running_pid(name) is None:
         say(f"{name} is not running")
         return
-    stop(name)
+    stop(name, kill=kill)
+
+
+def kafka_leader() -> str:
+    """The server name of the active KRaft controller, as the running nodes last recorded it
+    (each node's `__cluster_metadata-0/quorum-state`; the highest epoch wins)."""
+    ports = _recorded_ports()
+    if ports is None:
+        raise StackError("no stack state: run `stack.py up` first")
+    best: tuple[int, int] | None = None
+    for name, _, _ in kafka_nodes(ports):
+        if running_pid(name) is None:
+            continue
+        path = STATE / "data" / name / "__cluster_metadata-0" / "quorum-state"
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        leader, epoch = int(state.get("leaderId", -1)), int(state.get("leaderEpoch", -1))
+        if leader >= 0 and (best is None or epoch > best[1]):
+            best = (leader, epoch)
+    if best is None:
+        raise StackError("no running Kafka node knows a controller leader (quorum lost?)")
+    return kafka_name(best[0])
 
 
 def start_one(name: str, timeout: float) -> None:
@@ -1304,6 +1332,10 @@ def main() -> int:
     sub.add_parser("kafka-metadata")
     kafkas = tuple(kafka_name(i) for i in (2, 3))
     sub.add_parser("stop").add_argument("name", choices=(*ORDER, *kafkas))
+    sub.add_parser("kill", help="SIGKILL one server (a crash)").add_argument(
+        "name", choices=(*ORDER, *kafkas)
+    )
+    sub.add_parser("kafka-leader", help="the Kafka node that is the active KRaft controller")
     one = sub.add_parser("start")
     one.add_argument("name", choices=(*ORDER, *kafkas))
     one.add_argument("--timeout", type=float, default=120.0)
@@ -1317,6 +1349,10 @@ def main() -> int:
             return 0 if status() else 1
         elif args.cmd == "stop":
             stop_one(args.name)
+        elif args.cmd == "kill":
+            stop_one(args.name, kill=True)
+        elif args.cmd == "kafka-leader":
+            print(kafka_leader())
         elif args.cmd == "start":
             start_one(args.name, args.timeout)
         elif args.cmd == "kafka-metadata":

@@ -27,6 +27,7 @@ from qmtl_dagmanager.adapters.prometheus import Prometheus, PrometheusQuery
 from qmtl_dagmanager.adapters.s3_store import S3Store, parse_url
 from qmtl_dagmanager.config import Settings, kafka_security
 from qmtl_dagmanager.core.dag import NodeMemo
+from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
     Archive,
@@ -132,7 +133,13 @@ class Container:
             max_waiting=s.diff_max_waiting if shed_load else 1_000_000,
             max_wait=2.0 if shed_load else 24 * 3600.0,
             tracer=self.tracer,
+            catalog=self.catalog,
         )
+
+    @property
+    def catalog(self) -> TopicCatalog:
+        """The topic specs as the topic profile creates them (the graph records these)."""
+        return TopicCatalog().for_profile(self.settings.topic_profile)
 
     def canary(self) -> CanaryService:
         return self._once("canary", self._canary)
@@ -178,6 +185,7 @@ class Container:
             self.clock,
             self.metrics,
             cache=self.node_cache,
+            catalog=self.catalog,
             policies=self.settings.gc_policies,
             intent_grace=float(self.settings.gc_intent_grace_seconds),
             compact_max_nodes=self.settings.compact_max_nodes,

@@ -316,7 +316,8 @@ class Settings:
         "topic_profile",
         "QMTL_TOPIC_PROFILE",
         _profile,
-        "cap (development) or refuse (production) replication above the broker count",
+        "development: replication capped at the brokers seen; production: replication at "
+        "least 3 with min.insync.replicas 2, refused where the cluster cannot place it",
     )
     enable_topic_namespace: bool = setting(
         True,

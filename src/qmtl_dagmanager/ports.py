@@ -390,9 +390,12 @@ class GraphStore(Protocol):
 # --------------------------------------------------------------------------- topics
 
 
+BELOW_SPEC = "reused below its durability spec: "  # an EXISTS result's message, if any
+
+
 class TopicStatus(StrEnum):
     CREATED = "created"
-    EXISTS = "exists"  # already there with the same configuration: success
+    EXISTS = "exists"  # already there, the same topic (its message: a durability shortfall)
     CONFLICT = "conflict"  # already there with a different configuration
     COLLISION = "collision"  # differs from an existing name only in case or `.` versus `_`
     FORBIDDEN = "forbidden"  # the broker's authorizer refused this process's principal

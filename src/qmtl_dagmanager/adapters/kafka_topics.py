@@ -64,7 +64,14 @@ _TRANSIENT_CODES = {
 
 
 def _transient(err: KafkaError | None) -> bool:
-    return err is None or bool(err.retriable()) or err.code() in _TRANSIENT_CODES
+    return (
+        err is None
+        or bool(err.retriable())
+        or err.code() in _TRANSIENT_CODES
+        # no broker can take a replica now ("All brokers are currently fenced"): they are
+        # restarting or not yet registered again, unlike too few brokers registered
+        or (err.code() == KafkaError.INVALID_REPLICATION_FACTOR and "fenced" in err.str())
+    )
 
 
 def _unknown(err: KafkaError | None) -> bool:
@@ -134,7 +141,8 @@ class KafkaTopicAdmin:
             await asyncio.to_thread(concurrent.futures.wait, pending, self._timeout)
 
     async def _names(self) -> tuple[int, set[str]]:
-        """Broker count and topic names for collision checks, from a full metadata listing
+        """The most brokers seen alive and topic names for collision checks, from a full
+        metadata listing
         (it grows with the cluster). Only the first call waits for one; after that a listing
         older than `listing_ttl` seconds is refreshed in the background while the current one
         serves (names this admin created since are added as it goes; the broker itself
@@ -155,7 +163,9 @@ class KafkaTopicAdmin:
         except Unavailable as e:
             log.debug("topic listing refresh failed: %s", e)
             return
-        self._listing = (asyncio.get_running_loop().time(), len(md.brokers), set(md.topics))
+        # the most brokers seen: one briefly down does not shrink what development creates
+        seen = max(len(md.brokers), self._listing[1] if self._listing else 0)
+        self._listing = (asyncio.get_running_loop().time(), seen, set(md.topics))
 
     async def _metadata(self) -> ClusterMetadata:
         try:
@@ -193,7 +203,10 @@ class KafkaTopicAdmin:
         if not topics:
             return {}
         brokers, existing = await self._names()
-        specs, results = topic_rules.admit(topics, existing, brokers, self._profile)
+        # under production the controller judges replication (a broker that is down is still
+        # registered and takes replicas); development caps at the most brokers seen alive
+        judge = None if self._profile is Profile.PRODUCTION else brokers
+        specs, results = topic_rules.admit(topics, existing, judge, self._profile)
         verify: list[str] = []
         create = list(specs)  # the controller decides what exists, never the listing
         attempts = dict.fromkeys(create, 0)
@@ -222,6 +235,17 @@ class KafkaTopicAdmin:
                     err = _error(e)
                     if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                         verify.append(name)  # created concurrently, or metadata was stale
+                    elif (
+                        err is not None
+                        and err.code() == KafkaError.INVALID_REPLICATION_FACTOR
+                        and not _transient(err)
+                    ):
+                        results[name] = TopicResult(
+                            name,
+                            TopicStatus.FAILED,
+                            f"replication factor {specs[name].replication_factor} for {name} "
+                            f"refused by the controller: {err.str().rstrip('.')}",
+                        )
                     elif err is not None and err.code() in _DENIED:
                         results[name] = TopicResult(
                             name,
@@ -261,16 +285,7 @@ class KafkaTopicAdmin:
                 if state is None:
                     results[name] = TopicResult(name, TopicStatus.FAILED, IN_FLUX, retriable=True)
                     continue
-                diffs = topic_rules.differences(specs[name], state)
-                results[name] = (
-                    TopicResult(
-                        name,
-                        TopicStatus.CONFLICT,
-                        "exists with another configuration: " + "; ".join(diffs),
-                    )
-                    if diffs
-                    else TopicResult(name, TopicStatus.EXISTS)
-                )
+                results[name] = topic_rules.existing_result(name, specs[name], state)
         return results
 
     async def _wait_visible(self, names: list[str]) -> None:

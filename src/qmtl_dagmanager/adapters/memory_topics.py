@@ -11,6 +11,8 @@ from qmtl_dagmanager.ports import TopicResult, TopicState, TopicStatus
 
 class MemoryTopicAdmin:
     def __init__(self, brokers: int = 1, profile: Profile = Profile.DEVELOPMENT) -> None:
+        """`brokers`: the brokers the twin's cluster has registered (its controller refuses
+        replication above it under the production profile, as Kafka's does)."""
         self.topics: dict[str, TopicState] = {}
         self.messages: dict[str, int] = {}
         self.brokers = brokers
@@ -25,12 +27,7 @@ class MemoryTopicAdmin:
             if state is None:
                 to_create[name] = spec
                 continue
-            diffs = topic_rules.differences(spec, state)
-            results[name] = (
-                TopicResult(name, TopicStatus.CONFLICT, "; ".join(diffs))
-                if diffs
-                else TopicResult(name, TopicStatus.EXISTS)
-            )
+            results[name] = topic_rules.existing_result(name, spec, state)
         if to_create:
             self.create_requests += 1
         for name, spec in to_create.items():

@@ -1,13 +1,14 @@
-"""Rules both topic admins (Kafka and its twin) apply identically: replication against the
-brokers available, name collisions, and whether an existing topic matches its spec."""
+"""Rules both topic admins (Kafka and its twin) apply identically: the profile's durability,
+replication against the brokers, name collisions, and whether an existing topic matches its
+spec (a conflict) or only falls short of its durability (reused, and reported)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
 
-from qmtl_dagmanager.core.topics import Profile, TopicSpec
-from qmtl_dagmanager.ports import TopicResult, TopicState, TopicStatus
+from qmtl_dagmanager.core.topics import MIN_INSYNC, Profile, TopicSpec, durable
+from qmtl_dagmanager.ports import BELOW_SPEC, TopicResult, TopicState, TopicStatus
 
 log = logging.getLogger(__name__)
 COMPARED_CONFIGS = ("retention.ms", "cleanup.policy")
@@ -38,21 +39,29 @@ def collisions(wanted: Iterable[str], existing: Iterable[str]) -> dict[str, str]
 
 
 def effective_spec(
-    name: str, spec: TopicSpec, brokers: int, profile: Profile
+    name: str, spec: TopicSpec, brokers: int | None, profile: Profile
 ) -> tuple[TopicSpec | None, str]:
-    """The spec to create under the profile, or None and the reason it cannot be."""
-    if spec.replication_factor <= brokers:
+    """The spec to create under the profile, or None and the reason it cannot be.
+
+    `brokers` is the brokers the cluster has registered, or None when the controller is left
+    to judge (Kafka under the production profile: a broker that is down stays registered, and
+    the controller places replicas on it, so the brokers a client sees alive undercount)."""
+    spec = durable(spec, profile)
+    if brokers is None or spec.replication_factor <= brokers:
         return spec, ""
     if profile is Profile.PRODUCTION:
         return None, (
             f"replication factor {spec.replication_factor} for {name} exceeds the {brokers} "
-            "available broker(s) (production profile refuses to cap it)"
+            "registered broker(s) (production profile refuses to cap it)"
         )
     return TopicSpec(spec.topic_type, spec.partitions, max(brokers, 1), spec.config), ""
 
 
 def admit(
-    wanted: Mapping[str, TopicSpec], existing: Iterable[str], brokers: int, profile: Profile
+    wanted: Mapping[str, TopicSpec],
+    existing: Iterable[str],
+    brokers: int | None,
+    profile: Profile,
 ) -> tuple[dict[str, TopicSpec], dict[str, TopicResult]]:
     """Split a batch into the specs to create or verify and the topics refused outright
     (collisions, replication the profile refuses). Capping is a warning once per process."""
@@ -86,14 +95,43 @@ def admit(
 
 
 def differences(spec: TopicSpec, state: TopicState) -> list[str]:
-    """What differs between the spec and the topic as it exists (empty: the same)."""
+    """What makes the topic as it exists another topic than the spec (empty: the same).
+    Partitions route keys and retention and cleanup decide what a reader finds: those must
+    match. Replication is durability, see `shortfalls`."""
     diffs = []
     if state.partitions != spec.partitions:
         diffs.append(f"partitions {state.partitions} != {spec.partitions}")
-    if state.replication_factor != spec.replication_factor:
-        diffs.append(f"replication {state.replication_factor} != {spec.replication_factor}")
     want: Mapping[str, str] = dict(spec.config)
     for key in COMPARED_CONFIGS:
         if key in want and state.config.get(key) != want[key]:
             diffs.append(f"{key} {state.config.get(key)} != {want[key]}")
     return diffs
+
+
+def shortfalls(spec: TopicSpec, state: TopicState) -> list[str]:
+    """Where an existing topic is less durable than the spec asks: fewer replicas (one made
+    under a smaller cluster or the development profile), or a lower min.insync.replicas.
+    Such a topic is reused (its data stays where readers are) and the shortfall reported:
+    raising it is a partition reassignment, an operator's decision. More is never short."""
+    out = []
+    if state.replication_factor < spec.replication_factor:
+        out.append(f"replication {state.replication_factor} < {spec.replication_factor}")
+    want = dict(spec.config).get(MIN_INSYNC)
+    have = state.config.get(MIN_INSYNC)
+    if want is not None and have is not None and int(have) < int(want):
+        out.append(f"{MIN_INSYNC} {have} < {want}")
+    return out
+
+
+def existing_result(name: str, spec: TopicSpec, state: TopicState) -> TopicResult:
+    """The result for a topic found existing: CONFLICT if it is another topic, else EXISTS
+    (with the durability shortfall, if any, as its message)."""
+    diffs = differences(spec, state)
+    if diffs:
+        return TopicResult(
+            name, TopicStatus.CONFLICT, "exists with another configuration: " + "; ".join(diffs)
+        )
+    short = shortfalls(spec, state)
+    if short:
+        return TopicResult(name, TopicStatus.EXISTS, BELOW_SPEC + "; ".join(short))
+    return TopicResult(name, TopicStatus.EXISTS)

@@ -27,11 +27,21 @@ VALID_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DAY_MS = 86_400_000
 
 
-class Profile(StrEnum):
-    """How replication the cluster cannot hold is treated when topics are created."""
+# The production profile's durability floor: every topic survives the loss of one broker
+# out of three without refusing writes (producers use acks=all).
+PRODUCTION_REPLICATION = 3
+PRODUCTION_MIN_INSYNC = 2
+MIN_INSYNC = "min.insync.replicas"
 
-    DEVELOPMENT = "development"  # cap replication at the broker count, with a warning
-    PRODUCTION = "production"  # refuse a replication factor the cluster cannot hold
+
+class Profile(StrEnum):
+    """How topics are made durable, and how replication the cluster cannot hold is treated."""
+
+    # replication capped at the brokers seen, with a warning
+    DEVELOPMENT = "development"
+    # replication at least 3 and min.insync.replicas 2; the controller refuses what the
+    # cluster cannot place, and nothing is capped
+    PRODUCTION = "production"
 
 
 class TopicType(StrEnum):
@@ -52,6 +62,21 @@ class TopicSpec:
     @property
     def retention_ms(self) -> int:
         return int(dict(self.config).get("retention.ms", "-1"))
+
+
+def durable(spec: TopicSpec, profile: Profile) -> TopicSpec:
+    """The spec under `profile`: production raises replication to its floor and sets
+    min.insync.replicas (unless the spec sets it); development leaves it as it is."""
+    if profile is not Profile.PRODUCTION:
+        return spec
+    config = dict(spec.config)
+    config.setdefault(MIN_INSYNC, str(PRODUCTION_MIN_INSYNC))
+    return TopicSpec(
+        spec.topic_type,
+        spec.partitions,
+        max(spec.replication_factor, PRODUCTION_REPLICATION),
+        tuple(sorted(config.items())),
+    )
 
 
 def _spec(kind: TopicType, partitions: int, replication: int, days: int) -> TopicSpec:
@@ -82,6 +107,10 @@ class TopicCatalog:
         """The spec for a queue's recorded tag (its topic type); an unknown tag: indicator."""
         known = tag in {t.value for t in TopicType}
         return self.specs[TopicType(tag) if known else TopicType.INDICATOR]
+
+    def for_profile(self, profile: Profile) -> TopicCatalog:
+        """The catalog as topics are created under `profile` (see `durable`)."""
+        return TopicCatalog({k: durable(v, profile) for k, v in self.specs.items()})
 
     def capped(self, max_replication: int) -> TopicCatalog:
         """The same catalog with replication limited to what the cluster has (e.g. 1 broker)."""

@@ -43,6 +43,7 @@ from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.topics import TopicCatalog
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
+    BELOW_SPEC,
     Clock,
     GraphStore,
     SentinelWrite,
@@ -404,6 +405,15 @@ class DiffService:
         self._raise_for_topics(results)
 
     def _raise_for_topics(self, results: dict[str, TopicResult]) -> None:
+        short = sorted(t for t, r in results.items() if r.ok and r.message)
+        if short:  # reused below the durability asked: the operator's drift event says so
+            log.warning(
+                "%d topic(s) %s e.g. %s: %s",
+                len(short),
+                BELOW_SPEC.rstrip(": "),
+                short[0],
+                results[short[0]].message.removeprefix(BELOW_SPEC),
+            )
         bad = {t: r for t, r in results.items() if not r.ok}
         if len(bad) < len(results):
             self.metrics.queue_create_successes.inc(len(results) - len(bad))

@@ -93,7 +93,8 @@ class StrategyService:
 
     async def repair_drift(self, outcome: DiffOutcome) -> Drift:
         """One-way truth: every topic the plan uses must exist as the catalog says. A topic
-        deleted out of band is created again; one altered out of band is reported."""
+        deleted out of band is created again; one altered out of band, or less durable than
+        the catalog asks, is reported."""
         if outcome.dry_run or not outcome.plan.nodes:
             return Drift()
         catalog = self.diffs.catalog
@@ -107,7 +108,8 @@ class StrategyService:
                 for t, r in results.items()
                 if r.status is TopicStatus.CREATED and t not in outcome.topics
             ),
-            altered={t: r.message for t, r in results.items() if not r.ok},
+            # altered out of band, or reused below the durability the profile asks
+            altered={t: r.message for t, r in results.items() if not r.ok or r.message},
         )
         if drift.recreated or drift.altered:
             log.warning(
