@@ -2,7 +2,9 @@
 
 `ensure` creates many topics in one batched request with one result per topic. Each topic goes
 CREATE → VERIFY (describe partitions, replication, retention, cleanup policy) → WAIT (until the
-metadata shows it) → BACKOFF (0.5 s doubling to 4 s, 5 attempts) on retriable errors. `delete`
+metadata shows it) → BACKOFF (0.5 s doubling to 4 s, up to 5 attempts, none starting later
+than 1.5 admin timeouts after the first) on retriable errors. While a request waits, fresh
+metadata is asked for every 0.5 s, so one bound for a broker that died goes to a live one. `delete`
 returns once the broker no longer describes the topics, so that WAIT after a re-creation under
 the same name sees the new topic, never the old one.
 
@@ -42,12 +44,15 @@ T = TypeVar("T")
 BACKOFF_START = 0.5
 BACKOFF_MAX = 4.0
 ATTEMPTS = 5
+# no attempt starts later than this many admin timeouts after the first: a cluster that
+# lost its quorum (each attempt times out) is reported unavailable after two attempts
+RETRY_WINDOW = 1.5
 # A topic reported as existing but not describable is usually a deletion finishing (KRaft
 # takes a few hundred ms): ask again soon, over about 3 s in all.
 FLUX_BACKOFF_START = 0.1
 FLUX_ATTEMPTS = 6
 IN_FLUX = "reported as existing but cannot be described"
-SMALL_BATCH = 8  # results awaited one by one below this; a batch is awaited at once above
+REMAP_AFTER = 0.5  # a request pending this long: fresh metadata (see `_batch`)
 
 
 # Errors that say the cluster could not be reached or answered in time, not that the request
@@ -133,12 +138,33 @@ class KafkaTopicAdmin:
             return fut.result()
         return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout)
 
-    async def _batch(self, futures: Iterable[Future[Any]]) -> None:
-        """Wait for a whole batch of per-topic results in one thread hop (bounded by the
-        timeout); `_wait` then reads each without a round trip through the event loop."""
+    async def _batch(self, futures: Iterable[Future[Any]], topic: str) -> None:
+        """Wait for a whole batch of per-topic results in thread hops (bounded by the
+        timeout); `_wait` then reads each without a round trip through the event loop.
+        While some are pending, fresh metadata
+        (about `topic`) is asked for every REMAP_AFTER seconds: the client sends controller
+        requests (create, delete, describe) to the broker its last metadata named, and waits
+        for it while it is down, request after request; fresh metadata names a live one."""
         pending = [f for f in futures if not f.done()]
-        if len(pending) > SMALL_BATCH:
-            await asyncio.to_thread(concurrent.futures.wait, pending, self._timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        while pending:
+            step = min(REMAP_AFTER, deadline - loop.time())
+            if step <= 0:
+                return
+            await asyncio.to_thread(concurrent.futures.wait, pending, step)
+            pending = [f for f in pending if not f.done()]
+            if pending:
+                await self._remap(topic)
+
+    async def _remap(self, topic: str) -> None:
+        """Ask a reachable broker for fresh metadata, about one topic (a full listing grows
+        with the cluster): under KRaft it names a live broker as the one to send controller
+        requests to, which forwards them to the active controller (see `_batch`)."""
+        try:
+            await asyncio.to_thread(self._admin.list_topics, topic, timeout=min(self._timeout, 2.0))
+        except KafkaException as e:
+            log.debug("metadata refresh failed: %s", e)
 
     async def _names(self) -> tuple[int, set[str]]:
         """The most brokers seen alive and topic names for collision checks, from a full
@@ -211,6 +237,7 @@ class KafkaTopicAdmin:
         create = list(specs)  # the controller decides what exists, never the listing
         attempts = dict.fromkeys(create, 0)
         delay = BACKOFF_START
+        last_start = asyncio.get_running_loop().time() + RETRY_WINDOW * self._timeout
         while create:
             retry: list[str] = []
             futures = self._admin.create_topics(
@@ -226,7 +253,7 @@ class KafkaTopicAdmin:
                 operation_timeout=self._timeout,
                 request_timeout=self._timeout,
             )
-            await self._batch(futures.values())
+            await self._batch(futures.values(), create[0])
             for name, fut in futures.items():
                 attempts[name] += 1
                 try:
@@ -258,7 +285,11 @@ class KafkaTopicAdmin:
                         and "collides" in err.str()
                     ):
                         results[name] = TopicResult(name, TopicStatus.COLLISION, err.str())
-                    elif _transient(err) and attempts[name] < ATTEMPTS:
+                    elif (
+                        _transient(err)
+                        and attempts[name] < ATTEMPTS
+                        and asyncio.get_running_loop().time() + delay < last_start
+                    ):
                         retry.append(name)
                     else:
                         results[name] = TopicResult(
@@ -272,7 +303,7 @@ class KafkaTopicAdmin:
                 results[name] = TopicResult(name, TopicStatus.CREATED, "", attempts[name])
             if retry:
                 log.warning("retrying creation of %d topic(s) in %.1f s", len(retry), delay)
-                await asyncio.sleep(delay)
+                await asyncio.gather(asyncio.sleep(delay), self._remap(retry[0]))
                 delay = min(delay * 2, BACKOFF_MAX)
             create = retry
         created = [n for n, r in results.items() if r.status is TopicStatus.CREATED]
@@ -318,7 +349,7 @@ class KafkaTopicAdmin:
                 TopicCollection(pending), request_timeout=self._timeout
             )
             still = []
-            await self._batch(futures.values())
+            await self._batch(futures.values(), pending[0])
             for name, fut in futures.items():
                 try:
                     await self._wait(fut)
@@ -343,7 +374,7 @@ class KafkaTopicAdmin:
             TopicCollection(list(topics)), request_timeout=self._timeout
         )
         found: dict[str, tuple[int, int]] = {}
-        await self._batch(descs.values())
+        await self._batch(descs.values(), topics[0])
         for name, fut in descs.items():
             try:
                 d = await self._wait(fut)
@@ -357,7 +388,7 @@ class KafkaTopicAdmin:
             return out
         resources = [ConfigResource(ResourceType.TOPIC, n) for n in found]
         configs = self._admin.describe_configs(resources, request_timeout=self._timeout)
-        await self._batch(configs.values())
+        await self._batch(configs.values(), topics[0])
         for res, fut in configs.items():
             try:
                 entries = await self._wait(fut)
@@ -388,7 +419,7 @@ class KafkaTopicAdmin:
         )
         if self._listing is not None:
             self._listing[2].difference_update(topics)
-        await self._batch(futures.values())
+        await self._batch(futures.values(), topics[0])
         for name, fut in futures.items():
             try:
                 await self._wait(fut)
@@ -416,7 +447,7 @@ class KafkaTopicAdmin:
             {tp: OffsetSpec.latest() for tp in parts}, request_timeout=self._timeout
         )
         counts = {t: 0 for t in topics if t in md.topics}
-        await self._batch([*lows.values(), *highs.values()])
+        await self._batch([*lows.values(), *highs.values()], parts[0].topic)
         for tp in parts:
             try:
                 low = await self._wait(lows[tp])

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 COMPARED_CONFIGS = ("retention.ms", "cleanup.policy")
 
 
-_CAPPED_WARNED: set[int] = set()  # broker counts the capping warning was logged for
+_CAPPED_WARNED: set[int | None] = set()  # broker counts the capping warning was logged for
 
 
 def collision_key(name: str) -> str:
