@@ -957,7 +957,9 @@ def _start_kafka_node(
     kjava = [
         "java",
         "-Xms256m",
-        "-Xmx768m",
+        # a node of three holds a replica of every topic and fetches for each: the fault
+        # suite leaves thousands of partitions per node (768 MB ran out, seen)
+        "-Xmx1536m",
         "-XX:+UseG1GC",
         f"-Dlog4j2.configurationFile={STATE / 'conf' / 'kafka-log4j2.properties'}",
         "-cp",
