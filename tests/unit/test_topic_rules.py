@@ -3,7 +3,9 @@ and what about an existing topic is a conflict or only a durability shortfall.""
 
 from __future__ import annotations
 
-from qmtl_dagmanager.adapters import topic_rules
+from confluent_kafka import KafkaError
+
+from qmtl_dagmanager.adapters import kafka_topics, topic_rules
 from qmtl_dagmanager.adapters.memory_topics import MemoryTopicAdmin
 from qmtl_dagmanager.core.topics import (
     MIN_INSYNC,
@@ -73,3 +75,17 @@ async def test_the_twin_reuses_a_topic_made_before_the_production_profile() -> N
     assert again["u"].status is TopicStatus.CREATED
     made = (await admin.describe(["u"]))["u"]
     assert made.replication_factor == 3 and made.config[MIN_INSYNC] == "2"
+
+
+def test_a_fenced_cluster_is_transient_too_few_brokers_is_not() -> None:
+    fenced = KafkaError(
+        KafkaError.INVALID_REPLICATION_FACTOR,
+        "Unable to replicate the partition 3 time(s): All brokers are currently fenced.",
+    )
+    too_few = KafkaError(
+        KafkaError.INVALID_REPLICATION_FACTOR,
+        "Unable to replicate the partition 3 time(s): The target replication factor of 3 "
+        "cannot be reached because only 1 broker(s) are registered.",
+    )
+    assert kafka_topics._transient(fenced)
+    assert not kafka_topics._transient(too_few)
