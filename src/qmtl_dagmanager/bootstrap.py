@@ -169,6 +169,13 @@ class Container:
     def vitals(self) -> Vitals:
         return self._once("vitals", lambda: Vitals(self.graph, self.topics, self.metrics))
 
+    def stop_background(self) -> None:
+        """Ask the timers of `background` to return at their next pause (then await them,
+        and cancel only what does not return in time)."""
+        self.events.stop()
+        if "vitals" in self._built:
+            self.vitals().stop()
+
     def background(self) -> list[Coroutine[Any, Any, None]]:
         """The timers every process runs beside its work: the outbox publisher and vitals."""
         out: list[Coroutine[Any, Any, None]] = [self.events.run()]

@@ -52,6 +52,7 @@ RETRY_WINDOW = 1.5
 FLUX_BACKOFF_START = 0.1
 FLUX_ATTEMPTS = 6
 IN_FLUX = "reported as existing but cannot be described"
+SMALL_BATCH = 8  # a batch this small is awaited on the loop; a larger one in a thread hop
 REMAP_AFTER = 0.5  # a request pending this long: fresh metadata (see `_batch`)
 
 
@@ -94,6 +95,11 @@ _DENIED = (
     KafkaError.CLUSTER_AUTHORIZATION_FAILED,
     KafkaError.GROUP_AUTHORIZATION_FAILED,
 )
+
+
+def _seen(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _error(e: BaseException) -> KafkaError | None:
@@ -139,20 +145,31 @@ class KafkaTopicAdmin:
         return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout)
 
     async def _batch(self, futures: Iterable[Future[Any]], topic: str) -> None:
-        """Wait for a whole batch of per-topic results in thread hops (bounded by the
-        timeout); `_wait` then reads each without a round trip through the event loop.
-        While some are pending, fresh metadata
-        (about `topic`) is asked for every REMAP_AFTER seconds: the client sends controller
-        requests (create, delete, describe) to the broker its last metadata named, and waits
-        for it while it is down, request after request; fresh metadata names a live one."""
+        """Wait for a whole batch of per-topic results (bounded by the timeout); `_wait` then
+        reads each without a round trip through the event loop. A small batch is awaited on
+        the loop; a large one in thread hops (one loop callback per result would cost more).
+        While some are pending, fresh metadata (about `topic`) is asked for every
+        REMAP_AFTER seconds: the client sends controller requests (create, delete,
+        describe) to the broker its last metadata named, and waits for it while it is down,
+        request after request; fresh metadata names a live one."""
         pending = [f for f in futures if not f.done()]
+        if not pending:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
+        on_loop = None
+        if len(pending) <= SMALL_BATCH:
+            on_loop = [asyncio.wrap_future(f) for f in pending]
+            for w in on_loop:  # read through `_wait`: mark the copies' errors as seen
+                w.add_done_callback(_seen)
         while pending:
             step = min(REMAP_AFTER, deadline - loop.time())
             if step <= 0:
                 return
-            await asyncio.to_thread(concurrent.futures.wait, pending, step)
+            if on_loop is None:
+                await asyncio.to_thread(concurrent.futures.wait, pending, step)
+            else:
+                await asyncio.wait(on_loop, timeout=step)
             pending = [f for f in pending if not f.done()]
             if pending:
                 await self._remap(topic)

@@ -1190,7 +1190,12 @@ class Neo4jGraphStore:
             # server does not answer. Wait briefly, then cut what is left, so a caller that
             # ends its loop next leaves no socket open.
             waits = {asyncio.ensure_future(w.wait_closed()): w for w in writers}
-            _, late = await asyncio.wait(waits, timeout=TLS_SHUTDOWN_WAIT)
+            done, late = await asyncio.wait(waits, timeout=TLS_SHUTDOWN_WAIT)
+            for fut in done:
+                # a TLS shutdown can fail (the server sent data after its close_notify):
+                # asyncio has cut that socket already; the error is only read here
+                if not fut.cancelled() and fut.exception() is not None:
+                    log.debug("Neo4j TLS close: %s", fut.exception())
             for fut in late:
                 waits[fut].transport.abort()
                 fut.cancel()

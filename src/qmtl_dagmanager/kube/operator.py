@@ -112,6 +112,22 @@ async def delete_or_record(
     )
 
 
+async def _stop(
+    container: bootstrap.Container,
+    timers: list[asyncio.Task[None]],
+    background: list[asyncio.Task[None]],
+) -> None:
+    """Shutdown: the outbox publisher and vitals (`timers`) return at their next pause (a
+    graph call cancelled midway can leave a connection half-open); the rest is cancelled."""
+    container.stop_background()
+    if timers:
+        await asyncio.wait(timers, timeout=5.0)
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    await container.close()
+
+
 def build_registry(
     container: bootstrap.Container,
     resync_seconds: float = 300.0,
@@ -138,6 +154,7 @@ def build_registry(
     sentinels = SentinelReconciler(container.rollout(StrategyReadinessApi(objects)))
 
     background: list[asyncio.Task[None]] = []
+    timers: list[asyncio.Task[None]] = []  # of container.background(): they stop on request
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -147,7 +164,8 @@ def build_registry(
         # a watch that delivers nothing for this long is re-established (a stalled stream)
         settings.watching.inactivity_timeout = 600
         await container.start()
-        background.extend(asyncio.create_task(t) for t in container.background())
+        timers.extend(asyncio.create_task(t) for t in container.background())
+        background.extend(timers)
         if container.settings.gc_interval_seconds > 0:
             background.append(asyncio.create_task(gc_timer(container, config_maps)))
         if resync_seconds > 0:
@@ -179,10 +197,7 @@ def build_registry(
 
     @kopf.on.cleanup(registry=registry)
     async def shutdown(**_: Any) -> None:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await container.close()
+        await _stop(container, timers, background)
 
     @kopf.on.resume(*RESOURCE, registry=registry)
     @kopf.on.create(*RESOURCE, registry=registry)

@@ -53,6 +53,7 @@ class QueueEvents:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._polling = False
+        self._stopping = False
         self._last_round = 0.0  # seconds the last round took to read and publish
 
     def kick(self) -> None:
@@ -82,6 +83,15 @@ class QueueEvents:
             task.cancel()
             await asyncio.wait({task})
 
+    def stop(self) -> None:
+        """Ask the poller (`run`) to return at its next pause: between rounds, never inside a
+        graph call (one cancelled while it opens a connection can leave the socket open)."""
+        self._stopping = True
+        self._wake.set()
+
+    def _stop_asked(self) -> bool:
+        return self._stopping
+
     async def _until_idle(self) -> None:
         await self._loop(None)
 
@@ -101,10 +111,14 @@ class QueueEvents:
         while interval is not None or self._wake.is_set():
             woken = True
             if interval is not None:
+                if self._stop_asked():
+                    return
                 try:
                     await asyncio.wait_for(self._wake.wait(), interval)
                 except TimeoutError:
                     woken = False
+                if self._stop_asked():
+                    return
             if woken:
                 await asyncio.sleep(self._pause())
             self._wake.clear()

@@ -6,6 +6,7 @@ going down or coming back is a log line, beside the gauge."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class Vitals:
     metrics: Metrics
     timeout: float = 5.0
     _up: dict[str, bool] = field(default_factory=dict)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def refresh(self) -> Reading:
         """Probe both dependencies and read the graph's size; set the gauges."""
@@ -60,10 +62,15 @@ class Vitals:
         return Reading(up, counts, errors)
 
     async def every(self, interval: float) -> None:
-        """Refresh now, then every `interval` seconds, until cancelled."""
-        while True:
+        """Refresh now, then every `interval` seconds, until cancelled or `stop`."""
+        while not self._stop.is_set():
             await self.refresh()
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
+
+    def stop(self) -> None:
+        """Return from `every` after the refresh in progress (see QueueEvents.stop)."""
+        self._stop.set()
 
 
 def _why(e: BaseException) -> str:
