@@ -286,6 +286,11 @@ def stack() -> Iterator[Stack]:
         subprocess.run([*STACK, "down"], check=False)
 
 
+def topic_stems(topics: set[str]) -> set[str]:
+    """The unique hash part of each topic name (`<ns>.<asset>_<kind>_<hash>_<version>`)."""
+    return {t.rsplit("_", 2)[-2] for t in topics}
+
+
 def kafka_env_of(settings: Settings) -> dict[str, str]:
     """Environment variables that give a child process the Kafka of `settings`."""
     env = {

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -50,6 +50,7 @@ from qmtl_dagmanager.tracing import Tracer
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+BACKGROUND_STOP = 5.0  # seconds the outbox publisher and vitals get to reach a pause at stop
 AUDIT_LOGGER = "qmtl_dagmanager.audit"  # sidecar/security.py writes the audit records there
 
 
@@ -139,7 +140,9 @@ class Container:
     @property
     def catalog(self) -> TopicCatalog:
         """The topic specs as the topic profile creates them (the graph records these)."""
-        return TopicCatalog().for_profile(self.settings.topic_profile)
+        return self._once(
+            "catalog", lambda: TopicCatalog().for_profile(self.settings.topic_profile)
+        )
 
     def canary(self) -> CanaryService:
         return self._once("canary", self._canary)
@@ -169,12 +172,18 @@ class Container:
     def vitals(self) -> Vitals:
         return self._once("vitals", lambda: Vitals(self.graph, self.topics, self.metrics))
 
-    def stop_background(self) -> None:
-        """Ask the timers of `background` to return at their next pause (then await them,
-        and cancel only what does not return in time)."""
+    async def stop_background(
+        self, tasks: Iterable[asyncio.Task[None]], timeout: float = BACKGROUND_STOP
+    ) -> None:
+        """Ask the timers of `background` to return at their next pause, never inside a
+        graph call (one cancelled while it opens a connection can leave the socket open),
+        and wait for their `tasks` up to `timeout` s; the caller cancels what is left."""
         self.events.stop()
         if "vitals" in self._built:
             self.vitals().stop()
+        waiting = set(tasks)
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         """The timers every process runs beside its work: the outbox publisher and vitals."""

@@ -22,7 +22,7 @@ from qmtl_dagmanager.client import GatewayClient
 from qmtl_dagmanager.core.topics import MIN_INSYNC, Profile, TopicSpec
 from qmtl_dagmanager.ports import TopicResult
 from qmtl_dagmanager.sidecar import app
-from tests.conftest import Stack
+from tests.conftest import Stack, topic_stems
 from tests.gen import dumps, generate
 from tests.integration.conftest import real_settings
 
@@ -88,11 +88,6 @@ def uid() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def stems(topics: set[str]) -> set[str]:
-    """The unique hash part of each topic name (`<ns>.<asset>_<kind>_<hash>_<version>`)."""
-    return {t.rsplit("_", 2)[-2] for t in topics}
-
-
 async def check_exactly(sidecar: app.Sidecar, plans: dict[str, set[str]]) -> None:
     """Every planned topic exists, durable as the production profile asks; no other topic
     carries one of their hashes (none duplicated under another name); the graph holds each
@@ -112,8 +107,8 @@ async def check_exactly(sidecar: app.Sidecar, plans: dict[str, set[str]]) -> Non
         if s.replication_factor != 3 or s.config.get(MIN_INSYNC) != "2"
     ]
     assert not weak, weak[:5]
-    ours = stems(planned)
-    mine = {t for t in await admin.list_topics() if t.count("_") >= 2 and stems({t}) & ours}
+    ours = topic_stems(planned)
+    mine = {t for t in await admin.list_topics() if t.count("_") >= 2 and topic_stems({t}) & ours}
     assert mine == planned, f"unplanned: {sorted(mine - planned)[:5]}"
     graph = sidecar.container.graph
     for strategy, topics in plans.items():

@@ -34,7 +34,13 @@ from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.sidecar import app
-from tests.conftest import Stack, clear_cross_context_hits, free_port, settle_publishers
+from tests.conftest import (
+    Stack,
+    clear_cross_context_hits,
+    free_port,
+    settle_publishers,
+    topic_stems,
+)
 from tests.gen import dumps, generate
 from tests.integration.conftest import real_settings
 from tests.integration.kube_harness import Cluster, condition, spec_of, until
@@ -108,15 +114,11 @@ async def test_kafka_killed_during_topic_creation_converges_without_duplicates(
         await asyncio.to_thread(stack.start_server, "kafka")
         reply = await client.diff(strategy, doc, world_id="w1", timeout=120)
         planned = set(reply.topics_by_node("w1.live").values())
-        mine = {t for t in await admin.list_topics() if any(p in t for p in _stems(planned))}
+        stems = topic_stems(planned)
+        mine = {t for t in await admin.list_topics() if any(p in t for p in stems)}
         assert len(planned) == 20 and mine == planned  # exactly the plan's, none misnamed
     finally:
         await client.close()
-
-
-def _stems(topics: set[str]) -> set[str]:
-    """The unique hash part of each topic name (`<ns>.<asset>_<kind>_<hash>_<version>`)."""
-    return {t.rsplit("_", 2)[-2] for t in topics}
 
 
 async def test_latency_and_cut_connections_to_neo4j(stack: Stack, tmp_path: Path) -> None:

@@ -185,8 +185,8 @@ class KafkaTopicAdmin:
 
     async def _names(self) -> tuple[int, set[str]]:
         """The most brokers seen alive and topic names for collision checks, from a full
-        metadata listing
-        (it grows with the cluster). Only the first call waits for one; after that a listing
+        metadata listing (it grows with the cluster). Only the first call waits for one;
+        after that a listing
         older than `listing_ttl` seconds is refreshed in the background while the current one
         serves (names this admin created since are added as it goes; the broker itself
         refuses a `.`/`_` collision, reported as COLLISION)."""

@@ -117,11 +117,9 @@ async def _stop(
     timers: list[asyncio.Task[None]],
     background: list[asyncio.Task[None]],
 ) -> None:
-    """Shutdown: the outbox publisher and vitals (`timers`) return at their next pause (a
-    graph call cancelled midway can leave a connection half-open); the rest is cancelled."""
-    container.stop_background()
-    if timers:
-        await asyncio.wait(timers, timeout=5.0)
+    """Shutdown: the outbox publisher and vitals (`timers`) return at their next pause; the
+    rest is cancelled."""
+    await container.stop_background(timers)
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)

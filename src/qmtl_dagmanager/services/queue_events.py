@@ -89,9 +89,6 @@ class QueueEvents:
         self._stopping = True
         self._wake.set()
 
-    def _stop_asked(self) -> bool:
-        return self._stopping
-
     async def _until_idle(self) -> None:
         await self._loop(None)
 
@@ -111,13 +108,11 @@ class QueueEvents:
         while interval is not None or self._wake.is_set():
             woken = True
             if interval is not None:
-                if self._stop_asked():
-                    return
                 try:
                     await asyncio.wait_for(self._wake.wait(), interval)
                 except TimeoutError:
                     woken = False
-                if self._stop_asked():
+                if self._stopping:  # `stop` sets the wake too: the wait above returns at once
                     return
             if woken:
                 await asyncio.sleep(self._pause())

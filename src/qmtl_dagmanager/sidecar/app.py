@@ -38,7 +38,6 @@ SERVICES = (
     "qmtl.services.dagmanager.HealthCheck",
 )
 MAX_MESSAGE = 64 * 1024 * 1024
-BACKGROUND_STOP = 5.0  # seconds the outbox publisher and vitals get to reach a pause at stop
 
 
 @dataclass
@@ -56,11 +55,7 @@ class Sidecar:
     tokens: TokenVerifier | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
-        # the outbox publisher and the vitals return at their next pause (a graph call
-        # cancelled midway can leave a connection half-open); what does not is cancelled
-        self.container.stop_background()
-        if self.events_task is not None:
-            await asyncio.wait({self.events_task}, timeout=BACKGROUND_STOP)
+        await self.container.stop_background([self.events_task] if self.events_task else [])
         for task in (self.gc_task, self.events_task, self.heap_task):
             if task is not None:
                 task.cancel()
