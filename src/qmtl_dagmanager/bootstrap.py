@@ -39,6 +39,7 @@ from qmtl_dagmanager.ports import (
 )
 from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, EventTopics
+from qmtl_dagmanager.services.diff_work import DiffWork
 from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
@@ -135,6 +136,7 @@ class Container:
             max_wait=2.0 if shed_load else 24 * 3600.0,
             tracer=self.tracer,
             catalog=self.catalog,
+            work=DiffWork(self.metrics, deadline=float(s.diff_deadline_seconds)),
         )
 
     @property

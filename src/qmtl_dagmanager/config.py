@@ -499,6 +499,14 @@ class Settings:
         _nonneg,
         "diffs that may wait (each up to 2 s) beyond those; then RESOURCE_EXHAUSTED",
     )
+    diff_deadline_seconds: int = setting(
+        60,
+        "diff_deadline_seconds",
+        "QMTL_DIFF_DEADLINE_SECONDS",
+        _positive,
+        "a diff's own deadline: its work runs on when the caller leaves (the Gateway cancels "
+        "after 0.1 s), and ends UNAVAILABLE (DiffDeadline) past this",
+    )
     resubmission_cache_nodes: int = setting(
         20_000,
         "resubmission_cache_nodes",

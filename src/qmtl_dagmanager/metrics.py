@@ -316,7 +316,23 @@ class Metrics:
         self.slo_window = SloWindow(self)
         r.register(self.slo_window)
 
+    def _work(self, r: CollectorRegistry) -> None:
+        """Diff work that outlives its callers, and topics seen through after the answer."""
+        self.diff_joined = Counter(
+            "diff_joined_total",
+            "Diff requests that joined an identical diff already running (one creation)",
+            registry=r,
+        )
+        self.diff_callers_left = Counter(
+            "diff_callers_left_total",
+            "Callers that left (cancelled, disconnected) before their diff ended; the work "
+            "went on ('started') or, having changed nothing, waited for a slot ('waiting')",
+            ["stage"],
+            registry=r,
+        )
+
     def _extras(self, r: CollectorRegistry) -> None:
+        self._work(r)
         self.pending_releases = Gauge(
             "operator_pending_releases",
             "StrategyDAG deletions recorded while the backends were down, not yet completed",

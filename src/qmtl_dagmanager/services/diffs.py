@@ -51,6 +51,7 @@ from qmtl_dagmanager.ports import (
     TopicResult,
     TopicStatus,
 )
+from qmtl_dagmanager.services import diff_work
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queue_events import QueueEvents
@@ -103,6 +104,7 @@ class DiffService:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _counts_stale: bool = False
     tracer: Tracer = field(default_factory=Tracer)
+    work: diff_work.DiffWork | None = None  # the process's running diffs; its own if None
 
     async def diff(
         self,
@@ -113,7 +115,9 @@ class DiffService:
         ids: dag.IdMode | None = None,
     ) -> DiffOutcome:
         """Diff a DAG; with `dry_run` (or the dry-run strategy id) nothing is written.
-        `ids` overrides the configured NodeID check for this request."""
+        `ids` overrides the configured NodeID check for this request. The work runs as a
+        task of its own that a caller leaving does not stop, and an identical request
+        joins it (`diff_work`)."""
         started = time.perf_counter()
         self.metrics.diff_requests.inc()
         dry = dry_run or request.strategy_id == self.dry_run_strategy
@@ -122,20 +126,31 @@ class DiffService:
             "dry_run": dry,
             "bytes": len(dag_json),
         }
-        with self.tracer.span("dagmanager.diff", attrs) as span:
-            try:
-                async with self._admission():
-                    outcome = await self._diff(request, dag_json, dry, ids or self.ids)
-            except DagManagerError as e:
-                self.metrics.diff_failures.labels(e.reason).inc()
-                self.metrics.diff_duration.labels("error").observe(time.perf_counter() - started)
-                log.info("diff of %s failed: %s: %s", request.strategy_id, e.reason, e.message)
-                span.set("error.reason", e.reason)
-                raise
-            span.set("nodes", len(outcome.plan.nodes))
-            span.set("created", outcome.plan.counts["new"])
-        self.metrics.diff_duration.labels("ok").observe(time.perf_counter() - started)
-        return outcome
+        mode = ids or self.ids
+        key = diff_work.request_key(
+            request, dag_json, ids=mode.value, namespaces=self.namespaces, dry=dry
+        )
+
+        async def work() -> DiffOutcome:
+            with self.tracer.span("dagmanager.diff", attrs) as span:
+                try:
+                    async with self._admission():
+                        self.running().start(key)  # from here on it may change state
+                        outcome = await self._diff(request, dag_json, dry, mode, key)
+                except DagManagerError as e:
+                    self.metrics.diff_failures.labels(e.reason).inc()
+                    self.metrics.diff_duration.labels("error").observe(
+                        time.perf_counter() - started
+                    )
+                    log.info("diff of %s failed: %s: %s", request.strategy_id, e.reason, e.message)
+                    span.set("error.reason", e.reason)
+                    raise
+                span.set("nodes", len(outcome.plan.nodes))
+                span.set("created", outcome.plan.counts["new"])
+            self.metrics.diff_duration.labels("ok").observe(time.perf_counter() - started)
+            return outcome
+
+        return await self.running().run(key, request.strategy_id, work)
 
     @contextlib.asynccontextmanager
     async def _admission(self) -> AsyncIterator[None]:
@@ -227,9 +242,9 @@ class DiffService:
             owners |= extra.owners
 
     async def _diff(
-        self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
+        self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode, key: str
     ) -> DiffOutcome:
-        key = "" if dry else self.resubmissions.key(request, dag_json, ids, self.namespaces)
+        key = "" if dry or not self.resubmissions.enabled else key
         seen = self.resubmissions.get(key)
         if seen is not None:
             # The same bytes in the same context were diffed and written before: if the
@@ -442,6 +457,11 @@ class DiffService:
             f"{len(bad)} topic(s) cannot be created as planned: {detail}{more}",
             reason="TopicConflict",
         )
+
+    def running(self) -> diff_work.DiffWork:
+        if self.work is None:
+            self.work = diff_work.DiffWork(self.metrics)
+        return self.work
 
     def queue_events(self) -> QueueEvents:
         if self.events is None:

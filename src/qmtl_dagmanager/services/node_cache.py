@@ -11,11 +11,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from blake3 import blake3
-
-from qmtl_dagmanager.core.dag import IdMode
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Request
+from qmtl_dagmanager.core.plan import NodeRecord
 from qmtl_dagmanager.ports import Clock
 
 if TYPE_CHECKING:
@@ -120,24 +117,9 @@ class ResubmissionCache:
         self._nodes = 0
         self._entries: OrderedDict[str, DiffOutcome] = OrderedDict()
 
-    def key(self, request: Request, dag_json: str | bytes, ids: IdMode, namespaces: bool) -> str:
-        if self._max_nodes <= 0:
-            return ""
-        h = blake3(dag_json.encode() if isinstance(dag_json, str) else dag_json)
-        ctx = "\x1f".join(
-            (
-                request.strategy_id,
-                request.world_id,
-                request.execution_domain,
-                request.as_of,
-                request.partition,
-                request.dataset_fingerprint,
-                ids.value,
-                str(namespaces),
-            )
-        )
-        h.update(b"\x00" + ctx.encode())
-        return h.hexdigest()
+    @property
+    def enabled(self) -> bool:
+        return self._max_nodes > 0
 
     def get(self, key: str) -> DiffOutcome | None:
         if not key:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -22,6 +23,8 @@ import grpc
 from blake3 import blake3
 
 from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.services import diff_work
+from qmtl_dagmanager.sidecar.errors import code_for
 from qmtl_dagmanager.sidecar.tokens import AuthError, TokenVerifier
 
 audit_log = logging.getLogger("qmtl_dagmanager.audit")
@@ -75,6 +78,71 @@ class _Malformed:
 
 def dag_hash(dag_json: str) -> str:
     return blake3(dag_json.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+class _Audit:
+    """The audit line of one audited method (none for the others)."""
+
+    def __init__(self, action: str | None) -> None:
+        self.action = action
+
+    def line(
+        self, who: str, request: Any, outcome: str, started: float, caller: str = "answered"
+    ) -> None:
+        if self.action is None:
+            return
+        strategy = getattr(request, "strategy_id", "") or getattr(request, "sentinel_id", "")
+        digest = dag_hash(request.dag_json) if getattr(request, "dag_json", "") else ""
+        audit_log.info(
+            "%s by %s: strategy=%s dag=%s outcome=%s caller=%s",
+            self.action,
+            who,
+            strategy,
+            digest or "-",
+            outcome,
+            caller,
+            extra={
+                "audit": self.action,
+                "who": who,
+                "strategy": strategy,
+                "dag_hash": digest,
+                "outcome": outcome,
+                "caller": caller,
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+
+    def finish(
+        self,
+        who: str,
+        request: Any,
+        context: Any,
+        error: BaseException | None,
+        started: float,
+        work: list[asyncio.Future[object]],
+    ) -> None:
+        """The audit line of a call. A caller that left (the Gateway cancels after its
+        budget) gets the outcome of the work it waited for, which goes on without it:
+        recorded when that work ends, with `caller=left after N ms`."""
+        if not isinstance(error, asyncio.CancelledError) or not work:
+            self.line(who, request, _outcome(context, error), started)
+            return
+        left = f"left after {(time.perf_counter() - started) * 1000:.0f} ms"
+
+        def ended(f: asyncio.Future[object]) -> None:
+            self.line(who, request, work_outcome(f), started, left)
+
+        if work[-1].done():
+            ended(work[-1])
+        else:
+            work[-1].add_done_callback(ended)
+
+
+def _outcome(context: Any, error: BaseException | None) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+        return str(code.name)
+    return "OK" if error is None else type(error).__name__
 
 
 class SecurityInterceptor(grpc.aio.ServerInterceptor):
@@ -131,33 +199,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
             return parse
 
-        def audit(who: str, request: Any, outcome: str, started: float) -> None:
-            if action is None:
-                return
-            strategy = getattr(request, "strategy_id", "") or getattr(request, "sentinel_id", "")
-            digest = dag_hash(request.dag_json) if getattr(request, "dag_json", "") else ""
-            audit_log.info(
-                "%s by %s: strategy=%s dag=%s outcome=%s",
-                action,
-                who,
-                strategy,
-                digest or "-",
-                outcome,
-                extra={
-                    "audit": action,
-                    "who": who,
-                    "strategy": strategy,
-                    "dag_hash": digest,
-                    "outcome": outcome,
-                    "ms": round((time.perf_counter() - started) * 1000, 1),
-                },
-            )
-
-        def outcome_of(context: Any, error: BaseException | None) -> str:
-            code = context.code() if hasattr(context, "code") else None
-            if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
-                return str(code.name)
-            return "OK" if error is None else type(error).__name__
+        audit = _Audit(action)
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
@@ -165,13 +207,16 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: Any) -> Any:
                 who = await self._admit(method, request, context)
                 started, error = time.perf_counter(), None
+                work: list[asyncio.Future[object]] = []
+                token = diff_work.joined.set(work)
                 try:
                     return await inner_uu(request, context)
                 except BaseException as e:
                     error = e
                     raise
                 finally:
-                    audit(who, request, outcome_of(context, error), started)
+                    diff_work.joined.reset(token)
+                    audit.finish(who, request, context, error, started, work)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -184,6 +229,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 who = await self._admit(method, request, context)
                 started, error = time.perf_counter(), None
+                work: list[asyncio.Future[object]] = []
+                diff_work.joined.set(work)  # the generator runs in the call's own task
                 try:
                     async for item in inner_us(request, context):
                         yield item
@@ -191,7 +238,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     error = e
                     raise
                 finally:
-                    audit(who, request, outcome_of(context, error), started)
+                    audit.finish(who, request, context, error, started, work)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -199,6 +246,16 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return cast(Handler, handler)
+
+
+def work_outcome(fut: asyncio.Future[object]) -> str:
+    """How a diff's work ended, as its caller would have been answered."""
+    if fut.cancelled():
+        return "Cancelled"
+    error = fut.exception()
+    if error is None:
+        return "OK"
+    return code_for(error).name
 
 
 class ReloadingCredentials:
