@@ -47,7 +47,7 @@ class GatedTopics(MemoryTopicAdmin):
         return await super().ensure(topics)
 
 
-def service(topics: GatedTopics, graph: MemoryGraphStore, **kw: float) -> DiffService:
+def service(topics: GatedTopics, graph: MemoryGraphStore, deadline: float = 60.0) -> DiffService:
     clock = ManualClock()
     metrics = Metrics()
     return DiffService(
@@ -56,7 +56,7 @@ def service(topics: GatedTopics, graph: MemoryGraphStore, **kw: float) -> DiffSe
         ControlBus(MemoryEventBus(), clock),
         clock,
         metrics,
-        work=DiffWork(metrics, **kw),
+        work=DiffWork(metrics, deadline=deadline),
     )
 
 
