@@ -46,6 +46,7 @@ from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.services.rollout import RolloutService
+from qmtl_dagmanager.services.topic_settle import TopicSettler
 from qmtl_dagmanager.services.vitals import Vitals
 from qmtl_dagmanager.tracing import Tracer
 
@@ -137,6 +138,20 @@ class Container:
             tracer=self.tracer,
             catalog=self.catalog,
             work=DiffWork(self.metrics, deadline=float(s.diff_deadline_seconds)),
+            settler=self.settler() if shed_load else None,
+        )
+
+    def settler(self) -> TopicSettler:
+        """Sees the sidecar's acknowledged topics through to describable (`background`)."""
+        return self._once(
+            "settler",
+            lambda: TopicSettler(
+                self.topics,
+                self.graph,
+                self.controlbus,
+                self.metrics,
+                bound=float(self.settings.topic_visible_bound_seconds),
+            ),
         )
 
     @property
@@ -181,6 +196,8 @@ class Container:
         graph call (one cancelled while it opens a connection can leave the socket open),
         and wait for their `tasks` up to `timeout` s; the caller cancels what is left."""
         self.events.stop()
+        if "settler" in self._built:
+            self.settler().stop()
         if "vitals" in self._built:
             self.vitals().stop()
         waiting = set(tasks)
@@ -188,8 +205,9 @@ class Container:
             await asyncio.wait(waiting, timeout=timeout)
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        """The timers every process runs beside its work: the outbox publisher and vitals."""
-        out: list[Coroutine[Any, Any, None]] = [self.events.run()]
+        """The timers every process runs beside its work: the outbox publisher, the topic
+        settler and vitals."""
+        out: list[Coroutine[Any, Any, None]] = [self.events.run(), self.settler().run()]
         if self.settings.vitals_interval_seconds > 0:
             out.append(self.vitals().every(self.settings.vitals_interval_seconds))
         return out

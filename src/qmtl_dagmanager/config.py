@@ -319,6 +319,15 @@ class Settings:
         "development: replication capped at the brokers seen; production: replication at "
         "least 3 with min.insync.replicas 2, refused where the cluster cannot place it",
     )
+    topic_visible_bound_seconds: int = setting(
+        10,
+        "topic_visible_bound_seconds",
+        "QMTL_TOPIC_VISIBLE_BOUND_SECONDS",
+        _positive,
+        "the sidecar answers once Kafka acknowledged a topic's creation; past this many "
+        "seconds without the broker describing it, the creation is sent again and a failure "
+        "surfaced (event, metric, status)",
+    )
     enable_topic_namespace: bool = setting(
         True,
         "enable_topic_namespace",

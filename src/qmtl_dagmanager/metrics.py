@@ -331,6 +331,26 @@ class Metrics:
             registry=r,
         )
 
+        self.topics_pending = Gauge(
+            "topics_pending",
+            "Topics whose creation Kafka acknowledged that the broker does not describe yet "
+            "(the sidecar answered; seen through in the background)",
+            registry=r,
+        )
+        self.topic_visible_seconds = Histogram(
+            "topic_visible_seconds",
+            "From the controller's acknowledgement of a topic's creation until the broker "
+            "describes it",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.topic_settle_failures = Counter(
+            "topic_settle_failures_total",
+            "Acknowledged topics still not describable past their bound whose creation, "
+            "sent again, failed (retried with backoff)",
+            registry=r,
+        )
+
     def _extras(self, r: CollectorRegistry) -> None:
         self._work(r)
         self.pending_releases = Gauge(

@@ -426,8 +426,16 @@ class TopicState:
 
 
 class TopicAdmin(Protocol):
-    async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
-        """Create many topics in one batch, one result per topic; verify existing ones."""
+    async def ensure(
+        self, topics: Mapping[str, TopicSpec], *, wait_visible: bool = True
+    ) -> dict[str, TopicResult]:
+        """Create many topics in one batch, one result per topic; verify existing ones.
+        CREATED means the controller acknowledged the creation (committed it); with
+        `wait_visible` the call also waits (bounded) until the broker describes them."""
+        ...
+
+    async def unseen(self, topics: Sequence[str]) -> list[str]:
+        """Those of `topics` the broker does not describe now (one request)."""
         ...
 
     async def describe(self, topics: Sequence[str]) -> dict[str, TopicState]:

@@ -316,9 +316,9 @@ async def test_a_diff_slower_than_the_intent_grace_never_answers_with_a_swept_to
         def __getattr__(self, name: str) -> Any:
             return getattr(topic_admin, name)
 
-        async def ensure(self, topics: Any) -> Any:
+        async def ensure(self, topics: Any, *, wait_visible: bool = True) -> Any:
             ensured.append(sorted(topics))
-            results = await topic_admin.ensure(topics)
+            results = await topic_admin.ensure(topics, wait_visible=wait_visible)
             if not swept:  # the diff stalls past the grace; GC runs meanwhile
                 w.clock.advance(61)
                 run = await w.gc(intent_grace=60).collect()

@@ -184,15 +184,17 @@ async def test_controller_killed_mid_creation_converges(
     ensure = admin.ensure
     crashed = asyncio.Event()
 
-    async def crash_during(topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+    async def crash_during(
+        topics: Mapping[str, TopicSpec], *, wait_visible: bool = True
+    ) -> dict[str, TopicResult]:
         if not crashed.is_set():
             crashed.set()
             kill = asyncio.create_task(asyncio.to_thread(cluster3.kill_server, leader))
             try:
-                return await ensure(topics)
+                return await ensure(topics, wait_visible=wait_visible)
             finally:
                 await kill
-        return await ensure(topics)
+        return await ensure(topics, wait_visible=wait_visible)
 
     admin.ensure = crash_during  # type: ignore[method-assign]
     client = GatewayClient(f"127.0.0.1:{sidecar.grpc_port}")

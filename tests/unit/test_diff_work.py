@@ -39,12 +39,14 @@ class GatedTopics(MemoryTopicAdmin):
         self.entered = asyncio.Event()
         self.batches: list[int] = []
 
-    async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+    async def ensure(
+        self, topics: Mapping[str, TopicSpec], *, wait_visible: bool = True
+    ) -> dict[str, TopicResult]:
         if topics:
             self.batches.append(len(topics))
             self.entered.set()
             await self.gate.wait()
-        return await super().ensure(topics)
+        return await super().ensure(topics, wait_visible=wait_visible)
 
 
 def service(topics: GatedTopics, graph: MemoryGraphStore, deadline: float = 60.0) -> DiffService:

@@ -33,11 +33,13 @@ class FlakyTopics(MemoryTopicAdmin):
         super().__init__()
         self.down = down
 
-    async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+    async def ensure(
+        self, topics: Mapping[str, TopicSpec], *, wait_visible: bool = True
+    ) -> dict[str, TopicResult]:
         if self.down > 0:
             self.down -= 1
             raise Unavailable("the broker did not answer", retry_after=0.01)
-        return await super().ensure(topics)
+        return await super().ensure(topics, wait_visible=wait_visible)
 
 
 class Objects:

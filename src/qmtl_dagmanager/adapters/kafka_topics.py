@@ -2,7 +2,9 @@
 
 `ensure` creates many topics in one batched request with one result per topic. Each topic goes
 CREATE → VERIFY (describe partitions, replication, retention, cleanup policy) → WAIT (until the
-metadata shows it) → BACKOFF (0.5 s doubling to 4 s, up to 5 attempts, none starting later
+metadata shows it; skipped with `wait_visible=False`: the controller's acknowledgement means
+the creation is committed, and the caller sees it through with `unseen`) → BACKOFF (0.5 s
+doubling to 4 s, up to 5 attempts, none starting later
 than 1.5 admin timeouts after the first) on retriable errors. While a request waits, fresh
 metadata is asked for every 0.5 s, so one bound for a broker that died goes to a live one. `delete`
 returns once the broker no longer describes the topics, so that WAIT after a re-creation under
@@ -223,8 +225,10 @@ class KafkaTopicAdmin:
                 ) from e
             raise Unavailable(f"Kafka is unreachable: {e}", reason="KafkaUnavailable") from e
 
-    async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
-        results = await self._ensure(topics)
+    async def ensure(
+        self, topics: Mapping[str, TopicSpec], *, wait_visible: bool = True
+    ) -> dict[str, TopicResult]:
+        results = await self._ensure(topics, wait_visible)
         delay = FLUX_BACKOFF_START
         for _ in range(FLUX_ATTEMPTS - 1):
             # Reported as existing yet not describable: a deletion (or a creation) is still
@@ -239,10 +243,12 @@ class KafkaTopicAdmin:
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
-            results.update(await self._ensure({n: topics[n] for n in flux}))
+            results.update(await self._ensure({n: topics[n] for n in flux}, wait_visible))
         return results
 
-    async def _ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+    async def _ensure(
+        self, topics: Mapping[str, TopicSpec], wait_visible: bool
+    ) -> dict[str, TopicResult]:
         if not topics:
             return {}
         brokers, existing = await self._names()
@@ -325,7 +331,8 @@ class KafkaTopicAdmin:
             create = retry
         created = [n for n, r in results.items() if r.status is TopicStatus.CREATED]
         existing.update(created)
-        await self._wait_visible(created)
+        if wait_visible:
+            await self._wait_visible(created)
         if verify:
             states = await self.describe(verify)
             for name in verify:
@@ -350,6 +357,21 @@ class KafkaTopicAdmin:
                 self._timeout,
                 pending[0],
             )
+
+    async def unseen(self, topics: Sequence[str]) -> list[str]:
+        if not topics:
+            return []
+        futures = self._admin.describe_topics(
+            TopicCollection(list(topics)), request_timeout=self._timeout
+        )
+        await self._batch(futures.values(), topics[0])
+        out = []
+        for name, fut in futures.items():
+            try:
+                await self._wait(fut)
+            except (KafkaException, TimeoutError):
+                out.append(name)
+        return out
 
     async def _until_described(
         self, names: list[str], *, present: bool, max_delay: float, first: float = 0.05

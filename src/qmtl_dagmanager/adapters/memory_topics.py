@@ -19,7 +19,9 @@ class MemoryTopicAdmin:
         self.profile = profile
         self.create_requests = 0  # batched create calls, for tests
 
-    async def ensure(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+    async def ensure(
+        self, topics: Mapping[str, TopicSpec], *, wait_visible: bool = True
+    ) -> dict[str, TopicResult]:
         specs, results = topic_rules.admit(topics, self.topics, self.brokers, self.profile)
         to_create: dict[str, TopicSpec] = {}
         for name, spec in specs.items():
@@ -37,6 +39,9 @@ class MemoryTopicAdmin:
             self.messages.setdefault(name, 0)
             results[name] = TopicResult(name, TopicStatus.CREATED)
         return results
+
+    async def unseen(self, topics: Sequence[str]) -> list[str]:
+        return [t for t in topics if t not in self.topics]
 
     async def describe(self, topics: Sequence[str]) -> dict[str, TopicState]:
         return {t: self.topics[t] for t in topics if t in self.topics}

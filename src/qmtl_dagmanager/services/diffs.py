@@ -26,7 +26,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qmtl_dagmanager.core import dag, plan
@@ -40,7 +40,7 @@ from qmtl_dagmanager.core.errors import (
     Unavailable,
 )
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.topics import TopicCatalog
+from qmtl_dagmanager.core.topics import TopicCatalog, TopicSpec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import (
     BELOW_SPEC,
@@ -56,6 +56,7 @@ from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
+from qmtl_dagmanager.services.topic_settle import TopicSettler
 from qmtl_dagmanager.tracing import Attribute, Tracer
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ class DiffService:
     _counts_stale: bool = False
     tracer: Tracer = field(default_factory=Tracer)
     work: diff_work.DiffWork | None = None  # the process's running diffs; its own if None
+    # With a settler, a diff answers once Kafka acknowledged its topics' creation and the
+    # settler sees them through to describable (the sidecar: the Gateway's 0.1 s budget);
+    # without one it waits, bounded, until the broker describes them (the operator).
+    settler: TopicSettler | None = None
 
     async def diff(
         self,
@@ -252,6 +257,7 @@ class DiffService:
             read = await self.graph.read([], [], request.strategy_id)
             due = seen.plan.recompute_due
             if seen.plan.unchanged(read.fingerprint) and (due is None or self.clock.now() < due):
+                await self._create_failed(seen.plan)
                 return seen
             self.resubmissions.drop(key)
         outcome = await self._diff_fresh(request, dag_json, dry, ids)
@@ -312,6 +318,7 @@ class DiffService:
                 self.metrics.nodes_planned.labels(action).inc(count)
         if dry:
             return DiffOutcome(p, d, True)
+        await self._create_failed(p)
         if p.unchanged(fingerprint):
             return DiffOutcome(p, d, False)  # a resubmission: nothing to write or announce
         creates = p.creates
@@ -327,9 +334,7 @@ class DiffService:
             if recorded.busy:
                 raise QueueBusy(list(recorded.busy))
             intents = recorded.generations
-        with self.tracer.span("kafka.create_topics", {"topics": len(creates)}):
-            results = await self.topics.ensure({c.topic: c.spec for c in creates if c.spec})
-        self._raise_for_topics(results)
+        results = await self._create_topics(creates, request.strategy_id)
         sentinel = d.sentinels[0] if d.sentinels else None
         try:
             with self.tracer.span("graph.write", {"nodes": len(p.nodes)}):
@@ -369,6 +374,35 @@ class DiffService:
                 self.queue_events().kick()
         self.metrics.node_cache.set(len(self.cache))
         return DiffOutcome(p, d, False, results)
+
+    async def _create_topics(
+        self, creates: Sequence[plan.NodePlan], strategy_id: str
+    ) -> dict[str, TopicResult]:
+        """One batch; with a settler, answered on Kafka's acknowledgement (see `settler`)."""
+        with self.tracer.span("kafka.create_topics", {"topics": len(creates)}):
+            specs: dict[str, TopicSpec] = {c.topic: c.spec for c in creates if c.spec}
+            results = await self.topics.ensure(specs, wait_visible=self.settler is None)
+        self._raise_for_topics(results)
+        if self.settler is not None:
+            made = TopicStatus.CREATED
+            self.settler.watch(
+                {t: spec for t, spec in specs.items() if results[t].status is made}, strategy_id
+            )
+        return results
+
+    async def _create_failed(self, p: plan.Plan) -> None:
+        """Topics of the answer whose creation was acknowledged but that the broker still
+        does not describe past their bound, and whose creation failed again: create them now
+        rather than hand them out (raising as a failed creation does)."""
+        if self.settler is None:
+            return
+        failed = self.settler.failed(n.topic for n in p.nodes)
+        if not failed:
+            return
+        log.info("diff %s: %d topic(s) failed to settle; creating again", p.strategy_id,
+                 len(failed))  # fmt: skip
+        results = await self.topics.ensure(failed)
+        self._raise_for_topics(results)
 
     async def _note_cross_context(self, strategy_id: str, nodes: int) -> None:
         """Record the refusal in the graph, where every process's canary rollouts see it; the
