@@ -131,6 +131,13 @@ def _float(v: Any) -> float:
     return f
 
 
+def _positive_float(v: Any) -> float:
+    f = _float(v)
+    if f <= 0:
+        raise ValueError("expected a number above 0")
+    return f
+
+
 def _url(v: Any) -> str:
     text = _text(v)
     if text and not text.startswith(("http://", "https://")):
@@ -554,6 +561,14 @@ class Settings:
         "QMTL_LOG_FORMAT",
         _choice("text", "json"),
         "`json`: one object per line",
+    )
+    grpc_answer_deadline_seconds: float = setting(
+        4.0,
+        "grpc_answer_deadline_seconds",
+        "QMTL_GRPC_ANSWER_DEADLINE_SECONDS",
+        _positive_float,
+        "no gRPC call waits longer for its answer: past it UNAVAILABLE (DependencyTimeout), "
+        "the work going on in the background",
     )
     grpc_tls_cert: str = setting(
         "",

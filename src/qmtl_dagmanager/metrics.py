@@ -331,6 +331,13 @@ class Metrics:
             registry=r,
         )
 
+        self.rpc_deadline_exceeded = Counter(
+            "rpc_deadline_exceeded_total",
+            "Calls answered UNAVAILABLE because no answer came within "
+            "grpc_answer_deadline_seconds (the work went on in the background)",
+            ["method"],
+            registry=r,
+        )
         self.topics_pending = Gauge(
             "topics_pending",
             "Topics whose creation Kafka acknowledged that the broker does not describe yet "

@@ -68,6 +68,7 @@ PLAN_ATTEMPTS = 8
 REPLAN_JITTER = 0.02  # seconds, times the attempt: writers that collided do not collide again
 CONFIRM_READS = 2  # fresh reads that must agree before a cross-context refusal
 BUSY_WAIT = 5.0  # seconds a diff waits for a GC run deleting names it needs
+STALLED = 2.0  # seconds after which a running diff is taken as waiting for a dependency
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,7 @@ class DiffService:
     _slots: asyncio.Semaphore | None = None
     _waiting: int = 0
     _running: int = 0
+    _since: dict[object, float] = field(default_factory=dict)  # when each running diff began
     events: QueueEvents | None = None  # the process's publisher; one of its own if None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _counts_stale: bool = False
@@ -165,20 +167,35 @@ class DiffService:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_inflight)
         if self._slots.locked() and self._waiting >= self.max_waiting:
-            raise Overloaded(f"{self._waiting} diffs already waiting; try again shortly")
+            raise self._refusal(f"{self._waiting} diffs already waiting; try again shortly")
         self._waiting += 1
         try:
             await asyncio.wait_for(self._slots.acquire(), self.max_wait)
         except TimeoutError:
-            raise Overloaded(f"no diff slot within {self.max_wait:g} s") from None
+            raise self._refusal(f"no diff slot within {self.max_wait:g} s") from None
         finally:
             self._waiting -= 1
         self._running += 1
+        token = object()
+        self._since[token] = time.monotonic()
         try:
             yield
         finally:
             self._running -= 1
+            del self._since[token]
             self._slots.release()
+
+    def _refusal(self, why: str) -> DagManagerError:
+        """Overloaded; or Unavailable when the diffs holding the slots have been running for
+        over STALLED s: a dependency is slow or down, not the sidecar busy."""
+        now = time.monotonic()
+        stalled = sum(1 for t in self._since.values() if now - t > STALLED)
+        if stalled:
+            return Unavailable(
+                f"{why}: {stalled} diff(s) have waited over {STALLED:g} s for Neo4j or Kafka",
+                reason="DependencyTimeout",
+            )
+        return Overloaded(why)
 
     @property
     def busy(self) -> bool:

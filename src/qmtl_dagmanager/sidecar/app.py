@@ -80,7 +80,7 @@ async def start(settings: Settings) -> Sidecar:
     except BaseException:
         await container.close()  # nothing left open by a start that failed
         raise
-    guard = Guard(container.metrics)
+    guard = Guard(container.metrics, settings.grpc_answer_deadline_seconds)
     diffs, queues = container.diffs(), container.queues()
     tokens = TokenVerifier(TokenConfig.of(settings), container.metrics)
     await tokens.start()

@@ -3,6 +3,7 @@ anything we can name: typed errors map to their codes; anything else is INTERNAL
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias, TypeVar
@@ -35,11 +36,33 @@ def code_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class Guard:
-    """Runs a handler body and maps what it raises, once, for every RPC."""
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
-    def __init__(self, metrics: Metrics) -> None:
+
+class Guard:
+    """Runs a handler body and maps what it raises, once, for every RPC. No call waits longer
+    than `deadline` seconds for its answer: past it (Neo4j or Kafka slow or down, the
+    driver still retrying) the caller gets UNAVAILABLE at once and the work goes on in the
+    background, bounded by the drivers' own timeouts (a diff by its own deadline)."""
+
+    def __init__(self, metrics: Metrics, deadline: float = 4.0) -> None:
         self.metrics = metrics
+        self.deadline = deadline
+
+    async def bounded(self, method: str, work: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.deadline)
+        except TimeoutError:
+            task.add_done_callback(_retrieve)
+            self.metrics.rpc_deadline_exceeded.labels(method).inc()
+            raise Unavailable(
+                f"{method} found no answer within {self.deadline:g} s: Neo4j or Kafka is slow "
+                "or down (grpc_answer_deadline_seconds; the work goes on in the background)",
+                reason="DependencyTimeout",
+            ) from None
 
     async def _abort(self, context: Context, method: str, error: Exception) -> NoReturn:
         if isinstance(error, DagManagerError):
@@ -53,7 +76,7 @@ class Guard:
 
     async def unary(self, context: Context, method: str, body: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await body()
+            return await self.bounded(method, body())
         except Exception as error:  # noqa: BLE001 - the single mapping point of this driver
             await self._abort(context, method, error)
 

@@ -4,6 +4,7 @@ traffic of a sentinel back to its previous version)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -18,8 +19,10 @@ from qmtl_dagmanager.ports import GraphStore
 from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.garbage import GcService
 from qmtl_dagmanager.sidecar.security import RateLimit, audit_log
+from qmtl_dagmanager.sidecar.servicers import reachable
 
 log = logging.getLogger(__name__)
+PRECHECK = 1.5  # seconds Neo4j and Kafka get to answer a probe before a GC run or /status
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 Refusal = Callable[[web.Request], web.Response | None]
 
@@ -64,6 +67,13 @@ def make_app(
         if not isinstance(body, dict) or not body.get("id"):
             return web.json_response(
                 {"detail": [{"loc": ["body", "id"], "msg": "field required"}]}, status=422
+            )
+        down = await _unreachable(gc)
+        if down:  # an outage answers at once, not after the drivers' retries
+            return web.json_response(
+                {"detail": f"{down} did not answer within {PRECHECK:g} s; GC not started"},
+                status=503,
+                headers={"Retry-After": "5"},
             )
         dry_run = bool(body.get("dry_run", False))
         force = bool(body.get("force", False))
@@ -120,9 +130,17 @@ def _metrics_handler(metrics: Metrics) -> Handler:
     return prometheus
 
 
+async def _unreachable(gc: GcService) -> str:
+    """Which of Neo4j and Kafka (probed together) does not answer within PRECHECK s."""
+    graph, kafka = await asyncio.gather(
+        reachable(gc.graph.ping(), PRECHECK), reachable(gc.topics.broker_count(), PRECHECK)
+    )
+    return " and ".join(n for n, ok in (("Neo4j", graph), ("Kafka", kafka)) if not ok)
+
+
 def _status_handler(graph: GraphStore) -> Handler:
     async def status(_: web.Request) -> web.Response:
-        ok = await graph.ping()
+        ok = await reachable(graph.ping(), PRECHECK)
         return web.json_response(
             {
                 "status": "ok" if ok else "degraded",

@@ -8,11 +8,12 @@ AckChunk echoes its request and counts it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from qmtl_dagmanager.core import plan
-from qmtl_dagmanager.core.errors import InvalidSpec, Overloaded
+from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec, Overloaded
 from qmtl_dagmanager.pb import dagmanager_pb2 as pb
 from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.ports import GraphStore
@@ -49,7 +50,9 @@ class DiffServicer(pb_grpc.DiffServiceServicer):
         async def body() -> AsyncIterator[pb.DiffChunk]:
             if not request.strategy_id.strip():
                 raise InvalidSpec("strategy_id is required", reason="MissingField")
-            outcome = await self._diffs.diff(request_of(request), request.dag_json)
+            outcome = await self._guard.bounded(
+                "Diff", self._diffs.diff(request_of(request), request.dag_json)
+            )
             sent = self._guard.metrics.chunks_sent
             for chunk in chunks.build(outcome.plan):
                 sent.inc()
@@ -128,11 +131,24 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
 
 class HealthServicer(pb_grpc.HealthCheckServicer):
-    """Contract §3: up only with neo4j="ok" and state="running"."""
+    """Contract §3: up only with neo4j="ok" and state="running". A graph that does not
+    answer within `deadline` seconds is "error"."""
 
-    def __init__(self, graph: GraphStore) -> None:
+    def __init__(self, graph: GraphStore, deadline: float = 2.0) -> None:
         self._graph = graph
+        self._deadline = deadline
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
-        ok = await self._graph.ping()
+        ok = await reachable(self._graph.ping(), self._deadline)
         return pb.StatusReply(neo4j="ok" if ok else "error", state="running")
+
+
+async def reachable(probe: Awaitable[object], deadline: float) -> bool:
+    """Whether `probe` answered (truthy, without an error) within `deadline` seconds; a late
+    probe is left to finish in the background."""
+    task = asyncio.ensure_future(probe)
+    try:
+        return bool(await asyncio.wait_for(asyncio.shield(task), deadline))
+    except (TimeoutError, DagManagerError):
+        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+        return False
