@@ -106,6 +106,10 @@ bench: $(STAMP) ## benchmarks of the real code paths (figures go to README: Perf
 	$(PY) bench/sidecar_bench.py --tracing
 	$(PY) bench/writers_bench.py
 
+bench-gateway: $(STAMP) ## the Gateway's pattern: Diff under a 0.1 s wait, retried each second, on Neo4j + Kafka
+	$(STACK) status >/dev/null 2>&1 || $(STACK) up
+	$(PY) bench/gateway_bench.py
+
 bench-scale: $(STAMP) ## growth: diff latency against stored nodes (embedded, Neo4j + Kafka), docs/scale.svg
 	$(STACK) status >/dev/null 2>&1 || $(STACK) up
 	$(PY) bench/scale_bench.py

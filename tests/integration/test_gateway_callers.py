@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +19,9 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from qmtl_dagmanager.client import GatewayClient
+from qmtl_dagmanager.core.topics import TopicSpec
 from qmtl_dagmanager.pb import dagmanager_pb2 as pb
+from qmtl_dagmanager.ports import TopicResult
 from qmtl_dagmanager.sidecar import app
 from tests.conftest import Stack
 from tests.gen import dumps, generate
@@ -52,12 +54,27 @@ async def test_a_cancelled_diff_completes_and_an_identical_request_joins_it(
     diffs = sidecar.container.diffs()
     strategy, doc = f"gwc-{uid()}", dumps(generate(200, salt=uid()))
     created_before = sidecar.container.metrics.queue_create_successes._value.get()
+    admin = sidecar.container.topics
+    ensure, entered, gate = admin.ensure, asyncio.Event(), asyncio.Event()
+
+    async def held(topics: Mapping[str, TopicSpec], **kw: bool) -> dict[str, TopicResult]:
+        if len(topics) == 200:  # this diff's batch, nobody else's
+            entered.set()  # the diff is changing state: intents recorded, creation under way
+            await gate.wait()
+        return await ensure(topics, **kw)
+
+    admin.ensure = held  # type: ignore[method-assign]
     try:
-        with pytest.raises(TimeoutError):  # cancelled long before any diff could finish
-            await asyncio.wait_for(client.diff(strategy, doc, world_id="w1"), 0.005)
+        call = asyncio.create_task(client.diff(strategy, doc, world_id="w1"))
+        await asyncio.wait_for(entered.wait(), 30)
+        call.cancel()  # the Gateway's budget ran out
+        with pytest.raises(asyncio.CancelledError):
+            await call
         assert len(diffs.running()) == 1  # the work goes on without its caller
-        joined = await client.diff(strategy, doc, world_id="w1", timeout=60)  # joins it
-        assert sidecar.container.metrics.diff_joined._value.get() >= 1
+        retry = asyncio.create_task(client.diff(strategy, doc, world_id="w1", timeout=60))
+        await until(lambda: sidecar.container.metrics.diff_joined._value.get() >= 1, 10)
+        gate.set()
+        joined = await retry  # the identical retry joined the running work
         topics = set(joined.topics_by_node("w1.live").values())
         assert len(topics) == 200
         # one creation of 200 topics in all: the joiner started no second one
@@ -66,6 +83,7 @@ async def test_a_cancelled_diff_completes_and_an_identical_request_joins_it(
         assert len(await sidecar.container.graph.strategy_nodes(strategy)) == 200
         assert topics <= await sidecar.container.topics.list_topics()
         await until(lambda: len(diffs.running()) == 0, 10)
+        admin.ensure = ensure  # type: ignore[method-assign]
         lines = [r.getMessage() for r in caplog.records if r.name == "qmtl_dagmanager.audit"]
         mine = [line for line in lines if f"strategy={strategy}" in line]
         assert any("outcome=OK caller=left after" in line for line in mine), mine
