@@ -74,6 +74,20 @@ def _gc(
     return lines
 
 
+def _topics(m: dict[str, list[tuple[dict[str, str], float]]], problems: list[str]) -> list[str]:
+    """Topics answered on Kafka's acknowledgement, not yet described by a broker."""
+    pending, failures = _one(m, "topics_pending"), _one(m, "topic_settle_failures_total")
+    if math.isnan(pending):
+        return []
+    if failures > 0 and pending > 0:
+        problems.append(f"{failures:.0f} topic creation(s) failed to settle; {pending:.0f} pending")
+    return [
+        "topics",
+        f"  pending         {pending:.0f} (acknowledged, not yet described by a broker)",
+        f"  settle failures {0 if math.isnan(failures) else failures:.0f}",
+    ]
+
+
 def render(
     target: str, metrics_text: str, status: dict[str, Any] | None, now: float | None = None
 ) -> Report:
@@ -125,6 +139,7 @@ def render(
         entries = _one(m, "node_cache_entries")
         lines.append(f"  node cache     {cache / 2**20:.1f} MiB, {entries:.0f} records")
 
+    lines += _topics(m, problems)
     lines += _gc(m, now, problems)
     lines.append("verdict: " + ("healthy" if not problems else "; ".join(problems)))
     return Report("\n".join(lines), problems)

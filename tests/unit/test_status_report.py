@@ -58,3 +58,11 @@ def test_no_events_is_not_a_breach() -> None:
     r = render("x", 'dagmanager_slo_ratio{slo="SLO-1"} NaN\n', None, NOW)
     assert "no events" in r.text and "dependencies" in r.text
     assert "unknown (no probe yet)" in r.text
+
+
+def test_topics_pending_and_failing_to_settle() -> None:
+    calm = render("x", HEALTHY + "topics_pending 3\ntopic_settle_failures_total 0\n", None, NOW)
+    assert calm.healthy, calm.problems
+    assert "pending         3 (acknowledged, not yet described by a broker)" in calm.text
+    stuck = render("x", HEALTHY + "topics_pending 2\ntopic_settle_failures_total 5\n", None, NOW)
+    assert stuck.problems == ["5 topic creation(s) failed to settle; 2 pending"]
