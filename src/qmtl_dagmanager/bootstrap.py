@@ -240,8 +240,14 @@ class Container:
 
     async def close(self, drain: float = 5.0) -> None:
         """Publish what this process marked in the outbox (bounded), then close; anything
-        left is published by another process's poller."""
+        left is published by another process's poller. Diffs still running (their callers may
+        have left) get the same bound to end first."""
         try:
+            for key in ("diffs:True", "diffs:False"):
+                if key in self._built:
+                    cut = await self._built[key].running().drain(drain)
+                    if cut:
+                        log.warning("%d diff(s) still running at shutdown were cut short", cut)
             await self.events.close(drain)
             await self.bus.close()
             await self.topics.close()
