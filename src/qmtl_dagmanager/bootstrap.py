@@ -180,7 +180,10 @@ class Container:
 
     def queues(self) -> QueueService:
         return self._once(
-            "queues", lambda: QueueService(self.graph, self.topics, self.metrics, self.clock)
+            "queues",
+            lambda: QueueService(
+                self.graph, self.topics, self.metrics, self.clock, settler=self.settler()
+            ),
         )
 
     def garbage(self) -> GcService:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
+import grpc
 import pytest
 
 from qmtl_dagmanager.adapters.clock import ManualClock
@@ -17,10 +18,21 @@ from qmtl_dagmanager.core.errors import Unavailable
 from qmtl_dagmanager.core.plan import Request
 from qmtl_dagmanager.core.topics import TopicSpec, TopicType
 from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.pb import dagmanager_pb2 as pb
+from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.ports import TopicResult, TopicStatus
 from qmtl_dagmanager.services.controlbus import ControlBus
 from qmtl_dagmanager.services.diffs import DiffService
+from qmtl_dagmanager.services.queues import QueueService
 from qmtl_dagmanager.services.topic_settle import TopicSettler
+from qmtl_dagmanager.sidecar.errors import Guard
+from qmtl_dagmanager.sidecar.servicers import (
+    PENDING_KEY,
+    PENDING_NAMES_KEY,
+    AdminServicer,
+    DiffServicer,
+    TagQueryServicer,
+)
 from tests.gen import dumps, generate
 
 
@@ -115,3 +127,42 @@ async def test_a_topic_no_queue_owns_any_more_is_dropped_from_the_watch() -> Non
     await asyncio.sleep(0.06)
     await settler.settle_once()
     assert len(settler) == 0
+
+
+async def test_answers_tell_pending_topics_in_trailing_metadata() -> None:
+    """Diff, GetQueues and GetQueueStats name the topics of their answer that are pending."""
+    topics = LaggingTopics()
+    svc, settler = sidecar_diffs(topics, bound=30)
+    queues = QueueService(svc.graph, topics, svc.metrics, svc.clock, settler=settler)
+    guard = Guard(svc.metrics)
+    server = grpc.aio.server()
+    pb_grpc.add_DiffServiceServicer_to_server(DiffServicer(svc, guard, queues), server)
+    pb_grpc.add_TagQueryServicer_to_server(TagQueryServicer(queues, guard), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(svc, queues, guard), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        doc = generate(6)
+        call = pb_grpc.DiffServiceStub(channel).Diff(
+            pb.DiffRequest(strategy_id="s", dag_json=dumps(doc), world_id="w1")
+        )
+        reply = [chunk async for chunk in call]
+        answered = set().union(*(c.queue_map.values() for c in reply))
+        trailing = dict(await call.trailing_metadata())
+        assert trailing[PENDING_KEY] == "6"
+        assert set(str(trailing[PENDING_NAMES_KEY]).split(",")) == answered
+        stats = pb_grpc.AdminServiceStub(channel).GetQueueStats(pb.QueueStatsRequest(filter=""))
+        sizes = (await stats).sizes
+        assert answered <= set(sizes) and all(sizes[t] == 0 for t in answered)
+        assert dict(await stats.trailing_metadata())[PENDING_KEY] == "6"
+        topics.shown = True
+        await settler.settle_once()
+        again = pb_grpc.DiffServiceStub(channel).Diff(
+            pb.DiffRequest(strategy_id="s", dag_json=dumps(doc), world_id="w1")
+        )
+        assert [c async for c in again]
+        assert PENDING_KEY not in dict(await again.trailing_metadata())  # all ready now
+    finally:
+        await channel.close()
+        await server.stop(None)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from qmtl_dagmanager.core.errors import InvalidSpec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Clock, GraphStore, QueueRef, TopicAdmin
+from qmtl_dagmanager.services.topic_settle import TopicSettler
 
 log = logging.getLogger(__name__)
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -60,6 +62,12 @@ class QueueService:
     topics: TopicAdmin
     metrics: Metrics
     clock: Clock
+    settler: TopicSettler | None = None  # the process's topics not yet described by a broker
+
+    def pending(self, topics: Iterable[str]) -> list[str]:
+        """Those of `topics` answered on Kafka's acknowledgement that no broker describes yet
+        (see `topic_settle`); the others are ready."""
+        return [] if self.settler is None else self.settler.pending(topics)
 
     async def by_tags(self, tags: list[str], interval: int, match_mode: str) -> list[QueueRef]:
         mode = (match_mode or "any").strip().lower()
@@ -81,7 +89,10 @@ class QueueService:
             if (f.interval is None or q.interval == f.interval)
             and (not wanted or wanted & set(q.tags))
         ]
-        return await self.topics.message_counts(names)
+        counts = await self.topics.message_counts(names)
+        for name in self.pending(n for n in names if n not in counts):
+            counts[name] = 0  # created, not yet in the broker's metadata: no message yet
+        return counts
 
     async def cleanup(self, strategy_id: str) -> int:
         if not strategy_id.strip():

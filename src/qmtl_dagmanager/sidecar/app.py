@@ -91,7 +91,7 @@ async def start(settings: Settings) -> Sidecar:
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
-    pb_grpc.add_DiffServiceServicer_to_server(servicers.DiffServicer(diffs, guard), server)
+    pb_grpc.add_DiffServiceServicer_to_server(servicers.DiffServicer(diffs, guard, queues), server)
     pb_grpc.add_TagQueryServicer_to_server(servicers.TagQueryServicer(queues, guard), server)
     pb_grpc.add_AdminServiceServicer_to_server(
         servicers.AdminServicer(

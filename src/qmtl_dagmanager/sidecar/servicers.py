@@ -37,10 +37,29 @@ def request_of(m: pb.DiffRequest) -> plan.Request:
     )
 
 
+PENDING_KEY = "qmtl-topics-pending"  # trailing metadata: how many topics are pending
+PENDING_NAMES_KEY = "qmtl-topics-pending-names"  # and which (comma-separated, at most 2 KiB)
+
+
+def tell_pending(context: Context, pending: list[str]) -> None:
+    """Tell the caller which topics of its answer Kafka has acknowledged but no broker
+    describes yet (they exist; see `topic_settle`), in trailing metadata: the messages are
+    the Gateway's contract and stay as they are."""
+    if not pending:
+        return
+    names = ",".join(sorted(pending))
+    if len(names) > 2048:
+        names = names[: names.rfind(",", 0, 2048)] + ",..."
+    context.set_trailing_metadata(((PENDING_KEY, str(len(pending))), (PENDING_NAMES_KEY, names)))
+
+
 class DiffServicer(pb_grpc.DiffServiceServicer):
-    def __init__(self, diffs: DiffService, guard: Guard) -> None:
+    def __init__(
+        self, diffs: DiffService, guard: Guard, queues: QueueService | None = None
+    ) -> None:
         self._diffs = diffs
         self._guard = guard
+        self._queues = queues or QueueService(diffs.graph, diffs.topics, diffs.metrics, diffs.clock)
 
     async def Diff(
         self,
@@ -53,6 +72,7 @@ class DiffServicer(pb_grpc.DiffServiceServicer):
             outcome = await self._guard.bounded(
                 "Diff", self._diffs.diff(request_of(request), request.dag_json)
             )
+            tell_pending(context, self._queues.pending(n.topic for n in outcome.plan.nodes))
             sent = self._guard.metrics.chunks_sent
             for chunk in chunks.build(outcome.plan):
                 sent.inc()
@@ -76,6 +96,7 @@ class TagQueryServicer(pb_grpc.TagQueryServicer):
             refs = await self._queues.by_tags(
                 list(request.tags), request.interval, request.match_mode
             )
+            tell_pending(context, self._queues.pending(r.topic for r in refs))
             return pb.TagQueryReply(
                 queues=[pb.QueueDescriptor(queue=r.topic, **{"global": r.is_global}) for r in refs]
             )
@@ -109,7 +130,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                 raise Overloaded(
                     f"GetQueueStats is limited to {self._stats_limit.rate:g} calls per second"
                 )
-            return pb.QueueStats(sizes=await self._queues.stats(request.filter))
+            sizes = await self._queues.stats(request.filter)
+            tell_pending(context, self._queues.pending(sizes))
+            return pb.QueueStats(sizes=sizes)
 
         return await self._guard.unary(context, "GetQueueStats", body)
 
