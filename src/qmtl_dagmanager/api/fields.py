@@ -64,6 +64,19 @@ def field(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def immutable(name: str) -> dict[str, Any]:
+    """An API server rule (CEL transition rule) that refuses any change of the field once set,
+    with a message naming it."""
+    return {
+        "x-kubernetes-validations": [
+            {
+                "rule": "self == oldSelf",
+                "message": f"{name} is immutable: delete the resource and create a new one",
+            }
+        ]
+    }
+
+
 def json_name(f: dataclasses.Field[Any]) -> str:
     meta = _meta(f)
     if meta.name:

@@ -41,10 +41,12 @@ class ConfigMapKey:
 @dataclass(frozen=True, kw_only=True)
 class Spec:
     strategy_id: str = field(
-        "The strategy's id (the Gateway's strategy_id); the sentinel is `<strategyId>-sentinel`.",
+        "The strategy's id (the Gateway's strategy_id); the sentinel is `<strategyId>-sentinel`. "
+        "Immutable: a new id is a new StrategyDAG.",
         required=True,
         minLength=1,
         maxLength=253,
+        extra=fields.immutable("strategyId"),
     )
     dag: Dag | None = field("The DAG inline, as the QMTL SDK serialises it (contract §4).")
     dag_config_map_ref: ConfigMapKey | None = field(

@@ -92,10 +92,12 @@ class StrategyRef:
 @dataclass(frozen=True, kw_only=True)
 class Spec:
     strategy_id: str = field(
-        "The strategy (the Gateway's strategy_id): events carry `<strategyId>-sentinel`.",
+        "The strategy (the Gateway's strategy_id): events carry `<strategyId>-sentinel`. "
+        "Immutable: a rollout of another strategy is another VersionSentinel.",
         required=True,
         minLength=1,
         maxLength=253,
+        extra=fields.immutable("strategyId"),
     )
     strategy_ref: StrategyRef | None = field(
         "The StrategyDAG (same namespace) that runs this version: the rollout starts once it "
@@ -103,7 +105,11 @@ class Spec:
     )
     world_id: str = field("World id carried by the weight events.", default="")
     version: str = field(
-        "This (canary) version's label.", required=True, minLength=1, maxLength=128
+        "This (canary) version's label. Immutable: a new version is a new VersionSentinel.",
+        required=True,
+        minLength=1,
+        maxLength=128,
+        extra=fields.immutable("version"),
     )
     commit_hash: str = field(
         "Commit the version was built from (recorded on the sentinel node).", default=""
