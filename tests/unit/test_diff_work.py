@@ -150,6 +150,7 @@ async def test_the_audit_line_records_the_work_and_that_the_caller_left(
         assert len(lines) == 1, lines
         assert "strategy=audited" in lines[0]
         assert "outcome=OK caller=left after" in lines[0]
+        assert svc.metrics.diff_callers_left.labels("started")._value.get() == 1
         reply = await client.diff("audited", text)  # the retry finds the work done
         assert len(reply.queue_map) == 5
         assert "outcome=OK caller=answered" in caplog.records[-1].getMessage()

@@ -55,6 +55,11 @@ class Guard:
         task = asyncio.ensure_future(work)
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.deadline)
+        except asyncio.CancelledError:
+            # the caller left: its handler is cancelled as before (a diff's work decides for
+            # itself what outlives its caller, see services/diff_work.py)
+            task.cancel()
+            raise
         except TimeoutError:
             task.add_done_callback(_retrieve)
             self.metrics.rpc_deadline_exceeded.labels(method).inc()
