@@ -39,7 +39,7 @@ from confluent_kafka.admin import AdminClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes import client, config
 
-from qmtl_dagmanager.client import GatewayClient
+from qmtl_dagmanager.client import DiffReply, GatewayClient
 from tests.conftest import Stack, free_port
 from tests.unit.dags import node
 
@@ -77,6 +77,9 @@ class Tally:
     operator_updates: int = 0
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0  # how long the traffic ran
+    # diffs answered UNAVAILABLE (DependencyTimeout) past the sidecar's answer deadline, their
+    # work still running, and asked again at once as the Gateway would: the retry joins it
+    rejoined: int = 0
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -307,7 +310,8 @@ class Traffic:
                 version = rnd.choice(("v1", "v2"))
                 world = rnd.choice(self.worlds)
                 started = time.perf_counter()
-                reply = await gw.diff(sid, self.dag(rnd, version), world_id=world, timeout=30)
+                doc = self.dag(rnd, version)
+                reply = await self._diff(gw, sid, doc, world)
                 self.tally.latencies.append(time.perf_counter() - started)
                 self.tally.diffs += 1
                 topics = sorted(set(reply.queue_map.values()))
@@ -318,6 +322,19 @@ class Traffic:
                     self.tally.missing_at_answer.append((sid, t))
             except grpc.aio.AioRpcError as e:
                 self.tally.errors[f"{e.code().name}: {(e.details() or '')[:80]}"] += 1
+
+    async def _diff(self, gw: GatewayClient, sid: str, doc: bytes, world: str) -> DiffReply:
+        """A diff; one slower than the sidecar's answer deadline (GC deleting names it needs,
+        writers racing on a crowded machine) is answered UNAVAILABLE while its work goes on,
+        and the same request asked again joins that work."""
+        for attempt in range(10):
+            try:
+                return await gw.diff(sid, doc, world_id=world, timeout=30)
+            except grpc.aio.AioRpcError as e:
+                if "DependencyTimeout" not in (e.details() or "") or attempt == 9:
+                    raise
+                self.tally.rejoined += 1
+        raise AssertionError("not reached")
 
     def _trigger_gc(self, sidecar: int) -> None:
         _, http_port = self.fleet.sidecars[sidecar]
@@ -462,7 +479,8 @@ async def soak(stack: Stack, shape: Shape, report: Any = print) -> tuple[Tally, 
             f"[writers] {tally.seconds:.0f} s: {tally.diffs} diffs (p50 "
             f"{tally.percentile(0.5) * 1000:.0f} ms, p95 {tally.percentile(0.95) * 1000:.0f} ms), "
             f"{tally.cleanups} cleanups, {tally.tag_queries} tag queries, {tally.gc_triggers} GC "
-            f"triggers, {tally.operator_updates} StrategyDAG edits; errors {dict(tally.errors)}"
+            f"triggers, {tally.operator_updates} StrategyDAG edits; {tally.rejoined} diffs "
+            f"asked again past the answer deadline; errors {dict(tally.errors)}"
         )
         await traffic.operator_settled()
         # let every writer's GC and intent sweep see the final state

@@ -18,7 +18,7 @@ from kubernetes import client
 
 from qmtl_dagmanager.api.v1alpha1 import strategydag
 from tests.conftest import Stack
-from tests.integration.kube_harness import Cluster
+from tests.integration.kube_harness import Cluster, spec_of
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def refused(call: Any) -> str:
 
 async def test_strategy_id_is_immutable(cluster: Cluster) -> None:
     name = f"idm-{uid()}"
-    cluster.create(name, {"strategyId": f"s-{uid()}", "dag": sample_dag()})
+    cluster.create(name, spec_of(sample_dag(), f"s-{uid()}"))
     await cluster.ready(name)
     body = refused(lambda: cluster.patch_spec(name, {"strategyId": f"other-{uid()}"}))
     assert "strategyId is immutable: delete the resource and create a new one" in body
@@ -52,7 +52,7 @@ async def test_strategy_id_is_immutable(cluster: Cluster) -> None:
 async def test_sentinel_identity_is_immutable(cluster: Cluster) -> None:
     name = f"vsn-{uid()}"
     cluster.create_sentinel(
-        name, {"strategyId": f"s-{uid()}", "version": "v2", "steps": [{"setWeight": 10}]}
+        name, {"strategyId": f"s-{uid()}", "version": "v2", "steps": [{"weight": 10}]}
     )
     for field, value in (("strategyId", f"other-{uid()}"), ("version", "v3")):
         body = refused(lambda f=field, v=value: cluster.patch_sentinel(name, {"spec": {f: v}}))
@@ -77,7 +77,7 @@ async def test_server_side_reapply_changes_nothing_and_cannot_move_identity(
     cluster: Cluster, stack: Stack
 ) -> None:
     name, strategy = f"ssa-{uid()}", f"s-{uid()}"
-    spec: dict[str, Any] = {"strategyId": strategy, "dag": sample_dag()}
+    spec: dict[str, Any] = spec_of(sample_dag(), strategy)
     manifest: dict[str, Any] = {
         "apiVersion": f"{strategydag.GROUP}/{strategydag.VERSION}",
         "kind": strategydag.KIND,
