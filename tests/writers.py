@@ -46,6 +46,7 @@ from tests.unit.dags import node
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "qmtl_dagmanager.cli"]
 GROUP, VERSION, PLURAL = "qmtl.io", "v1alpha1", "strategydags"
+VISIBLE_BOUND = 10.0  # topic_visible_bound_seconds' default: an answered topic is described by then
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class Tally:
     # diffs answered UNAVAILABLE (DependencyTimeout) past the sidecar's answer deadline, their
     # work still running, and asked again at once as the Gateway would: the retry joins it
     rejoined: int = 0
+    # answered topics a broker did not describe yet at the answer (acknowledged, not yet in
+    # the metadata); each must be described within VISIBLE_BOUND
+    pending_at_answer: int = 0
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -266,7 +270,20 @@ class Traffic:
         return orjson.dumps({"schema_version": "v1", "version": version, "nodes": picked})
 
     async def missing(self, topics: list[str]) -> list[str]:
-        """Topics Kafka does not describe right now."""
+        """Topics Kafka does not describe within VISIBLE_BOUND seconds of the answer. The
+        sidecar answers once the controller has acknowledged a creation (committed); a broker
+        describes the topic a moment later (`services/topic_settle.py`). Topics that needed
+        that moment are counted in `pending_at_answer`."""
+        pending = await self._undescribed(topics)
+        if pending:
+            self.tally.pending_at_answer += len(pending)
+        deadline = time.monotonic() + VISIBLE_BOUND
+        while pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            pending = await self._undescribed(pending)
+        return pending
+
+    async def _undescribed(self, topics: list[str]) -> list[str]:
         futures = self.kafka.describe_topics(TopicCollection(topics), request_timeout=10)
         out = []
         for name, fut in futures.items():
@@ -480,7 +497,8 @@ async def soak(stack: Stack, shape: Shape, report: Any = print) -> tuple[Tally, 
             f"{tally.percentile(0.5) * 1000:.0f} ms, p95 {tally.percentile(0.95) * 1000:.0f} ms), "
             f"{tally.cleanups} cleanups, {tally.tag_queries} tag queries, {tally.gc_triggers} GC "
             f"triggers, {tally.operator_updates} StrategyDAG edits; {tally.rejoined} diffs "
-            f"asked again past the answer deadline; errors {dict(tally.errors)}"
+            f"asked again past the answer deadline; {tally.pending_at_answer} answered topics "
+            f"described only after the answer; errors {dict(tally.errors)}"
         )
         await traffic.operator_settled()
         # let every writer's GC and intent sweep see the final state
