@@ -3,7 +3,6 @@ anything we can name: typed errors map to their codes; anything else is INTERNAL
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias, TypeVar
@@ -18,6 +17,7 @@ from qmtl_dagmanager.core.errors import (
     Unavailable,
 )
 from qmtl_dagmanager.metrics import Metrics
+from qmtl_dagmanager.sidecar import bounds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,11 +36,6 @@ def code_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 class Guard:
     """Runs a handler body and maps what it raises, once, for every RPC. No call waits longer
     than `deadline` seconds for its answer: past it (Neo4j or Kafka slow or down, the
@@ -52,16 +47,9 @@ class Guard:
         self.deadline = deadline
 
     async def bounded(self, method: str, work: Awaitable[T]) -> T:
-        task = asyncio.ensure_future(work)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.deadline)
-        except asyncio.CancelledError:
-            # the caller left: its handler is cancelled as before (a diff's work decides for
-            # itself what outlives its caller, see services/diff_work.py)
-            task.cancel()
-            raise
+            return await bounds.within(work, self.deadline)
         except TimeoutError:
-            task.add_done_callback(_retrieve)
             self.metrics.rpc_deadline_exceeded.labels(method).inc()
             raise Unavailable(
                 f"{method} found no answer within {self.deadline:g} s: Neo4j or Kafka is slow "

@@ -18,8 +18,8 @@ from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import GraphStore
 from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.garbage import GcService
+from qmtl_dagmanager.sidecar.bounds import reachable
 from qmtl_dagmanager.sidecar.security import RateLimit, audit_log
-from qmtl_dagmanager.sidecar.servicers import reachable
 
 log = logging.getLogger(__name__)
 PRECHECK = 1.5  # seconds Neo4j and Kafka get to answer a probe before a GC run or /status

@@ -8,18 +8,17 @@ AckChunk echoes its request and counts it.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from qmtl_dagmanager.core import plan
-from qmtl_dagmanager.core.errors import DagManagerError, InvalidSpec, Overloaded
+from qmtl_dagmanager.core.errors import InvalidSpec, Overloaded
 from qmtl_dagmanager.pb import dagmanager_pb2 as pb
 from qmtl_dagmanager.pb import dagmanager_pb2_grpc as pb_grpc
 from qmtl_dagmanager.ports import GraphStore
 from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.queues import QueueService
-from qmtl_dagmanager.sidecar import chunks
+from qmtl_dagmanager.sidecar import bounds, chunks
 from qmtl_dagmanager.sidecar.errors import Context, Guard
 from qmtl_dagmanager.sidecar.security import RateLimit
 
@@ -162,16 +161,5 @@ class HealthServicer(pb_grpc.HealthCheckServicer):
         self._deadline = deadline
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
-        ok = await reachable(self._graph.ping(), self._deadline)
+        ok = await bounds.reachable(self._graph.ping(), self._deadline)
         return pb.StatusReply(neo4j="ok" if ok else "error", state="running")
-
-
-async def reachable(probe: Awaitable[object], deadline: float) -> bool:
-    """Whether `probe` answered (truthy, without an error) within `deadline` seconds; a late
-    probe is left to finish in the background."""
-    task = asyncio.ensure_future(probe)
-    try:
-        return bool(await asyncio.wait_for(asyncio.shield(task), deadline))
-    except (TimeoutError, DagManagerError):
-        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
-        return False
