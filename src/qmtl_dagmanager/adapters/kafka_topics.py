@@ -359,46 +359,37 @@ class KafkaTopicAdmin:
             )
 
     async def unseen(self, topics: Sequence[str]) -> list[str]:
-        if not topics:
-            return []
-        futures = self._admin.describe_topics(
-            TopicCollection(list(topics)), request_timeout=self._timeout
-        )
-        await self._batch(futures.values(), topics[0])
-        out = []
+        return await self._not_yet(list(topics), present=True) if topics else []
+
+    async def _not_yet(self, names: list[str], *, present: bool) -> list[str]:
+        """One describe request: the names the broker does not describe (`present`), or still
+        knows (not `present`). Waiting for presence, any error counts as not yet; waiting for
+        absence, only "unknown topic" counts as gone."""
+        futures = self._admin.describe_topics(TopicCollection(names), request_timeout=self._timeout)
+        still = []
+        await self._batch(futures.values(), names[0])
         for name, fut in futures.items():
             try:
                 await self._wait(fut)
-            except (KafkaException, TimeoutError):
-                out.append(name)
-        return out
+            except (KafkaException, TimeoutError) as e:
+                if present or not _unknown(_error(e)):
+                    still.append(name)
+                continue
+            if not present:
+                still.append(name)
+        return still
 
     async def _until_described(
         self, names: list[str], *, present: bool, max_delay: float, first: float = 0.05
     ) -> list[str]:
-        """Ask the broker about `names` until it describes each (`present`) or no longer
-        knows each (not `present`), for at most the admin's timeout, backing off from `first`
-        to `max_delay`; returns the names still not so. Waiting for presence, any error
-        counts as not yet; waiting for absence, only "unknown topic" counts as gone."""
+        """Ask the broker about `names` (`_not_yet`) until it describes each (`present`) or no
+        longer knows each (not `present`), for at most the admin's timeout, backing off from
+        `first` to `max_delay`; returns the names still not so."""
         pending = list(names)
         delay = first
         deadline = asyncio.get_running_loop().time() + self._timeout
         while pending:
-            futures = self._admin.describe_topics(
-                TopicCollection(pending), request_timeout=self._timeout
-            )
-            still = []
-            await self._batch(futures.values(), pending[0])
-            for name, fut in futures.items():
-                try:
-                    await self._wait(fut)
-                except (KafkaException, TimeoutError) as e:
-                    if present or not _unknown(_error(e)):
-                        still.append(name)
-                    continue
-                if not present:
-                    still.append(name)
-            pending = still
+            pending = await self._not_yet(pending, present=present)
             if not pending or asyncio.get_running_loop().time() >= deadline:
                 break
             await asyncio.sleep(delay)
