@@ -246,9 +246,9 @@ class Container:
         left is published by another process's poller. Diffs still running (their callers may
         have left) get the same bound to end first."""
         try:
-            for key in ("diffs:True", "diffs:False"):
-                if key in self._built:
-                    cut = await self._built[key].running().drain(drain)
+            for built in list(self._built.values()):
+                if isinstance(built, DiffService):
+                    cut = await built.running().drain(drain)
                     if cut:
                         log.warning("%d diff(s) still running at shutdown were cut short", cut)
             await self.events.close(drain)

@@ -101,7 +101,6 @@ class DiffService:
     _gaps: dict[str, bool] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _waiting: int = 0
-    _running: int = 0
     _since: dict[object, float] = field(default_factory=dict)  # when each running diff began
     events: QueueEvents | None = None  # the process's publisher; one of its own if None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -175,13 +174,11 @@ class DiffService:
             raise self._refusal(f"no diff slot within {self.max_wait:g} s") from None
         finally:
             self._waiting -= 1
-        self._running += 1
         token = object()
         self._since[token] = time.monotonic()
         try:
             yield
         finally:
-            self._running -= 1
             del self._since[token]
             self._slots.release()
 
@@ -200,7 +197,7 @@ class DiffService:
     @property
     def busy(self) -> bool:
         """Whether a diff is running or waiting for a slot."""
-        return self._running > 0 or self._waiting > 0
+        return bool(self._since) or self._waiting > 0
 
     async def _plan(
         self, d: dag.Dag, request: plan.Request, *, fresh: bool = False

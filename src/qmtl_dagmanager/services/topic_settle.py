@@ -107,8 +107,6 @@ class TopicSettler:
                 await self.settle_once()
             except DagManagerError as e:
                 log.warning("topic settling: %s (retrying)", e.message)
-            except Exception:
-                log.exception("topic settling failed unexpectedly (retrying)")
             await asyncio.sleep(POLL if self._pending else 0)
 
     async def settle_once(self) -> None:
