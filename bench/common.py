@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import neo4j
+from confluent_kafka import KafkaException, TopicCollection
+from confluent_kafka.admin import AdminClient
 from tests import conftest
 
 from qmtl_dagmanager.adapters.neo4j_graph import tls_options
@@ -93,3 +97,47 @@ async def open_loop(
             next_tick += 1.0
     await asyncio.gather(*tasks)
     return i
+
+
+def until_described(
+    admin: AdminClient, names: list[str], deadline: float, poll: float = 0.05
+) -> float | None:
+    """Poll the broker every `poll` s until it describes every topic (it applies creations
+    after the controller); the `time.perf_counter()` when it did, None past `deadline` (on
+    that clock)."""
+    pending = list(names)
+    while pending:
+        if time.perf_counter() > deadline:
+            return None
+        futures = admin.describe_topics(TopicCollection(pending), request_timeout=30)
+        still = []
+        for name, fut in futures.items():
+            try:
+                fut.result()
+            except KafkaException:
+                still.append(name)
+        pending = still
+        if pending:
+            time.sleep(poll)
+    return time.perf_counter()
+
+
+def start_sidecar(
+    env: dict[str, str], name: str, extra: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`dagmanager server` as its own process on the stack's Neo4j and Kafka, configured by
+    `.stack/<name>.yml` (timed GC off, warnings only, plus the YAML lines `extra`); secrets
+    come from the environment. Returns the process and its gRPC port."""
+    port, http = free_port(), free_port()
+    cfg = ROOT / ".stack" / f"{name}.yml"
+    cfg.parent.mkdir(exist_ok=True)
+    cfg.write_text(
+        f"neo4j_dsn: {env['NEO4J_URI']}\nneo4j_user: {env['NEO4J_USER']}\nkafka_dsn: "
+        f"{env['KAFKA_BOOTSTRAP_SERVERS']}\ngrpc_port: {port}\nhttp_port: {http}\n"
+        "gc_interval_seconds: 0\nlog_level: warning\n" + extra
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"],
+        env={**os.environ, **backend_env(env)},
+    )
+    return proc, port

@@ -24,13 +24,11 @@ import argparse
 import asyncio
 import os
 import platform
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient
 
 from qmtl_dagmanager.adapters.kafka_topics import KafkaTopicAdmin
@@ -40,7 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.gen import dumps, generate  # noqa: E402
 
-from bench.common import backend_env, free_port, kafka_extra, open_loop, stack_env  # noqa: E402
+from bench.common import (  # noqa: E402
+    kafka_extra,
+    open_loop,
+    stack_env,
+    start_sidecar,
+    until_described,
+)
 from bench.sidecar_bench import pct, wait_serving  # noqa: E402
 
 BUDGET = 0.1  # the Gateway's wait for a strategy submission's Diff
@@ -54,25 +58,6 @@ async def within_budget(client: GatewayClient, strategy: str, text: str) -> Diff
         return await asyncio.wait_for(client.diff(strategy, text, world_id="w1"), BUDGET)
     except TimeoutError:
         return None
-
-
-def describable(admin: AdminClient, topics: list[str], deadline: float) -> float | None:
-    """Seconds until Kafka describes every topic (polled every 10 ms), None past `deadline`."""
-    pending = list(topics)
-    while pending:
-        if time.perf_counter() > deadline:
-            return None
-        futures = admin.describe_topics(TopicCollection(pending), request_timeout=5)
-        still = []
-        for name, fut in futures.items():
-            try:
-                fut.result()
-            except KafkaException:
-                still.append(name)
-        pending = still
-        if pending:
-            time.sleep(0.01)
-    return time.perf_counter()
 
 
 async def new_dags(
@@ -99,7 +84,7 @@ async def new_dags(
         topics = sorted(set(reply.topics_by_node("w1.live").values()))
         assert len(reply.queue_map) == size, (len(reply.queue_map), size)
         made.extend(topics)
-        seen = await asyncio.to_thread(describable, admin, topics, t0 + GIVE_UP)
+        seen = await asyncio.to_thread(until_described, admin, topics, t0 + GIVE_UP, 0.01)
         visible.append(float("nan") if seen is None else seen - t0)
     ms = [x * 1e3 for x in first]
     print(
@@ -157,18 +142,7 @@ async def main() -> None:
     ap.add_argument("--warm-seconds", type=float, default=20)
     args = ap.parse_args()
     e = stack_env()
-    port, http = free_port(), free_port()
-    cfg = ROOT / ".stack" / "bench-gateway.yml"
-    cfg.parent.mkdir(exist_ok=True)
-    cfg.write_text(
-        f"neo4j_dsn: {e['NEO4J_URI']}\nneo4j_user: {e['NEO4J_USER']}\nkafka_dsn: "
-        f"{e['KAFKA_BOOTSTRAP_SERVERS']}\ngrpc_port: {port}\nhttp_port: {http}\n"
-        "gc_interval_seconds: 0\nlog_level: warning\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"],
-        env={**os.environ, **backend_env(e)},  # secrets: environment only
-    )
+    proc, port = start_sidecar(e, "bench-gateway")
     client = GatewayClient(f"127.0.0.1:{port}")
     admin = AdminClient({"bootstrap.servers": e["KAFKA_BOOTSTRAP_SERVERS"], **kafka_extra(e)})
     made: list[str] = []

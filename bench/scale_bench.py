@@ -45,11 +45,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
-from confluent_kafka import KafkaException, TopicCollection  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 from tests.gen import dumps, generate  # noqa: E402
 
-from bench.common import backend_env, free_port, kafka_extra, neo4j_driver, stack_env  # noqa: E402
+from bench.common import (  # noqa: E402
+    backend_env,
+    free_port,
+    kafka_extra,
+    neo4j_driver,
+    stack_env,
+    until_described,
+)
 from bench.scale_chart import write_svg  # noqa: E402
 from bench.sidecar_bench import rss_mb, wait_serving  # noqa: E402
 from bench.topics_bench import barrier  # noqa: E402
@@ -130,23 +136,6 @@ def neo4j_round_trip(env: dict[str, str], runs: int) -> float:
     return statistics.median(took) * 1000
 
 
-def described(admin: AdminClient, names: list[str], seconds: float = 300) -> None:
-    """Until the broker describes every topic (it applies creations after the controller)."""
-    deadline = time.monotonic() + seconds
-    pending = list(names)
-    while pending and time.monotonic() < deadline:
-        futures = admin.describe_topics(TopicCollection(pending), request_timeout=30)
-        still = []
-        for name, f in futures.items():
-            try:
-                f.result()
-            except KafkaException:
-                still.append(name)
-        pending = still
-        if pending:
-            time.sleep(0.05)
-
-
 def plain_create(admin: AdminClient, count: int, run: str) -> tuple[float, float]:
     """A plain batch create_topics of `count` new one-partition topics: until the controller
     answers, and until the broker also describes them all; then deleted."""
@@ -160,7 +149,7 @@ def plain_create(admin: AdminClient, count: int, run: str) -> tuple[float, float
     for f in futures.values():
         f.result()
     answered = (time.perf_counter() - t0) * 1000
-    described(admin, names)
+    until_described(admin, names, time.perf_counter() + 300)
     visible = (time.perf_counter() - t0) * 1000
     for f in admin.delete_topics(names, operation_timeout=120, request_timeout=120).values():
         f.result()
@@ -253,7 +242,7 @@ async def bench_store(name: str, sizes: list[int], runs: int, env: dict[str, str
         for size in sizes:
             await fill(store, client, size)
             if store.real:  # the broker has applied every creation before the clock starts
-                described(admin, store.created)
+                until_described(admin, store.created, time.perf_counter() + 300)
             before = store.stored  # the size the cases are measured at
             row = await measure(store, client, known, runs, before, admin if store.real else None)
             row["stored"] = before

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from tests.gen import dumps, generate  # noqa: E402
 from tests.otel_collector import Collector  # noqa: E402
 
-from bench.common import backend_env, free_port, kafka_extra, open_loop, stack_env  # noqa: E402
+from bench.common import kafka_extra, open_loop, stack_env, start_sidecar  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -137,20 +137,9 @@ async def main() -> None:
     ap.add_argument("--tracing", action="store_true", help="export to a real OTLP collector")
     args = ap.parse_args()
     e = stack_env()
-    port, http = free_port(), free_port()
-    cfg = ROOT / ".stack" / "bench-sidecar.yml"
-    cfg.parent.mkdir(exist_ok=True)
     collector = Collector(ROOT / ".stack", verbosity="basic") if args.tracing else None
     otlp = f"otlp_endpoint: {json.dumps(collector.endpoint)}\n" if collector else ""
-    cfg.write_text(
-        f"neo4j_dsn: {e['NEO4J_URI']}\nneo4j_user: {e['NEO4J_USER']}\nkafka_dsn: "
-        f"{e['KAFKA_BOOTSTRAP_SERVERS']}\ngrpc_port: {port}\nhttp_port: {http}\n"
-        "gc_interval_seconds: 0\nlog_level: warning\nnode_ids: trust\n" + otlp
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"],
-        env={**os.environ, **backend_env(e)},  # secrets: environment only
-    )
+    proc, port = start_sidecar(e, "bench-sidecar", "node_ids: trust\n" + otlp)
     client = GatewayClient(f"127.0.0.1:{port}")
     created: list[str] = []
     try:
