@@ -39,6 +39,7 @@ from qmtl_dagmanager.ports import (
 )
 from qmtl_dagmanager.services.canary import CanaryService
 from qmtl_dagmanager.services.controlbus import EVENT_TOPIC_SPEC, ControlBus, EventTopics
+from qmtl_dagmanager.services.diff_journal import DiffJournal
 from qmtl_dagmanager.services.diff_work import DiffWork
 from qmtl_dagmanager.services.diffs import DiffService
 from qmtl_dagmanager.services.garbage import GcService
@@ -154,6 +155,20 @@ class Container:
             ),
         )
 
+    def journal(self) -> DiffJournal:
+        """Runs diffs the sidecar answered but did not write (`background`)."""
+        return self._once(
+            "journal",
+            lambda: DiffJournal(
+                self.graph,
+                self.diffs(shed_load=False),
+                self.clock,
+                self.metrics,
+                grace=float(self.settings.diff_journal_grace_seconds),
+                every=float(self.settings.diff_journal_interval_seconds),
+            ),
+        )
+
     @property
     def catalog(self) -> TopicCatalog:
         """The topic specs as the topic profile creates them (the graph records these)."""
@@ -203,14 +218,20 @@ class Container:
             self.settler().stop()
         if "vitals" in self._built:
             self.vitals().stop()
+        if "journal" in self._built:
+            self.journal().stop()
         waiting = set(tasks)
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         """The timers every process runs beside its work: the outbox publisher, the topic
-        settler and vitals."""
-        out: list[Coroutine[Any, Any, None]] = [self.events.run(), self.settler().run()]
+        settler, the diff journal and vitals."""
+        out: list[Coroutine[Any, Any, None]] = [
+            self.events.run(),
+            self.settler().run(),
+            self.journal().run(),
+        ]
         if self.settings.vitals_interval_seconds > 0:
             out.append(self.vitals().every(self.settings.vitals_interval_seconds))
         return out

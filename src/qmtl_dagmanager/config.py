@@ -523,6 +523,21 @@ class Settings:
         "a diff's own deadline: its work runs on when the caller leaves (the Gateway cancels "
         "after 0.1 s), and ends UNAVAILABLE (DiffDeadline) past this",
     )
+    diff_journal_grace_seconds: int = setting(
+        15,
+        "diff_journal_grace_seconds",
+        "QMTL_DIFF_JOURNAL_GRACE_SECONDS",
+        _positive,
+        "a diff the sidecar answered but whose graph write has not happened after this is run "
+        "again by any sidecar or the operator (its process died, or Neo4j or Kafka failed)",
+    )
+    diff_journal_interval_seconds: int = setting(
+        5,
+        "diff_journal_interval_seconds",
+        "QMTL_DIFF_JOURNAL_INTERVAL_SECONDS",
+        _positive,
+        "how often each process looks for journaled diffs to run again",
+    )
     resubmission_cache_nodes: int = setting(
         20_000,
         "resubmission_cache_nodes",

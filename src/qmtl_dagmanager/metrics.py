@@ -330,6 +330,38 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.diff_answered_early = Counter(
+            "diff_answered_early_total",
+            "Diffs answered once their names were journaled and Kafka validated the creation, "
+            "before their topics were created and the graph written",
+            registry=r,
+        )
+        self.diff_completion_failures = Counter(
+            "diff_completion_failures_total",
+            "Diffs answered early whose completion (topics, graph write) failed; their journal "
+            "entry is replayed",
+            ["reason"],
+            registry=r,
+        )
+        self.diff_answers_superseded = Counter(
+            "diff_answers_superseded_total",
+            "Diffs answered early that completed with other topic names than the answer gave "
+            "(another writer created the same node first under another name)",
+            registry=r,
+        )
+        self.diff_journal_pending = Gauge(
+            "diff_journal_pending",
+            "Diffs answered but not yet written, old enough to be replayed (seen by the last "
+            "journal round)",
+            registry=r,
+        )
+        self.diff_journal_replays = Counter(
+            "diff_journal_replays_total",
+            "Journaled diffs run again by this process: completed, retried later, or dropped "
+            "(their replay failed for good)",
+            ["outcome"],
+            registry=r,
+        )
 
         self.rpc_deadline_exceeded = Counter(
             "rpc_deadline_exceeded_total",

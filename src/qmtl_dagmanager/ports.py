@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from qmtl_dagmanager.core.dag import Sentinel
 from qmtl_dagmanager.core.gc import GcQueue
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup
+from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, Request
 from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.core.topics import TopicSpec
 
@@ -171,6 +171,21 @@ class GraphCounts:
 CROSS_CONTEXT_KEEP = 7 * 86_400.0  # seconds a cross-context hit is remembered
 
 
+@dataclass(frozen=True, slots=True)
+class PendingDiff:
+    """A diff answered before its graph write: the journal entry that lets any process run it
+    to its end (`services/diff_journal.py`). `key` is the request's identity (`diff_work`);
+    the entry is removed by the graph write of that very request, whoever makes it."""
+
+    key: str
+    request: Request
+    dag: str  # the DAG document, as submitted
+    ids: str  # the NodeID mode it was checked with
+    at: float  # when it was journaled (or last claimed for a replay)
+    owner: str = ""
+    replays: int = 0
+
+
 class GraphStore(Protocol):
     async def ping(self) -> bool:
         """True when the store answers a trivial query."""
@@ -201,6 +216,7 @@ class GraphStore(Protocol):
         now: float,
         sentinel: SentinelWrite | None,
         intents: Mapping[str, int] | None = None,
+        journal: str = "",
     ) -> tuple[str, ...]:
         """Write a plan in one transaction, idempotently and only if the graph still holds
         what the plan was made from: nodes, queues, EMITS, the strategy's references (exactly
@@ -219,7 +235,8 @@ class GraphStore(Protocol):
         nothing: QueueGone when a reused queue is no longer in the graph; QueueBusy when a
         queue or created name is being deleted by a live GC run, or a sweep deleted a created
         name's topic since its intent was recorded; StaleRead when another
-        writer changed what the plan read."""
+        writer changed what the plan read. The same transaction removes the journal entry
+        `journal` (a request key, see `record_intents`), if there is one."""
         ...
 
     async def claim_events(self, owner: str, now: float, limit: int) -> list[PendingEvent]:
@@ -241,9 +258,32 @@ class GraphStore(Protocol):
         """How many groups are waiting for publication."""
         ...
 
-    async def record_intents(self, topics: Sequence[str], now: float, owner: str) -> Intents:
+    async def record_intents(
+        self,
+        topics: Sequence[str],
+        now: float,
+        owner: str,
+        journal: PendingDiff | None = None,
+    ) -> Intents:
         """Before creating topics: note that they are about to be created, so a topic whose
-        queue is never written (a crash, a re-plan, a lost race) is found and collected."""
+        queue is never written (a crash, a re-plan, a lost race) is found and collected. With
+        `journal`, the same transaction records the diff as answered but not yet written
+        (replacing any other entry of its strategy: the last submission is the one to
+        finish)."""
+        ...
+
+    async def pending_diffs(self, before: float, limit: int) -> list[PendingDiff]:
+        """Journal entries recorded (or last claimed) before `before`, oldest first."""
+        ...
+
+    async def claim_pending_diff(self, key: str, now: float, before: float) -> bool:
+        """Take a journal entry for a replay: true when it is still there and older than
+        `before` (its time moves to `now` and its replay count up, so other processes leave
+        it alone for a while)."""
+        ...
+
+    async def drop_pending_diff(self, key: str) -> None:
+        """Forget a journal entry (its replay failed for good)."""
         ...
 
     async def stale_intents(self, before: float, limit: int) -> list[str]:
@@ -432,6 +472,12 @@ class TopicAdmin(Protocol):
         """Create many topics in one batch, one result per topic; verify existing ones.
         CREATED means the controller acknowledged the creation (committed it); with
         `wait_visible` the call also waits (bounded) until the broker describes them."""
+        ...
+
+    async def validate(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+        """Ask the controller whether it would create these topics, creating nothing (one
+        request): authorization, policy and config refusals come back as they would on
+        creation (FORBIDDEN, FAILED); an existing name is no refusal (`ensure` verifies it)."""
         ...
 
     async def unseen(self, topics: Sequence[str]) -> list[str]:

@@ -343,6 +343,49 @@ class KafkaTopicAdmin:
                 results[name] = topic_rules.existing_result(name, specs[name], state)
         return results
 
+    async def validate(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+        if not topics:
+            return {}
+        brokers, existing = await self._names()
+        judge = None if self._profile is Profile.PRODUCTION else brokers
+        specs, results = topic_rules.admit(topics, existing, judge, self._profile)
+        futures = self._admin.create_topics(
+            [
+                NewTopic(
+                    n,
+                    num_partitions=spec.partitions,
+                    replication_factor=spec.replication_factor,
+                    config=dict(spec.config),
+                )
+                for n, spec in specs.items()
+            ],
+            operation_timeout=self._timeout,
+            request_timeout=self._timeout,
+            validate_only=True,
+        )
+        if futures:
+            await self._batch(futures.values(), next(iter(futures)))
+        for name, fut in futures.items():
+            try:
+                await self._wait(fut)
+            except (KafkaException, TimeoutError) as e:
+                err = _error(e)
+                if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    results[name] = TopicResult(name, TopicStatus.EXISTS)
+                elif err is not None and err.code() in _DENIED:
+                    results[name] = TopicResult(
+                        name,
+                        TopicStatus.FORBIDDEN,
+                        f"{err.name()}: {err.str().rstrip('.')} for {self.principal}",
+                    )
+                else:
+                    results[name] = TopicResult(
+                        name, TopicStatus.FAILED, str(err or e), retriable=_transient(err)
+                    )
+                continue
+            results[name] = TopicResult(name, TopicStatus.CREATED)
+        return results
+
     async def _wait_visible(self, names: list[str]) -> None:
         """WAIT: until the broker describes every created topic (bounded). Only these
         topics are asked for: a full metadata listing grows with the cluster."""

@@ -6,6 +6,7 @@ await inside it), idempotent, and never deletes a referenced compute node.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from qmtl_dagmanager.ports import (
     GraphRead,
     Intent,
     Intents,
+    PendingDiff,
     PendingEvent,
     QueueDetail,
     QueueRef,
@@ -64,6 +66,7 @@ class MemoryGraphStore:
         self._slots: dict[str, str] = {}  # (node, compute key) slot → its one queue's topic
         self._users: dict[str, int] = {}  # topic → strategies referencing the queue
         self._intents: dict[str, dict[str, Any]] = {}  # topic → creation intent
+        self.journal: dict[str, PendingDiff] = {}  # diffs answered before their write
         # (tag, interval) → topics of queues whose node has that tag: tag queries and
         # QueueUpdated sets read only the queues they select
         self._by_tag: dict[tuple[str, int], set[str]] = {}
@@ -161,9 +164,11 @@ class MemoryGraphStore:
         now: float,
         sentinel: SentinelWrite | None,
         intents: Mapping[str, int] | None = None,
+        journal: str = "",
     ) -> tuple[str, ...]:
         r = graph_rows.rows(plan, now)
         reclaim, adopted = self._check(r, now, intents)
+        self.journal.pop(journal, None)
         for topic in reclaim:  # referenced again: the GC run's claim (and mark) are void
             self._queues[topic].pop("gc_claim", None)
             self._queues[topic].pop("gc_deleting_at", None)
@@ -319,8 +324,19 @@ class MemoryGraphStore:
                 changed += 1
         return changed
 
-    async def record_intents(self, topics: Sequence[str], now: float, owner: str) -> Intents:
+    async def record_intents(
+        self,
+        topics: Sequence[str],
+        now: float,
+        owner: str,
+        journal: PendingDiff | None = None,
+    ) -> Intents:
         busy = tuple(t for t in topics if _sweeping(self._intents.get(t), now))
+        if journal is not None:
+            sid = journal.request.strategy_id
+            for key in [k for k, j in self.journal.items() if j.request.strategy_id == sid]:
+                del self.journal[key]
+            self.journal[journal.key] = journal
         gens: dict[str, int] = {}
         for t in topics:
             if t in busy:
@@ -331,6 +347,20 @@ class MemoryGraphStore:
             i["at"], i["owner"] = now, owner
             gens[t] = i["gen"]
         return Intents(busy, gens)
+
+    async def pending_diffs(self, before: float, limit: int) -> list[PendingDiff]:
+        old = sorted((j for j in self.journal.values() if j.at <= before), key=lambda j: j.at)
+        return old[:limit]
+
+    async def claim_pending_diff(self, key: str, now: float, before: float) -> bool:
+        j = self.journal.get(key)
+        if j is None or j.at > before:
+            return False
+        self.journal[key] = dataclasses.replace(j, at=now, replays=j.replays + 1)
+        return True
+
+    async def drop_pending_diff(self, key: str) -> None:
+        self.journal.pop(key, None)
 
     async def stale_intents(self, before: float, limit: int) -> list[str]:
         old = sorted(

@@ -40,6 +40,13 @@ class MemoryTopicAdmin:
             results[name] = TopicResult(name, TopicStatus.CREATED)
         return results
 
+    async def validate(self, topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
+        specs, results = topic_rules.admit(topics, self.topics, self.brokers, self.profile)
+        for name in specs:
+            status = TopicStatus.EXISTS if name in self.topics else TopicStatus.CREATED
+            results[name] = TopicResult(name, status)
+        return results
+
     async def unseen(self, topics: Sequence[str]) -> list[str]:
         return [t for t in topics if t not in self.topics]
 

@@ -8,8 +8,10 @@ query; a plan is written in one managed (retried) transaction of batched UNWIND 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import weakref
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -29,7 +31,7 @@ from qmtl_dagmanager.core.errors import (
 )
 from qmtl_dagmanager.core.gc import retired_key
 from qmtl_dagmanager.core.identity import NodeId
-from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord
+from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord, Request
 from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
 from qmtl_dagmanager.ports import (
     CROSS_CONTEXT_KEEP,
@@ -40,6 +42,7 @@ from qmtl_dagmanager.ports import (
     GraphRead,
     Intent,
     Intents,
+    PendingDiff,
     PendingEvent,
     QueueDetail,
     QueueRef,
@@ -69,6 +72,7 @@ CONSTRAINTS = {
     "queue_slot": "FOR (q:Queue) REQUIRE q.slot IS UNIQUE",
     "topic_intent": "FOR (i:TopicIntent) REQUIRE i.topic IS UNIQUE",
     "queue_event_claim_key": "FOR (c:QueueEventClaim) REQUIRE c.key IS UNIQUE",
+    "pending_diff_key": "FOR (j:PendingDiff) REQUIRE j.key IS UNIQUE",
 }
 INDEXES = {
     "compute_node_tags": "FOR (n:ComputeNode) ON (n.tags)",
@@ -78,6 +82,8 @@ INDEXES = {
     "topic_intent_at": "FOR (i:TopicIntent) ON (i.at)",
     "topic_intent_deleted_at": "FOR (i:TopicIntent) ON (i.deleted_at)",
     "queue_event_mark_key": "FOR (m:QueueEventMark) ON (m.key)",
+    "pending_diff_strategy": "FOR (j:PendingDiff) ON (j.strategy_id)",
+    "pending_diff_at": "FOR (j:PendingDiff) ON (j.at)",
     "cross_context_hit_at": "FOR (h:CrossContextHit) ON (h.at)",
 }
 
@@ -229,6 +235,32 @@ FOREACH (_ IN CASE WHEN busy THEN [] ELSE [1] END |
   REMOVE i.sweep, i.sweep_at, i.deleted_at)
 RETURN t AS topic, busy, i.gen AS gen
 """
+
+# The journal of diffs answered before their graph write (see `record_intents`). A newer
+# submission of the strategy replaces an older entry: the last submission is the one to finish.
+JOURNAL = """
+OPTIONAL MATCH (old:PendingDiff {strategy_id: $sid}) WHERE old.key <> $key
+DELETE old
+WITH count(*) AS _
+MERGE (j:PendingDiff {key: $key})
+SET j.strategy_id = $sid, j.request = $request, j.dag = $dag, j.ids = $ids, j.at = $now,
+    j.owner = $owner, j.replays = coalesce(j.replays, 0)
+"""
+
+PENDING_DIFFS = """
+MATCH (j:PendingDiff) WHERE j.at <= $before
+RETURN j.key AS key, j.request AS request, j.dag AS dag, j.ids AS ids, j.at AS at,
+       j.owner AS owner, j.replays AS replays
+ORDER BY j.at LIMIT $limit
+"""
+
+CLAIM_PENDING_DIFF = """
+MATCH (j:PendingDiff {key: $key}) WHERE j.at <= $before
+SET j.at = $now, j.replays = coalesce(j.replays, 0) + 1
+RETURN count(j) AS claimed
+"""
+
+DROP_PENDING_DIFF = "MATCH (j:PendingDiff {key: $key}) DELETE j"
 
 STALE_INTENTS = """
 MATCH (i:TopicIntent) WHERE i.at <= $before AND i.deleted_at IS NULL
@@ -548,6 +580,19 @@ def _raise_for(checked: list[tuple[str, str, str]]) -> None:
 TLS_SHUTDOWN_WAIT = 0.5  # seconds, at most, for TLS connections to finish closing
 
 
+def _journal_params(journal: PendingDiff, owner: str) -> dict[str, Any]:
+    r = journal.request
+    return {
+        "key": journal.key,
+        "sid": r.strategy_id,
+        "request": orjson.dumps(dataclasses.asdict(r)).decode(),
+        "dag": zlib.compress(journal.dag.encode(), 1),  # a DAG's JSON shrinks some 5x
+        "ids": journal.ids,
+        "now": journal.at,
+        "owner": journal.owner or owner,
+    }
+
+
 def _pooled_writers(driver: Any) -> list[asyncio.StreamWriter]:
     """The stream writers of the driver's pooled connections (read from its internals,
     defensively: a driver without them just gives none)."""
@@ -755,6 +800,7 @@ class Neo4jGraphStore:
         now: float,
         sentinel: SentinelWrite | None,
         intents: Mapping[str, int] | None = None,
+        journal: str = "",
     ) -> tuple[str, ...]:
         r = graph_rows.rows(plan, now)
         queue_rows = [
@@ -812,6 +858,8 @@ class Neo4jGraphStore:
                         ids=list(sentinel.node_ids),
                     )
                 ).consume()
+            if journal:
+                await (await t.run(DROP_PENDING_DIFF, key=journal)).consume()
             if groups:  # last: the outbox locks are held for the shortest time
                 await (await t.run(MARK_EVENTS, groups=groups, now=now)).consume()
             return tuple(topic for topic, _, state in checked if state == "reclaim")
@@ -861,8 +909,18 @@ class Neo4jGraphStore:
         rows = await self._read("outbox size", PENDING_EVENTS)
         return int(rows[0]["n"]) if rows else 0
 
-    async def record_intents(self, topics: Sequence[str], now: float, owner: str) -> Intents:
+    async def record_intents(
+        self,
+        topics: Sequence[str],
+        now: float,
+        owner: str,
+        journal: PendingDiff | None = None,
+    ) -> Intents:
         async def tx(t: neo4j.AsyncManagedTransaction) -> list[tuple[str, bool, int | None]]:
+            if entry is not None:
+                await (await t.run(JOURNAL, **entry)).consume()
+            if not pending:
+                return []
             res = await t.run(
                 RECORD_INTENTS,
                 topics=pending,  # sorted: one lock order for every writer
@@ -875,10 +933,12 @@ class Neo4jGraphStore:
         busy: list[str] = []
         gens: dict[str, int] = {}
         pending = sorted(set(topics))
+        entry = None if journal is None else _journal_params(journal, owner)
         for _ in range(RECORD_ATTEMPTS):
-            if not pending:
+            if not pending and entry is None:
                 break
             rows = await self._write("creation intents", tx)
+            entry = None  # recorded with the first transaction
             busy += [topic for topic, b, _ in rows if b]
             gens |= {topic: gen for topic, b, gen in rows if not b and gen is not None}
             # no generation: a write settled (deleted) the intent this MERGE had matched
@@ -890,6 +950,34 @@ class Neo4jGraphStore:
                 reason="Neo4jUnavailable",
             )
         return Intents(tuple(busy), gens)
+
+    async def pending_diffs(self, before: float, limit: int) -> list[PendingDiff]:
+        rows = await self._read("journal", PENDING_DIFFS, before=before, limit=limit)
+        return [
+            PendingDiff(
+                r["key"],
+                Request(**orjson.loads(r["request"])),
+                zlib.decompress(r["dag"]).decode(),
+                r["ids"],
+                float(r["at"]),
+                r["owner"] or "",
+                int(r["replays"] or 0),
+            )
+            for r in rows
+        ]
+
+    async def claim_pending_diff(self, key: str, now: float, before: float) -> bool:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> bool:
+            row = await (await t.run(CLAIM_PENDING_DIFF, key=key, now=now, before=before)).single()
+            return row is not None and int(row["claimed"]) > 0
+
+        return await self._write("journal claim", tx)
+
+    async def drop_pending_diff(self, key: str) -> None:
+        async def tx(t: neo4j.AsyncManagedTransaction) -> None:
+            await (await t.run(DROP_PENDING_DIFF, key=key)).consume()
+
+        await self._write("journal drop", tx)
 
     async def stale_intents(self, before: float, limit: int) -> list[str]:
         rows = await self._read("stale intents", STALE_INTENTS, before=before, limit=limit)

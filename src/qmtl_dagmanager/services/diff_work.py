@@ -10,7 +10,10 @@ diff runs as a task of its own, under a deadline of its own, and its callers onl
 - an identical request (same strategy, DAG bytes, compute context, id mode and dry-run flag)
   that arrives while the work runs joins it and gets the same answer: one creation, not two;
 - `joined` tells the driver which work its call waited for, so its audit line can record the
-  work's outcome even when the caller left first (`sidecar/security.py`).
+  work's outcome even when the caller left first (`sidecar/security.py`);
+- the work may answer its callers before it ends (`answer`): the sidecar answers once the
+  diff's names are durable (journaled) and Kafka validated their creation, and the work goes
+  on to create the topics and write the graph (`diffs`).
 
 Across processes the graph's claims already serialize writers (see `diffs`).
 """
@@ -33,6 +36,11 @@ from qmtl_dagmanager.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# The work the current task runs (set in the task itself: `answer` finds it there).
+_running: contextvars.ContextVar[Work[Any] | None] = contextvars.ContextVar(
+    "qmtl_diff_running", default=None
+)
 
 # The work the current call waits for, set by `DiffWork.run` into the holder a driver put here
 # (a list, so that the driver sees what the handler appended whatever task runs it).
@@ -69,6 +77,7 @@ class Work(Generic[T]):
     key: str
     strategy_id: str
     task: asyncio.Task[T]
+    answer: asyncio.Future[T]  # the callers' answer: early (`answer`) or the task's result
     started: bool = False  # holds a diff slot: may change state from now on
     callers: int = 0  # callers waiting now
     left: int = 0  # callers that left before it ended
@@ -97,24 +106,28 @@ class DiffWork:
         started (see the module)."""
         found = self._inflight.get(key)
         if found is None:
-            task = asyncio.get_running_loop().create_task(
-                self._bounded(make, strategy_id), name=f"diff {strategy_id}"
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[T] = loop.create_future()
+            holder: list[Work[Any]] = []
+            task = loop.create_task(
+                self._bounded(make, strategy_id, holder), name=f"diff {strategy_id}"
             )
-            work: Work[Any] = Work(key, strategy_id, task)
+            work: Work[Any] = Work(key, strategy_id, task, answer)
+            holder.append(work)
             self._inflight[key] = work
             task.add_done_callback(functools.partial(self._ended, work))
         else:
             work = found
             self.metrics.diff_joined.inc()
             log.info("diff %s: an identical request is running; joined it", strategy_id)
-        holder = joined.get()
-        if holder is not None:
-            holder.append(work.task)
+        audit = joined.get()
+        if audit is not None:
+            audit.append(work.task)
         work.callers += 1
         try:
-            return cast(T, await asyncio.shield(work.task))
+            return cast(T, await asyncio.shield(work.answer))
         except asyncio.CancelledError:
-            if not work.task.done():  # this caller left; the work goes on
+            if not work.answer.done():  # this caller left; the work goes on
                 work.left += 1
                 self.metrics.diff_callers_left.labels(
                     "started" if work.started else "waiting"
@@ -125,7 +138,10 @@ class DiffWork:
         finally:
             work.callers -= 1
 
-    async def _bounded(self, make: Callable[[], Awaitable[T]], strategy_id: str) -> T:
+    async def _bounded(
+        self, make: Callable[[], Awaitable[T]], strategy_id: str, holder: list[Work[Any]]
+    ) -> T:
+        _running.set(holder[0])  # this task's own context
         try:
             async with asyncio.timeout(self.deadline):
                 return await make()
@@ -139,9 +155,27 @@ class DiffWork:
     def _ended(self, work: Work[Any], _: object = None) -> None:
         if self._inflight.get(work.key) is work:
             del self._inflight[work.key]
+        early = work.answer.done()
         if work.task.cancelled():
+            if not early:
+                work.answer.cancel()
             return
         error = work.task.exception()  # retrieved: never "exception was never retrieved"
+        if not early:
+            if error is None:
+                work.answer.set_result(work.task.result())
+            else:
+                work.answer.set_exception(error)
+                work.answer.exception()  # retrieved, whether or not a caller still waits
+        elif error is not None:
+            reason = getattr(error, "reason", type(error).__name__)
+            self.metrics.diff_completion_failures.labels(reason).inc()
+            log.warning(
+                "diff %s was answered but did not complete: %s: %s (its journal entry is replayed)",
+                work.strategy_id,
+                reason,
+                getattr(error, "message", error),
+            )
         if work.left:
             outcome = "OK" if error is None else getattr(error, "reason", type(error).__name__)
             log.info(
@@ -150,6 +184,18 @@ class DiffWork:
                 work.left,
                 outcome,
             )
+
+    @staticmethod
+    def answer(value: object) -> object | None:
+        """Called by running work: answer its callers now with `value`, the work going on.
+        Returns the answer given before, if one was (None otherwise, and outside any work)."""
+        work = _running.get()
+        if work is None:
+            return None
+        if work.answer.done():
+            return work.answer.result() if not work.answer.cancelled() else None
+        work.answer.set_result(value)
+        return None
 
     async def drain(self, timeout: float) -> int:
         """At shutdown: wait (bounded) for started work to end; returns how many did not."""

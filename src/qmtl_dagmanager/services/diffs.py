@@ -26,7 +26,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qmtl_dagmanager.core import dag, plan
@@ -46,6 +46,7 @@ from qmtl_dagmanager.ports import (
     BELOW_SPEC,
     Clock,
     GraphStore,
+    PendingDiff,
     SentinelWrite,
     TopicAdmin,
     TopicResult,
@@ -69,6 +70,26 @@ REPLAN_JITTER = 0.02  # seconds, times the attempt: writers that collided do not
 CONFIRM_READS = 2  # fresh reads that must agree before a cross-context refusal
 BUSY_WAIT = 5.0  # seconds a diff waits for a GC run deleting names it needs
 STALLED = 2.0  # seconds after which a running diff is taken as waiting for a dependency
+
+
+@dataclass(slots=True)
+class _Submission:
+    """One diff request as its work sees it: what the journal records when it answers early."""
+
+    key: str  # the request's identity (`diff_work.request_key`)
+    request: plan.Request
+    dag_json: str | bytes
+    ids: dag.IdMode
+    early: bool  # answered once journaled and validated (the sidecar)
+    parsed: dag.Dag | None = None
+
+    def entry(self, now: float) -> PendingDiff:
+        text = self.dag_json if isinstance(self.dag_json, str) else self.dag_json.decode()
+        return PendingDiff(self.key, self.request, text, self.ids.value, now)
+
+
+def _topics(p: plan.Plan) -> dict[NodeId, str]:
+    return {n.node.node_id: n.topic for n in p.nodes}
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +284,7 @@ class DiffService:
     async def _diff(
         self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode, key: str
     ) -> DiffOutcome:
+        submission = _Submission(key, request, dag_json, ids, early=self.settler is not None)
         key = "" if dry or not self.resubmissions.enabled else key
         seen = self.resubmissions.get(key)
         if seen is not None:
@@ -274,24 +296,26 @@ class DiffService:
                 await self._create_failed(seen.plan)
                 return seen
             self.resubmissions.drop(key)
-        outcome = await self._diff_fresh(request, dag_json, dry, ids)
+        outcome = await self._diff_fresh(submission, dry)
         if key and not outcome.dry_run and not outcome.plan.violations:
             self.resubmissions.put(key, outcome)
         return outcome
 
-    async def _diff_fresh(
-        self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode
-    ) -> DiffOutcome:
+    async def _diff_fresh(self, submission: _Submission, dry: bool) -> DiffOutcome:
+        request = submission.request
         with self.tracer.span("parse") as span:
-            d = dag.parse(dag_json, limits=self.limits, ids=ids, memo=self.memo)
+            d = dag.parse(
+                submission.dag_json, limits=self.limits, ids=submission.ids, memo=self.memo
+            )
             span.set("nodes", len(d.nodes))
+        submission.parsed = d
         if self.memo is not None:
             self.metrics.node_memo.set(len(self.memo))
         attempt, fresh = 1, False
         waited, delay = 0.0, 0.05
         while True:
             try:
-                return await self._plan_and_write(d, request, dry, fresh)
+                return await self._plan_and_write(d, submission, dry, fresh)
             except QueueBusy as e:  # a GC run is deleting names we need: wait, plan again
                 self.cache.evict(n.node_id for n in d.nodes)
                 self.metrics.diff_replans.labels(e.reason).inc()
@@ -314,8 +338,9 @@ class DiffService:
                     await asyncio.sleep(random.uniform(0, REPLAN_JITTER * attempt))  # noqa: S311 - jitter
 
     async def _plan_and_write(
-        self, d: dag.Dag, request: plan.Request, dry: bool, fresh: bool = False
+        self, d: dag.Dag, submission: _Submission, dry: bool, fresh: bool = False
     ) -> DiffOutcome:
+        request = submission.request
         with self.tracer.span("plan", {"fresh": fresh}):
             p, fingerprint = await self._plan(d, request, fresh=fresh)
         if p.violations:
@@ -338,22 +363,16 @@ class DiffService:
         creates = p.creates
         now = self.clock.now()
         intents: Mapping[str, int] = {}
+        if submission.early:
+            await self._journal(p, submission, now)
         if creates:
-            # written before the topics exist: a topic no queue ever owns is swept by GC;
-            # the write below is refused if a sweep deleted one of them meanwhile
-            with self.tracer.span("graph.record_intents", {"topics": len(creates)}):
-                recorded = await self.graph.record_intents(
-                    [c.topic for c in creates], now, request.strategy_id
-                )
-            if recorded.busy:
-                raise QueueBusy(list(recorded.busy))
-            intents = recorded.generations
+            intents = await self._intents(p, request.strategy_id, now)
         results = await self._create_topics(creates, request.strategy_id)
         sentinel = d.sentinels[0] if d.sentinels else None
         try:
             with self.tracer.span("graph.write", {"nodes": len(p.nodes)}):
                 reclaimed = await self.graph.apply(
-                    p, now, SentinelWrite.from_plan(p, sentinel), intents
+                    p, now, SentinelWrite.from_plan(p, sentinel), intents, journal=submission.key
                 )
         except DagManagerError:
             self.cache.evict(n.node_id for n in d.nodes)
@@ -388,6 +407,69 @@ class DiffService:
                 self.queue_events().kick()
         self.metrics.node_cache.set(len(self.cache))
         return DiffOutcome(p, d, False, results)
+
+    async def _journal(self, p: plan.Plan, submission: _Submission, now: float) -> None:
+        """Answer early (the sidecar): journal the diff (one small write: the request and
+        its DAG) while Kafka validates the creation (authorization, policy, configs); then
+        the callers get their answer, and this work goes on to record the intents, create
+        the topics and write the graph, whose transaction removes the entry. If this process
+        dies before that write, another one replays the entry (`diff_journal`): every name
+        handed out is created in the end."""
+        sid = submission.request.strategy_id
+        specs: dict[str, TopicSpec] = {c.topic: c.spec for c in p.creates if c.spec}
+        entry = submission.entry(now)
+        with self.tracer.span("graph.journal", {"topics": len(specs)}):
+            steps: list[Awaitable[object]] = [self.graph.record_intents([], now, sid, entry)]
+            if specs:
+                steps.append(self._validate(specs))
+            for outcome in await asyncio.gather(*steps, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    await self._forget(submission)
+                    raise outcome
+        if self.settler is not None and submission.parsed is not None:
+            self.settler.watch(specs, sid)  # pending from the answer on
+            self._answer(p, submission.parsed)
+
+    async def _intents(self, p: plan.Plan, sid: str, now: float) -> Mapping[str, int]:
+        """The creation intents, written before the topics exist: a topic no queue ever
+        owns is swept by GC; the write is refused if a sweep deleted one of them meanwhile."""
+        with self.tracer.span("graph.record_intents", {"topics": len(p.creates)}):
+            recorded = await self.graph.record_intents([c.topic for c in p.creates], now, sid)
+        if recorded.busy:
+            raise QueueBusy(list(recorded.busy))
+        return recorded.generations
+
+    async def _validate(self, specs: Mapping[str, TopicSpec]) -> None:
+        with self.tracer.span("kafka.validate", {"topics": len(specs)}):
+            results = await self.topics.validate(specs)
+        self._raise_for_topics(results, counted=False)
+
+    async def _forget(self, submission: _Submission) -> None:
+        """A diff refused before its answer: its journal entry goes (best effort; a replay
+        of a leftover is refused the same way and dropped)."""
+        try:
+            await self.graph.drop_pending_diff(submission.key)
+        except DagManagerError as e:
+            log.info("journal entry of %s not dropped: %s", submission.request.strategy_id, e)
+
+    def _answer(self, p: plan.Plan, d: dag.Dag) -> None:
+        """Answer the callers now (the work goes on); on a later plan of the same work, say
+        so if it names other topics than the answer did."""
+        outcome = DiffOutcome(p, d, False)
+        earlier = diff_work.DiffWork.answer(outcome)
+        if earlier is None:
+            self.metrics.diff_answered_early.inc()
+            return
+        if isinstance(earlier, DiffOutcome) and _topics(earlier.plan) != _topics(p):
+            self.metrics.diff_answers_superseded.inc()
+            changed = sorted(set(_topics(earlier.plan).items()) - set(_topics(p).items()))
+            log.warning(
+                "diff %s: planned again after its answer; %d node(s) now have other topics "
+                "than the answer gave (another writer created them first), e.g. %s",
+                p.strategy_id,
+                len(changed),
+                changed[0][1] if changed else "",
+            )
 
     async def _create_topics(
         self, creates: Sequence[plan.NodePlan], strategy_id: str
@@ -467,9 +549,9 @@ class DiffService:
         )
         self._raise_for_topics(results)
 
-    def _raise_for_topics(self, results: dict[str, TopicResult]) -> None:
+    def _raise_for_topics(self, results: dict[str, TopicResult], *, counted: bool = True) -> None:
         short = sorted(t for t, r in results.items() if r.ok and r.message)
-        if short:  # reused below the durability asked: the operator's drift event says so
+        if short and counted:  # reused below the durability asked: the drift event says so
             log.warning(
                 "%d topic(s) %s e.g. %s: %s",
                 len(short),
@@ -478,11 +560,12 @@ class DiffService:
                 results[short[0]].message.removeprefix(BELOW_SPEC),
             )
         bad = {t: r for t, r in results.items() if not r.ok}
-        if len(bad) < len(results):
+        if len(bad) < len(results) and counted:
             self.metrics.queue_create_successes.inc(len(results) - len(bad))
         if not bad:
             return
-        self.metrics.queue_create_errors.inc(len(bad))
+        if counted:
+            self.metrics.queue_create_errors.inc(len(bad))
         detail = "; ".join(
             f"{t}: {r.status.value} {r.message}".strip() for t, r in sorted(bad.items())[:5]
         )
