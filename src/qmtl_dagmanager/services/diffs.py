@@ -26,7 +26,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qmtl_dagmanager.core import dag, plan
@@ -54,6 +54,7 @@ from qmtl_dagmanager.ports import (
 )
 from qmtl_dagmanager.services import diff_work
 from qmtl_dagmanager.services.controlbus import ControlBus
+from qmtl_dagmanager.services.diff_ahead import Ahead
 from qmtl_dagmanager.services.node_cache import NodeCache, ResubmissionCache
 from qmtl_dagmanager.services.queue_events import QueueEvents
 from qmtl_dagmanager.services.queue_topics import ensure_queue_topics
@@ -82,6 +83,7 @@ class _Submission:
     ids: dag.IdMode
     early: bool  # answered once journaled and validated (the sidecar)
     parsed: dag.Dag | None = None
+    ahead: Ahead | None = None  # the journal and validation started beside the read
 
     def entry(self, now: float) -> PendingDiff:
         text = self.dag_json if isinstance(self.dag_json, str) else self.dag_json.decode()
@@ -125,6 +127,7 @@ class DiffService:
     _since: dict[object, float] = field(default_factory=dict)  # when each running diff began
     events: QueueEvents | None = None  # the process's publisher; one of its own if None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _abandoning: set[asyncio.Task[None]] = field(default_factory=set)
     _counts_stale: bool = False
     tracer: Tracer = field(default_factory=Tracer)
     work: diff_work.DiffWork | None = None  # the process's running diffs; its own if None
@@ -221,7 +224,7 @@ class DiffService:
         return bool(self._since) or self._waiting > 0
 
     async def _plan(
-        self, d: dag.Dag, request: plan.Request, *, fresh: bool = False
+        self, d: dag.Dag, request: plan.Request, *, fresh: bool = False, ahead: Ahead | None = None
     ) -> tuple[plan.Plan, str | None]:
         """Plan with the node records (from the cache unless `fresh`, else one graph query
         that also returns the strategy's fingerprint), then look up who owns the names of new
@@ -232,12 +235,24 @@ class DiffService:
         records = {} if fresh else self.cache.get_many(ids)
         cached = bool(records)
         missing = [nid for nid in ids if nid not in records] if records else ids
+        # the first-choice names of the nodes not known here, looked up in the same read:
+        # a new node's name is then settled without a second round trip
+        ns = plan.resolve_namespace(d, request) if self.namespaces else None
+        unknown = set(missing)
+        guesses = {
+            t: n.node_type
+            for n, t in zip(d.nodes, plan.candidate_topics(d, ns), strict=True)
+            if n.node_id in unknown
+        }
+        first_choice = sorted(guesses)
+        if ahead is not None:  # journal, and validate the likely creations, beside the read
+            ahead.start({t: self.catalog.spec_for(kind) for t, kind in guesses.items()})
         with self.tracer.span("graph.read", {"nodes": len(missing), "cached": len(records)}):
-            read = await self.graph.read(missing, [], request.strategy_id)
+            read = await self.graph.read(missing, first_choice, request.strategy_id)
         self.cache.put_many(read.records)
         records.update(read.records)
-        owners: dict[str, NodeId] = {}
-        looked_up: set[str] = set()
+        owners: dict[str, NodeId] = dict(read.owners)
+        looked_up: set[str] = set(first_choice)
         confirmations = 0
         rounds = 0
         while True:
@@ -302,7 +317,6 @@ class DiffService:
         return outcome
 
     async def _diff_fresh(self, submission: _Submission, dry: bool) -> DiffOutcome:
-        request = submission.request
         with self.tracer.span("parse") as span:
             d = dag.parse(
                 submission.dag_json, limits=self.limits, ids=submission.ids, memo=self.memo
@@ -311,6 +325,20 @@ class DiffService:
         submission.parsed = d
         if self.memo is not None:
             self.metrics.node_memo.set(len(self.memo))
+        if submission.early and not dry:
+            entry = submission.entry(self.clock.now())
+            submission.ahead = Ahead(self.graph, self.topics, entry, self.tracer)
+        try:
+            return await self._replan(d, submission, dry)
+        finally:
+            ahead = submission.ahead
+            if ahead is not None and not ahead.answered:  # nothing to write, or refused
+                task = asyncio.get_running_loop().create_task(ahead.abandon())
+                self._abandoning.add(task)
+                task.add_done_callback(self._abandoning.discard)
+
+    async def _replan(self, d: dag.Dag, submission: _Submission, dry: bool) -> DiffOutcome:
+        request = submission.request
         attempt, fresh = 1, False
         waited, delay = 0.0, 0.05
         while True:
@@ -342,7 +370,7 @@ class DiffService:
     ) -> DiffOutcome:
         request = submission.request
         with self.tracer.span("plan", {"fresh": fresh}):
-            p, fingerprint = await self._plan(d, request, fresh=fresh)
+            p, fingerprint = await self._plan(d, request, fresh=fresh, ahead=submission.ahead)
         if p.violations:
             self.metrics.cross_context.inc(len(p.violations))
             if not dry:  # a dry run (a person checking a DAG) holds no rollout back
@@ -363,8 +391,8 @@ class DiffService:
         creates = p.creates
         now = self.clock.now()
         intents: Mapping[str, int] = {}
-        if submission.early:
-            await self._journal(p, submission, now)
+        if submission.ahead is not None:
+            await self._answer_early(p, submission.ahead, d)
         if creates:
             intents = await self._intents(p, request.strategy_id, now)
         results = await self._create_topics(creates, request.strategy_id)
@@ -408,27 +436,19 @@ class DiffService:
         self.metrics.node_cache.set(len(self.cache))
         return DiffOutcome(p, d, False, results)
 
-    async def _journal(self, p: plan.Plan, submission: _Submission, now: float) -> None:
-        """Answer early (the sidecar): journal the diff (one small write: the request and
-        its DAG) while Kafka validates the creation (authorization, policy, configs); then
-        the callers get their answer, and this work goes on to record the intents, create
-        the topics and write the graph, whose transaction removes the entry. If this process
-        dies before that write, another one replays the entry (`diff_journal`): every name
-        handed out is created in the end."""
-        sid = submission.request.strategy_id
+    async def _answer_early(self, p: plan.Plan, ahead: Ahead, d: dag.Dag) -> None:
+        """The sidecar answers once the diff is journaled and Kafka validated its creations
+        (authorization, policy, configs; both started beside the read: `diff_ahead`). The
+        work goes on to record the intents, create the topics and write the graph, whose
+        transaction removes the entry; if this process dies first, another one replays it
+        (`diff_journal`): every name handed out is created in the end."""
         specs: dict[str, TopicSpec] = {c.topic: c.spec for c in p.creates if c.spec}
-        entry = submission.entry(now)
-        with self.tracer.span("graph.journal", {"topics": len(specs)}):
-            steps: list[Awaitable[object]] = [self.graph.record_intents([], now, sid, entry)]
-            if specs:
-                steps.append(self._validate(specs))
-            for outcome in await asyncio.gather(*steps, return_exceptions=True):
-                if isinstance(outcome, BaseException):
-                    await self._forget(submission)
-                    raise outcome
-        if self.settler is not None and submission.parsed is not None:
-            self.settler.watch(specs, sid)  # pending from the answer on
-            self._answer(p, submission.parsed)
+        results = await ahead.settle(specs)
+        self._raise_for_topics(results, counted=False)
+        if self.settler is not None:
+            self.settler.watch(specs, p.strategy_id)  # pending from the answer on
+        ahead.answered = True
+        self._answer(p, d)
 
     async def _intents(self, p: plan.Plan, sid: str, now: float) -> Mapping[str, int]:
         """The creation intents, written before the topics exist: a topic no queue ever
@@ -438,19 +458,6 @@ class DiffService:
         if recorded.busy:
             raise QueueBusy(list(recorded.busy))
         return recorded.generations
-
-    async def _validate(self, specs: Mapping[str, TopicSpec]) -> None:
-        with self.tracer.span("kafka.validate", {"topics": len(specs)}):
-            results = await self.topics.validate(specs)
-        self._raise_for_topics(results, counted=False)
-
-    async def _forget(self, submission: _Submission) -> None:
-        """A diff refused before its answer: its journal entry goes (best effort; a replay
-        of a leftover is refused the same way and dropped)."""
-        try:
-            await self.graph.drop_pending_diff(submission.key)
-        except DagManagerError as e:
-            log.info("journal entry of %s not dropped: %s", submission.request.strategy_id, e)
 
     def _answer(self, p: plan.Plan, d: dag.Dag) -> None:
         """Answer the callers now (the work goes on); on a later plan of the same work, say
