@@ -49,6 +49,11 @@ from bench.sidecar_bench import pct, wait_serving  # noqa: E402
 
 BUDGET = 0.1  # the Gateway's wait for a strategy submission's Diff
 RETRY_EVERY = 1.0
+# a new strategy arrives this long after the previous one's topics are describable, so that
+# each first submission is measured beside the previous one's background work only as much
+# as a steady stream of one new strategy every second or two would have it
+NEXT_NEW_AFTER = 1.0
+SETTLE_BEFORE_WARM = 5.0  # the new DAGs' graph writes end before the resubmissions start
 GIVE_UP = 30.0
 VISIBLE_BOUND = 10.0  # topic_visible_bound_seconds' default: describable within this
 
@@ -81,11 +86,13 @@ async def new_dags(
             never += 1
             continue
         answered.append(time.perf_counter() - t0)
+        print(f"  {strategy}: answered after {answered[-1] * 1e3:.0f} ms", flush=True)
         topics = sorted(set(reply.topics_by_node("w1.live").values()))
         assert len(reply.queue_map) == size, (len(reply.queue_map), size)
         made.extend(topics)
         seen = await asyncio.to_thread(until_described, admin, topics, t0 + GIVE_UP, 0.01)
         visible.append(float("nan") if seen is None else seen - t0)
+        await asyncio.sleep(NEXT_NEW_AFTER)
     ms = [x * 1e3 for x in first]
     print(
         f"new {size}-node DAGs: {len(first)} of {count} first submissions answered within "
@@ -142,7 +149,7 @@ async def main() -> None:
     ap.add_argument("--warm-seconds", type=float, default=20)
     args = ap.parse_args()
     e = stack_env()
-    proc, port = start_sidecar(e, "bench-gateway")
+    proc, port = start_sidecar(e, "bench-gateway", os.environ.get("BENCH_EXTRA", "").replace(";", "\n") + "\n")
     client = GatewayClient(f"127.0.0.1:{port}")
     admin = AdminClient({"bootstrap.servers": e["KAFKA_BOOTSTRAP_SERVERS"], **kafka_extra(e)})
     made: list[str] = []
@@ -159,6 +166,7 @@ async def main() -> None:
         await client.diff(f"gw-{run}-warmup", dumps(generate(5, salt=run)), world_id="w1")
         for size in (int(x) for x in args.sizes.split(",")):
             await new_dags(client, admin, size, args.new, run, made)
+        await asyncio.sleep(SETTLE_BEFORE_WARM)
         known = []
         for size in (int(x) for x in args.sizes.split(",")):
             for i in range(min(args.new, 5)):
