@@ -59,9 +59,11 @@ VISIBLE_BOUND = 10.0  # topic_visible_bound_seconds' default: describable within
 
 
 async def within_budget(client: GatewayClient, strategy: str, text: str) -> DiffReply | None:
+    t = time.perf_counter()
     try:
         return await asyncio.wait_for(client.diff(strategy, text, world_id="w1"), BUDGET)
     except TimeoutError:
+        print(f"DEBUG {strategy} attempt missed at {time.time():.3f} started {time.time() - (time.perf_counter() - t):.3f}", flush=True)
         return None
 
 

@@ -242,7 +242,7 @@ async def test_dropped_between_a_diffs_read_and_its_write_the_diff_plans_again(
     nodes, mine = await w.orphans()
     runs: list[Any] = []
 
-    async def gc_first(*_: Any) -> None:
+    async def gc_first(*_: Any, **__: Any) -> None:
         if not runs:  # the diff has read the graph and planned to reuse all three
             runs.append(await w.gc().collect())
 

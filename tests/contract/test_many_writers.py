@@ -271,7 +271,7 @@ async def test_a_topic_created_but_never_owned_is_swept_after_the_grace(
         def __getattr__(self, name: str) -> Any:
             return getattr(graph, name)
 
-        async def apply(self, *_: Any) -> tuple[str, ...]:
+        async def apply(self, *_: Any, **__: Any) -> tuple[str, ...]:
             raise Crash  # the process dies after creating its topics
 
     crashing = DiffService(

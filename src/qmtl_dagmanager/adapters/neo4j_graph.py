@@ -20,7 +20,6 @@ import orjson
 from neo4j import exceptions as neo4j_errors
 
 from qmtl_dagmanager.adapters import graph_rows
-from qmtl_dagmanager.core import tag_match
 from qmtl_dagmanager.core.errors import (
     Conflict,
     InvalidSpec,
@@ -32,7 +31,7 @@ from qmtl_dagmanager.core.errors import (
 from qmtl_dagmanager.core.gc import retired_key
 from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import NodeRecord, Plan, QueryGroup, QueueRecord, Request
-from qmtl_dagmanager.core.tag_match import TaggedQueue, TagQuery
+from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.ports import (
     CROSS_CONTEXT_KEEP,
     DELETING_TTL,
@@ -479,11 +478,22 @@ SET q.keep_by = after
 RETURN count(q) AS changed
 """
 
-BY_TAGS = """
-MATCH (q:Queue) WHERE q.interval IN $intervals
-MATCH (n:ComputeNode)-[:EMITS]->(q)
-WHERE any(t IN $tags WHERE t IN n.tags)
-RETURN q.base AS topic, q.is_global AS is_global, q.interval AS interval, n.tags AS tags
+# Matched in the query, one row per query with its (topic, global) pairs: reading one row per
+# (queue, node) with the node's tags and matching in Python cost the process a Python object
+# per row, tens of thousands for a common tag, decoded in the event loop.
+BY_TAG_QUERIES = """
+UNWIND range(0, size($queries) - 1) AS i
+WITH i, $queries[i] AS tq
+CALL (tq) {
+  MATCH (q:Queue) WHERE q.interval = tq.interval
+  MATCH (n:ComputeNode)-[:EMITS]->(q)
+  WHERE CASE WHEN tq.all THEN all(t IN tq.tags WHERE t IN n.tags)
+             ELSE any(t IN tq.tags WHERE t IN n.tags) END
+  WITH q.base AS topic, max(coalesce(q.is_global, false)) AS is_global
+  ORDER BY topic
+  RETURN collect([topic, is_global]) AS hits
+}
+RETURN i, hits
 """
 
 QUEUES = """
@@ -1081,23 +1091,19 @@ class Neo4jGraphStore:
         return (await self.queues_by_tag_queries([TagQuery(tuple(tags), interval, match_mode)]))[0]
 
     async def queues_by_tag_queries(self, queries: Sequence[TagQuery]) -> list[list[QueueRef]]:
-        """One read of every queue any query could select (each once), matched in Python."""
-        tags = sorted({t for q in queries for t in q.tags})
-        if not tags:
-            return [[] for _ in queries]
-        rows = await self._read(
-            "tag query",
-            BY_TAGS,
-            intervals=sorted({q.interval for q in queries}),
-            tags=tags,
-        )
-        candidates = [
-            TaggedQueue(
-                r["topic"], bool(r["is_global"]), int(r["interval"]), frozenset(r["tags"] or ())
-            )
-            for r in rows
+        """One read: every query matched by Neo4j, answered as one list per query."""
+        asked = [
+            {"tags": sorted(set(q.tags)), "interval": int(q.interval), "all": q.match_mode == "all"}
+            for q in queries
         ]
-        return [[QueueRef(t, g) for t, g in hit] for hit in tag_match.select(queries, candidates)]
+        out: list[list[QueueRef]] = [[] for _ in queries]
+        live = [i for i, q in enumerate(asked) if q["tags"]]  # no tags: selects nothing
+        if not live:
+            return out
+        rows = await self._read("tag query", BY_TAG_QUERIES, queries=[asked[i] for i in live])
+        for row in rows:
+            out[live[int(row["i"])]] = [QueueRef(t, bool(g)) for t, g in row["hits"]]
+        return out
 
     async def queues(self, topics: Sequence[str] | None = None) -> list[QueueDetail]:
         rows = await self._read(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import uuid
 from collections.abc import Iterable
@@ -47,7 +48,11 @@ class ControlBus:
         queues: Iterable[tuple[str, bool]],
         match_mode: str,
     ) -> None:
-        key, data = events.queue_updated(tags, interval, queues, match_mode)
+        # built in a worker thread: a common tag's set can hold tens of thousands of queues,
+        # and sorting and hashing them in the event loop would hold up every call meanwhile
+        key, data = await asyncio.to_thread(
+            events.queue_updated, tags, interval, list(queues), match_mode
+        )
         await self._send(self.topics.queue, "queue_updated", key, data)
 
     async def queue_lifecycle(self, queue: str, action: str, reason: str) -> None:
