@@ -13,10 +13,12 @@ a 50k-node embedded graph every 20 s; a 20 ms one every 5 s). Cyclic garbage a d
 (tasks, futures, tracebacks) lives that much longer: under 50 diffs/s about 2 MB a second,
 so RSS runs a few tens of MB higher.
 
-When it starts, what the process holds by then (its modules, functions, classes and clients:
-some 80k objects, a 35 ms walk on the project's VM, more while Kafka and Neo4j share the cores)
-is collected once and frozen (`gc.freeze`): later full collections walk only what was made
-since. Those objects live as long as the process anyway; nothing made later is frozen.
+Full collections are kept short by freezing (`gc.freeze`) what survived the last one: the
+next walks only what was made since. At start that is the process itself (modules, functions,
+classes, clients: some 80k objects, a 35 ms walk on the project's VM, far more while Kafka and
+Neo4j share the cores); later it is what the caches took in (1k-node plans and parsed nodes).
+Cyclic garbage among frozen objects would wait, so every `thaw_every` collections the frozen
+set is released and walked once, at an idle moment like the others.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ class FullCollections:
         *,
         every: float = 5.0,
         max_delay: float = 120.0,
+        thaw_every: int = 60,
     ) -> None:
         self._busy = busy
         self._pauses = pauses
         self.every = every
         self.max_delay = max_delay
+        self.thaw_every = thaw_every
+        self._runs = 0
         self._saved: tuple[int, int, int] | None = None
 
     def install(self) -> None:
@@ -57,14 +62,20 @@ class FullCollections:
             gc.set_threshold(self._saved[0], self._saved[1], NEVER)
 
     def uninstall(self) -> None:
+        gc.unfreeze()
         if self._saved is not None:
             gc.set_threshold(*self._saved)
             self._saved = None
 
     def collect(self) -> float:
-        """One full collection now; returns its pause in seconds."""
+        """One full collection now of what is not frozen (of everything every `thaw_every`
+        runs), then freeze what survived; returns its pause in seconds."""
         started = time.perf_counter()
+        self._runs += 1
+        if self._runs % self.thaw_every == 0:
+            gc.unfreeze()
         found = gc.collect()
+        gc.freeze()
         pause = time.perf_counter() - started
         self._pauses.observe(pause)
         log.debug("full garbage collection: %d objects freed in %.1f ms", found, pause * 1000)
@@ -74,8 +85,6 @@ class FullCollections:
         """Until cancelled: wait, then collect at the first idle moment (or after
         `max_delay`)."""
         self.install()
-        gc.collect()
-        gc.freeze()  # the process's start-up objects: never walked again (see the module)
         try:
             wait = self.every
             while True:
@@ -86,5 +95,4 @@ class FullCollections:
                     await asyncio.sleep(IDLE_POLL)
                 wait = max(self.every, self.collect() / PAUSE_SHARE)
         finally:
-            gc.unfreeze()
             self.uninstall()

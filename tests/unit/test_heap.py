@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import time
+import weakref
 
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -90,3 +91,27 @@ def test_cyclic_garbage_is_still_freed() -> None:
         assert len([o for o in gc.get_objects() if isinstance(o, Cell)]) == alive - 2
     finally:
         fc.uninstall()
+
+
+def test_survivors_are_frozen_and_thawed_every_so_often() -> None:
+    hist, _ = pauses()
+    fc = FullCollections(lambda: False, hist, thaw_every=3)
+
+    class Cell:
+        other: object = None
+
+    fc.install()
+    try:
+        a, b = Cell(), Cell()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        fc.collect()  # the pair survives: frozen, not walked by the next collections
+        assert gc.get_freeze_count() > 0
+        del a, b  # cyclic garbage, but frozen
+        fc.collect()
+        assert gone() is not None  # waits for the thaw
+        fc.collect()  # the third run thaws first: everything is walked, the pair goes
+        assert gone() is None
+    finally:
+        fc.uninstall()
+    assert gc.get_freeze_count() == 0
