@@ -12,7 +12,7 @@ from qmtl_dagmanager.core.identity import NodeId
 from qmtl_dagmanager.core.plan import Action, Request
 from qmtl_dagmanager.core.tag_match import TagQuery
 from qmtl_dagmanager.core.topics import TopicCatalog
-from qmtl_dagmanager.ports import Forgot, GraphStore, SentinelWrite
+from qmtl_dagmanager.ports import Forgot, GraphStore, PendingDiff, SentinelWrite
 from tests.unit.dags import chain, encode, node
 
 CATALOG = TopicCatalog()
@@ -278,3 +278,40 @@ async def test_cross_context_hits_are_counted_by_time_and_pruned_after_a_week(
     # a record eight days later prunes both
     await graph.record_cross_context("s3", 1, NOW + 8 * 86_400)
     assert await graph.cross_context_since(0) == 1
+
+
+async def test_the_diff_journal_records_claims_and_goes_with_the_write(graph: GraphStore) -> None:
+    request = Request("journal-s", world_id="w1", execution_domain="live")
+    nodes = chain(3)
+    text = encode(nodes).decode()
+    entry = PendingDiff("key-1", request, text, "verify", NOW, owner="sidecar-a")
+    await graph.record_intents([], NOW, "journal-s", entry)
+    assert await graph.pending_diffs(NOW - 1, 10) == []  # newer than asked
+    [found] = await graph.pending_diffs(NOW + 1, 10)
+    assert (found.key, found.request, found.dag, found.ids) == (
+        "key-1",
+        request,
+        entry.dag,
+        "verify",
+    )
+    assert (found.owner, found.replays) == ("sidecar-a", 0)
+
+    # a replay claims it: its time moves on, so others leave it for a while
+    assert await graph.claim_pending_diff("key-1", NOW + 20, NOW + 1)
+    assert not await graph.claim_pending_diff("key-1", NOW + 21, NOW + 1)  # taken
+    [claimed] = await graph.pending_diffs(NOW + 30, 10)
+    assert (claimed.at, claimed.replays) == (NOW + 20, 1)
+
+    # a newer submission of the strategy replaces it; the write of that one removes it
+    newer = PendingDiff("key-2", request, text, "verify", NOW + 40)
+    await graph.record_intents([], NOW + 40, "journal-s", newer)
+    assert [e.key for e in await graph.pending_diffs(NOW + 50, 10)] == ["key-2"]
+    p = await diff(graph, nodes, request)
+    await graph.apply(p, NOW + 41, SentinelWrite.from_plan(p, None), journal="key-2")
+    assert await graph.pending_diffs(NOW + 50, 10) == []
+
+    await graph.record_intents(
+        [], NOW, "other-s", PendingDiff("key-3", Request("other-s"), "{}", "off", NOW)
+    )
+    await graph.drop_pending_diff("key-3")
+    assert await graph.pending_diffs(NOW + 50, 10) == []

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -16,17 +20,20 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+import yaml
 from confluent_kafka import Consumer, Producer
 
+from qmtl_dagmanager.adapters.neo4j_graph import Neo4jGraphStore
 from qmtl_dagmanager.client import GatewayClient
 from qmtl_dagmanager.core.topics import TopicSpec
 from qmtl_dagmanager.pb import dagmanager_pb2 as pb
 from qmtl_dagmanager.ports import TopicResult
 from qmtl_dagmanager.sidecar import app
-from tests.conftest import Stack
+from tests.conftest import Stack, free_port
 from tests.gen import dumps, generate
 from tests.integration.conftest import real_settings
 from tests.integration.kube_harness import until
+from tests.writers import _serving
 
 pytestmark = pytest.mark.integration
 ANSWER_BOUND = 5.0  # every RPC answers within this while a server is down (issue: 5 s)
@@ -55,15 +62,15 @@ async def test_a_cancelled_diff_completes_and_an_identical_request_joins_it(
     strategy, doc = f"gwc-{uid()}", dumps(generate(200, salt=uid()))
     created_before = sidecar.container.metrics.queue_create_successes._value.get()
     admin = sidecar.container.topics
-    ensure, entered, gate = admin.ensure, asyncio.Event(), asyncio.Event()
+    validate, entered, gate = admin.validate, asyncio.Event(), asyncio.Event()
 
-    async def held(topics: Mapping[str, TopicSpec], **kw: bool) -> dict[str, TopicResult]:
+    async def held(topics: Mapping[str, TopicSpec]) -> dict[str, TopicResult]:
         if len(topics) == 200:  # this diff's batch, nobody else's
-            entered.set()  # the diff is changing state: intents recorded, creation under way
+            entered.set()  # the diff is changing state: its journal entry is being written
             await gate.wait()
-        return await ensure(topics, **kw)
+        return await validate(topics)
 
-    admin.ensure = held  # type: ignore[method-assign]
+    admin.validate = held  # type: ignore[method-assign]
     try:
         call = asyncio.create_task(client.diff(strategy, doc, world_id="w1"))
         await asyncio.wait_for(entered.wait(), 30)
@@ -77,13 +84,13 @@ async def test_a_cancelled_diff_completes_and_an_identical_request_joins_it(
         joined = await retry  # the identical retry joined the running work
         topics = set(joined.topics_by_node("w1.live").values())
         assert len(topics) == 200
+        await until(lambda: len(diffs.running()) == 0, 30)  # answered early: let it end
         # one creation of 200 topics in all: the joiner started no second one
         created = sidecar.container.metrics.queue_create_successes._value.get()
         assert created - created_before == 200
         assert len(await sidecar.container.graph.strategy_nodes(strategy)) == 200
         assert topics <= await sidecar.container.topics.list_topics()
-        await until(lambda: len(diffs.running()) == 0, 10)
-        admin.ensure = ensure  # type: ignore[method-assign]
+        admin.validate = validate  # type: ignore[method-assign]
         lines = [r.getMessage() for r in caplog.records if r.name == "qmtl_dagmanager.audit"]
         mine = [line for line in lines if f"strategy={strategy}" in line]
         assert any("outcome=OK caller=left after" in line for line in mine), mine
@@ -237,3 +244,86 @@ async def test_an_outage_is_answered_fast_and_service_returns(
         await asyncio.sleep(1)
     for c in clients:
         await c.close()
+
+
+async def test_a_sidecar_killed_after_its_answer_is_completed_by_another(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Sidecar A answers a new 1k-node DAG (journaled, validated) and is SIGKILLed at once,
+    before its work writes the graph; sidecar B's journal replays the entry: the graph holds
+    the strategy and every topic of A's answer exists."""
+    grpc_port = free_port()
+    cfg = tmp_path / "a.yml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "neo4j_dsn": stack.neo4j_uri,
+                "neo4j_user": stack.neo4j_user,
+                "kafka_dsn": stack.kafka_bootstrap,
+                "grpc_port": grpc_port,
+                "http_port": free_port(),
+                "gc_interval_seconds": 0,
+                "gc_archive_bucket": str(tmp_path / "archive"),
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "KAFKA_", "QMTL_"))}
+    env["NEO4J_PASSWORD"] = stack.neo4j_password
+    env["NEO4J_SSL_CA"] = stack.neo4j_ca
+    env.update(stack.kafka_process_env())
+    with (tmp_path / "a.log").open("wb") as out:
+        a = subprocess.Popen(
+            [sys.executable, "-m", "qmtl_dagmanager.cli", "--config", str(cfg), "server"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    graph = Neo4jGraphStore(
+        stack.neo4j_uri, stack.neo4j_user, stack.neo4j_password, ca=stack.neo4j_ca
+    )
+    strategy, client = f"kill9-{uid()}", GatewayClient(f"127.0.0.1:{grpc_port}")
+    try:
+        await _serving(grpc_port, a)
+        reply = await client.diff(strategy, dumps(generate(1000, salt=uid())), world_id="w1")
+        a.send_signal(signal.SIGKILL)  # at once: its work is still creating and writing
+        a.wait(30)
+        handed_out = set(reply.topics_by_node("w1.live").values())
+        assert len(handed_out) == 1000
+        pending = [e for e in await graph.pending_diffs(time.time() + 60, 100)
+                   if e.request.strategy_id == strategy]  # fmt: skip
+        assert len(pending) == 1, "A wrote the graph before it died: nothing left to replay"
+        assert len(await graph.strategy_nodes(strategy)) < 1000
+    finally:
+        await client.close()
+        if a.poll() is None:
+            a.send_signal(signal.SIGKILL)
+            a.wait(30)
+    b = await app.start(
+        real_settings(
+            stack,
+            archive_dir=str(tmp_path / "b"),
+            diff_journal_grace_seconds=1,
+            diff_journal_interval_seconds=1,
+        )
+    )
+    try:
+
+        async def written() -> bool:
+            return len(await graph.strategy_nodes(strategy)) == 1000
+
+        await until_async(written, 90)
+        assert handed_out <= await b.container.topics.list_topics()
+        left = await graph.pending_diffs(time.time() + 60, 100)
+        assert not [e for e in left if e.request.strategy_id == strategy]
+        assert b.container.metrics.diff_journal_replays.labels("completed")._value.get() >= 1
+    finally:
+        await b.stop(0)
+        await graph.close()
+
+
+async def until_async(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout:g} s")
+        await asyncio.sleep(0.5)
