@@ -197,7 +197,14 @@ class Container:
         return self._once(
             "queues",
             lambda: QueueService(
-                self.graph, self.topics, self.metrics, self.clock, settler=self.settler()
+                self.graph,
+                self.topics,
+                self.metrics,
+                self.clock,
+                settler=self.settler(),
+                # the sidecar's diffs (built before this), whose early answers its reads wait
+                # for; none in a process that does not answer early
+                writes=sidecar.running() if (sidecar := self._built.get("diffs:True")) else None,
             ),
         )
 

@@ -63,7 +63,7 @@ def test_schema_commands(stack: Stack, tmp_path: Path) -> None:
     r = dagmanager(stack, "export-schema", "--out", str(out))
     assert r.returncode == 0, r.stderr
     text = out.read_text()
-    assert text.count("CREATE CONSTRAINT") == 8 and text.count("CREATE INDEX") == 8
+    assert text.count("CREATE CONSTRAINT") == 9 and text.count("CREATE INDEX") == 10
     assert "REQUIRE n.node_id IS UNIQUE" in text
     assert "REQUIRE q.slot IS UNIQUE" in text  # one queue per (node, compute key)
 

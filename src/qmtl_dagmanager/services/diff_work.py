@@ -197,6 +197,14 @@ class DiffWork:
         work.answer.set_result(value)
         return None
 
+    async def settled(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) for the work already answered but still writing: a
+        read of the graph after an early answer then sees that answer's queues (read your
+        writes, within this process)."""
+        writing = [w.task for w in self._inflight.values() if w.answer.done()]
+        if writing:
+            await asyncio.wait(writing, timeout=timeout)
+
     async def drain(self, timeout: float) -> int:
         """At shutdown: wait (bounded) for started work to end; returns how many did not."""
         tasks = [w.task for w in self._inflight.values()]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from qmtl_dagmanager.core.errors import InvalidSpec
 from qmtl_dagmanager.metrics import Metrics
 from qmtl_dagmanager.ports import Clock, GraphStore, QueueRef, TopicAdmin
+from qmtl_dagmanager.services.diff_work import DiffWork
 from qmtl_dagmanager.services.topic_settle import TopicSettler
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class QueueService:
     metrics: Metrics
     clock: Clock
     settler: TopicSettler | None = None  # the process's topics not yet described by a broker
+    # the process's diffs: a read waits (bounded) for those answered but not yet written
+    writes: DiffWork | None = None
+    write_wait: float = 2.0
 
     def pending(self, topics: Iterable[str]) -> list[str]:
         """Those of `topics` answered on Kafka's acknowledgement that no broker describes yet
@@ -78,11 +82,18 @@ class QueueService:
         if interval < 0:
             raise InvalidSpec("interval must not be negative", reason="InvalidInterval")
         clean = [t.strip() for t in tags if t.strip()]
+        await self._written()
         return await self.graph.queues_by_tags(clean, interval, mode)
+
+    async def _written(self) -> None:
+        """Read your writes: diffs this process answered early are written first (bounded)."""
+        if self.writes is not None:
+            await self.writes.settled(self.write_wait)
 
     async def stats(self, filter_text: str) -> dict[str, int]:
         f = parse_filter(filter_text)
         wanted = set(f.tags)
+        await self._written()
         names = [
             q.topic
             for q in await self.graph.queues()
