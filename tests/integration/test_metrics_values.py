@@ -67,6 +67,8 @@ async def test_metric_values_follow_real_actions(sidecar: Running) -> None:
     reply = await sidecar.client.diff(f"m-{uid()}", text, execution_domain="backtest", as_of="1")
     created = len(set(reply.queue_map.values()))
     assert created == 6
+    while container.diffs().running():  # the sidecar answers early: its work ends after
+        await asyncio.sleep(0.02)
     counts = await container.graph.counts()
     m = await eventually(base, lambda m: m.get(("compute_nodes_total", ())) == counts.compute_nodes)
     assert value(m, "queue_create_success_total") == created

@@ -25,6 +25,7 @@ from qmtl_dagmanager.client import GatewayClient
 from qmtl_dagmanager.sidecar import app
 from tests.conftest import Stack, free_port
 from tests.integration.conftest import real_settings
+from tests.integration.kube_harness import until
 from tests.unit.dags import encode, node
 from tests.writers import _serving
 
@@ -92,6 +93,8 @@ async def test_events_pending_while_kafka_is_down_are_published_when_it_is_back(
     try:
         reply = await client.diff(f"kd-{uid()}", doc, world_id="w1", timeout=60)
         queue = next(iter(reply.queue_map.values())).removeprefix("w1.live.")
+        running = sidecar.container.diffs().running()
+        await until(lambda: len(running) == 0, 60)  # answered early: the write comes after
         # marked by the write; the publisher keeps failing while Kafka is down (and while it
         # restarts, about 30 s), so the group stays pending
         assert await graph.pending_events() >= 1
@@ -157,7 +160,10 @@ async def test_events_of_a_killed_sidecar_are_published_by_another_process(
         doc = encode([node("RawPriceFeed", tags=[tag], code=f"x-{uid()}")])
         reply = await client.diff(f"kill-{uid()}", doc, world_id="w1", timeout=60)
         queue = next(iter(reply.queue_map.values())).removeprefix("w1.live.")
-        assert await graph.pending_events() >= 1
+        deadline = time.monotonic() + 30  # A answers early; its write marks the group after
+        while await graph.pending_events() < 1:
+            assert time.monotonic() < deadline, "A's write marked no group"
+            await asyncio.sleep(0.1)
     finally:
         await client.close()
         a.send_signal(signal.SIGKILL)  # no drain at shutdown

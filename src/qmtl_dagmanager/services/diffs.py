@@ -448,7 +448,9 @@ class DiffService:
         if self.settler is not None:
             self.settler.watch(specs, p.strategy_id)  # pending from the answer on
         ahead.answered = True
-        self._answer(p, d)
+        superseded = self._answer(p, d)
+        if superseded:
+            await self._keep_handed_out(p, superseded)
 
     async def _intents(self, p: plan.Plan, sid: str, now: float) -> Mapping[str, int]:
         """The creation intents, written before the topics exist: a topic no queue ever
@@ -459,24 +461,60 @@ class DiffService:
             raise QueueBusy(list(recorded.busy))
         return recorded.generations
 
-    def _answer(self, p: plan.Plan, d: dag.Dag) -> None:
-        """Answer the callers now (the work goes on); on a later plan of the same work, say
-        so if it names other topics than the answer did."""
+    def _answer(self, p: plan.Plan, d: dag.Dag) -> dict[str, tuple[TopicSpec, str]]:
+        """Answer the callers now (the work goes on). On a later plan of the same work (its
+        write was refused: another writer got there first), returns the topics the answer
+        handed out that this plan no longer uses: {topic: (spec, the node's topic now)}."""
         outcome = DiffOutcome(p, d, False)
         earlier = diff_work.DiffWork.answer(outcome)
         if earlier is None:
             self.metrics.diff_answered_early.inc()
-            return
-        if isinstance(earlier, DiffOutcome) and _topics(earlier.plan) != _topics(p):
+            return {}
+        if not isinstance(earlier, DiffOutcome):
+            return {}
+        now = _topics(p)
+        lost: dict[str, tuple[TopicSpec, str]] = {
+            n.topic: (n.spec, now.get(n.node.node_id, ""))
+            for n in earlier.plan.creates
+            if n.spec is not None and now.get(n.node.node_id) != n.topic
+        }
+        if lost:
             self.metrics.diff_answers_superseded.inc()
-            changed = sorted(set(_topics(earlier.plan).items()) - set(_topics(p).items()))
+            name, (_, instead) = next(iter(lost.items()))
             log.warning(
                 "diff %s: planned again after its answer; %d node(s) now have other topics "
-                "than the answer gave (another writer created them first), e.g. %s",
+                "than the answer gave (another writer created them first under another "
+                "version label), e.g. %s instead of %s; the answered topics are created too",
                 p.strategy_id,
-                len(changed),
-                changed[0][1] if changed else "",
+                len(lost),
+                instead,
+                name,
             )
+        return lost
+
+    async def _keep_handed_out(
+        self, p: plan.Plan, lost: Mapping[str, tuple[TopicSpec, str]]
+    ) -> None:
+        """Topics an early answer named that the graph will not own (another writer created
+        those nodes first under other names) are still created: nothing handed out is
+        missing, and producers writing to them lose nothing. They carry creation intents, so
+        GC deletes them after `gc_intent_grace_seconds`; a QueueLifecycle `superseded` event
+        names each one's replacement, and the Gateway's next Diff gets the graph's names."""
+        await self.graph.record_intents(sorted(lost), self.clock.now(), p.strategy_id)
+        results = await self.topics.ensure(
+            {t: spec for t, (spec, _) in lost.items()}, wait_visible=self.settler is None
+        )
+        for topic, (_, instead) in sorted(lost.items()):
+            if not results.get(topic, TopicResult(topic, TopicStatus.FAILED)).ok:
+                log.warning("superseded topic %s of %s not created", topic, p.strategy_id)
+                continue
+            try:
+                await self.controlbus.queue_lifecycle(
+                    topic, "superseded", f"the node's queue is {instead}; submit again"
+                )
+                self.metrics.events_published.labels("queue_lifecycle").inc()
+            except DagManagerError as e:
+                log.warning("QueueLifecycle for %s not published: %s", topic, e.message)
 
     async def _create_topics(
         self, creates: Sequence[plan.NodePlan], strategy_id: str
