@@ -157,7 +157,7 @@ async def main() -> None:
     ap.add_argument("--warm-seconds", type=float, default=20)
     args = ap.parse_args()
     e = stack_env()
-    proc, port = start_sidecar(e, "bench-gateway")
+    proc, port = start_sidecar(e, "bench-gateway", "diff_answer_early: true\n")
     client = GatewayClient(f"127.0.0.1:{port}")
     admin = AdminClient({"bootstrap.servers": e["KAFKA_BOOTSTRAP_SERVERS"], **kafka_extra(e)})
     made: list[str] = []

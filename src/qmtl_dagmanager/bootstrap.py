@@ -140,6 +140,7 @@ class Container:
             catalog=self.catalog,
             work=DiffWork(self.metrics, deadline=float(s.diff_deadline_seconds)),
             settler=self.settler() if shed_load else None,
+            answer_early=shed_load and s.diff_answer_early,
         )
 
     def settler(self) -> TopicSettler:

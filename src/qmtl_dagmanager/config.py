@@ -523,6 +523,15 @@ class Settings:
         "a diff's own deadline: its work runs on when the caller leaves (the Gateway cancels "
         "after 0.1 s), and ends UNAVAILABLE (DiffDeadline) past this",
     )
+    diff_answer_early: bool = setting(
+        False,
+        "diff_answer_early",
+        "QMTL_DIFF_ANSWER_EARLY",
+        _bool,
+        "the sidecar answers a new diff once it is journaled and Kafka validated its topics, "
+        "before they are created and the graph written (the Gateway's 0.1 s budget); off: "
+        "after the write (README: Work that outlives the caller)",
+    )
     diff_journal_grace_seconds: int = setting(
         15,
         "diff_journal_grace_seconds",

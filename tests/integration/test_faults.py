@@ -52,7 +52,7 @@ BIN = Path(sys.executable).parent / "dagmanager"
 
 @pytest.fixture
 async def sidecar(stack: Stack, tmp_path: Path) -> AsyncIterator[app.Sidecar]:
-    s = await app.start(real_settings(stack, archive_dir=str(tmp_path)))
+    s = await app.start(real_settings(stack, archive_dir=str(tmp_path), diff_answer_early=True))
     yield s
     await s.stop(0)
 

@@ -46,7 +46,7 @@ def uid() -> str:
 
 @pytest.fixture
 async def sidecar(stack: Stack, tmp_path: Path) -> AsyncIterator[app.Sidecar]:
-    s = await app.start(real_settings(stack, archive_dir=str(tmp_path)))
+    s = await app.start(real_settings(stack, archive_dir=str(tmp_path), diff_answer_early=True))
     yield s
     await s.stop(0)
 
@@ -264,6 +264,7 @@ async def test_a_sidecar_killed_after_its_answer_is_completed_by_another(
                 "http_port": free_port(),
                 "gc_interval_seconds": 0,
                 "gc_archive_bucket": str(tmp_path / "archive"),
+                "diff_answer_early": True,
             }
         )
     )
@@ -303,6 +304,7 @@ async def test_a_sidecar_killed_after_its_answer_is_completed_by_another(
             stack,
             archive_dir=str(tmp_path / "b"),
             diff_journal_grace_seconds=1,
+            diff_answer_early=True,
             diff_journal_interval_seconds=1,
         )
     )

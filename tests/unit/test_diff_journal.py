@@ -68,6 +68,7 @@ def sidecar_service(graph: Any, topics: MemoryTopicAdmin, clock: ManualClock) ->
         metrics,
         work=DiffWork(metrics),
         settler=TopicSettler(topics, graph, bus, metrics),
+        answer_early=True,
     )
 
 

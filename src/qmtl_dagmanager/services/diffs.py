@@ -135,6 +135,9 @@ class DiffService:
     # settler sees them through to describable (the sidecar: the Gateway's 0.1 s budget);
     # without one it waits, bounded, until the broker describes them (the operator).
     settler: TopicSettler | None = None
+    # Answer once journaled and validated, before the topics and the graph write (needs a
+    # settler): the sidecar with `diff_answer_early`.
+    answer_early: bool = False
 
     async def diff(
         self,
@@ -299,7 +302,8 @@ class DiffService:
     async def _diff(
         self, request: plan.Request, dag_json: str | bytes, dry: bool, ids: dag.IdMode, key: str
     ) -> DiffOutcome:
-        submission = _Submission(key, request, dag_json, ids, early=self.settler is not None)
+        early = self.answer_early and self.settler is not None
+        submission = _Submission(key, request, dag_json, ids, early=early)
         key = "" if dry or not self.resubmissions.enabled else key
         seen = self.resubmissions.get(key)
         if seen is not None:
